@@ -1,0 +1,1 @@
+"""msif-ray: multi-stage influence functions with EK-FAC curvature, on Ray."""
