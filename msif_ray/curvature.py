@@ -34,7 +34,7 @@ AUTO_DAMPING_SCALE = 0.1  # auto damping = 0.1 x mean of Λ in the layer (kronfl
 
 def batch_generator(device: torch.device, seed: int, batch_index: int) -> torch.Generator:
     """The generator that samples Fisher labels for one batch: fixed by (seed, batch index)."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch_index)
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch_index) % 2**63)
 
 
 def _check_finite(name: str, tensor: torch.Tensor, what: str) -> None:
@@ -131,7 +131,7 @@ def symmetric_eigh(total: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
     matrix = total.double() / max(count, 1)
     matrix = 0.5 * (matrix + matrix.t())
     values, vectors = torch.linalg.eigh(matrix)
-    return values.to(total.dtype), vectors.to(total.dtype)
+    return values.to(total.dtype), vectors.to(total.dtype).contiguous()
 
 
 def eigendecompose_layer(name: str, sums: CovarianceSums) -> Eigenbasis:

@@ -1,0 +1,439 @@
+"""The typed run configuration of DESIGN.md section 2, validated when it is loaded.
+
+A config is a YAML mapping; every key has a default except the paths. ``load_config`` reads a
+file, ``config_from_dict`` a mapping already in memory. Either returns a frozen ``Config`` or
+raises ``ConfigError`` naming the dotted key at fault (``data.corpus.id_column``) and what to do.
+
+Paths: a local relative path resolves against the config file's directory (``base_dir``) and
+becomes absolute; ``s3://...`` and other URLs are kept as written. Globs in ``data.*.paths`` are
+kept as patterns (``msif_ray.data.expand_paths`` expands them).
+
+Which model does what (see also ``Config.query_model`` and ``Config.corpus_model``):
+
+- ``multi_stage`` needs both models: queries at ``models.finetuned``, corpus at ``models.pretrained``.
+- ``single_stage`` and ``grad_dot`` use one model for both sides: ``models.finetuned`` when given,
+  else ``models.pretrained``. ``data.finetune`` is not used.
+- The tokenizer is ``models.tokenizer`` when given, else that of the query model.
+
+Beyond the keys of DESIGN.md section 2 the config accepts ``models.trust_remote_code`` (off unless
+turned on), ``data.rows_per_shard`` (the unit of work and of resumption) and
+``ray.num_cpus_per_worker`` (CPU threads per worker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+Method = Literal["multi_stage", "single_stage", "grad_dot"]
+Fisher = Literal["sampled", "empirical"]
+ScoringMode = Literal["exact", "index"]
+Damping = float | Literal["auto"]
+
+METHODS: tuple[Method, ...] = ("multi_stage", "single_stage", "grad_dot")
+FISHERS: tuple[Fisher, ...] = ("sampled", "empirical")
+SCORING_MODES: tuple[ScoringMode, ...] = ("exact", "index")
+
+_REQUIRED: Any = object()  # the default of a key that must be set
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the dotted key and the fix."""
+
+
+@dataclass(frozen=True)
+class Models:
+    """Hugging Face causal-LM directories, local or remote (``s3://``).
+
+    ``finetuned`` is required by ``multi_stage`` only. ``tokenizer`` defaults to the query model's
+    directory (``finetuned``, or ``pretrained`` when there is none).
+    """
+
+    pretrained: str
+    finetuned: str | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Pre-training documents: one document per row."""
+
+    paths: tuple[str, ...]
+    id_column: str = "id"
+    text_column: str = "text"
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """Fine-tuning examples, prompt and completion; required (non-empty ``paths``) by ``multi_stage`` only."""
+
+    paths: tuple[str, ...] = ()
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+
+
+@dataclass(frozen=True)
+class Queries:
+    """The (prompt, completion) pairs to explain, each with a unique id."""
+
+    paths: tuple[str, ...]
+    id_column: str = "id"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+
+
+@dataclass(frozen=True)
+class Data:
+    max_length: int
+    corpus: Corpus
+    finetune: Finetune
+    queries: Queries
+    rows_per_shard: int = 1000
+
+
+@dataclass(frozen=True)
+class Factors:
+    """EK-FAC settings. A damping is a positive float or ``"auto"`` (0.1 × mean eigenvalue of the layer)."""
+
+    fisher: Fisher = "sampled"
+    damping_pretrain: Damping = "auto"
+    damping_finetune: Damping = "auto"
+    max_examples: int | None = None
+
+
+@dataclass(frozen=True)
+class Modules:
+    """Regexes (``re.search``) on module names; None keeps the default (every Linear in the blocks)."""
+
+    include: str | None = None
+    exclude: str | None = None
+
+
+@dataclass(frozen=True)
+class Scoring:
+    top_k: int = 100
+    mode: ScoringMode = "exact"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how wide to run: ``address`` None starts (or joins) a local Ray."""
+
+    address: str | None = None
+    num_workers: int = 1
+    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: int = 1
+    batch_size: int = 8
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str
+    models: Models
+    data: Data
+    method: Method = "multi_stage"
+    factors: Factors = Factors()
+    modules: Modules = Modules()
+    scoring: Scoring = Scoring()
+    ray: RayConfig = RayConfig()
+    seed: int = 0
+
+    @property
+    def query_model(self) -> str:
+        """The model whose gradients of the queries are taken: ``finetuned`` if given, else ``pretrained``."""
+        return self.models.finetuned or self.models.pretrained
+
+    @property
+    def corpus_model(self) -> str:
+        """The model whose corpus gradients (and corpus factors) are taken.
+
+        ``pretrained`` for ``multi_stage``; the query model for ``single_stage`` and ``grad_dot``.
+        """
+        return self.models.pretrained if self.method == "multi_stage" else self.query_model
+
+    @property
+    def tokenizer(self) -> str:
+        """``models.tokenizer`` if given, else the query model's directory."""
+        return self.models.tokenizer or self.query_model
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML/JSON-ready values; ``config_from_dict(c.to_dict(), any_dir) == c``."""
+        return _plain(dataclasses.asdict(self))
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a YAML config file; relative paths in it resolve against its directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        line = err.problem_mark.line + 1 if err.problem_mark else "?"
+        raise ConfigError(f"{path}, line {line}: invalid YAML: {err.problem}; fix the syntax there") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of settings (run_dir, models, data, ...)")
+    return config_from_dict(values, path.parent)
+
+
+def config_from_dict(values: dict[str, Any], base_dir: str | os.PathLike) -> Config:
+    """Validate a config mapping; local relative paths resolve against ``base_dir``."""
+    root = _Section(values, "", Path(base_dir))
+    config = Config(
+        run_dir=root.path("run_dir"),
+        models=_models(root.section("models")),
+        data=_data(root.section("data")),
+        method=root.choice("method", METHODS, "multi_stage"),
+        factors=_factors(root.section("factors")),
+        modules=_modules(root.section("modules")),
+        scoring=_scoring(root.section("scoring")),
+        ray=_ray(root.section("ray")),
+        seed=root.integer("seed", 0),
+    )
+    root.finish()
+    _check_method_inputs(config)
+    return config
+
+
+# --------------------------------------------------------------------------- one function per section
+
+
+def _models(s: _Section) -> Models:
+    models = Models(
+        pretrained=s.path("pretrained"),
+        finetuned=s.path("finetuned", None),
+        tokenizer=s.path("tokenizer", None),
+        trust_remote_code=s.boolean("trust_remote_code", False),
+    )
+    s.finish()
+    return models
+
+
+def _data(s: _Section) -> Data:
+    corpus, finetune, queries = s.section("corpus"), s.section("finetune"), s.section("queries")
+    data = Data(
+        max_length=s.positive_integer("max_length", 256),
+        corpus=Corpus(corpus.paths("paths"), corpus.text("id_column", "id"), corpus.text("text_column", "text")),
+        finetune=Finetune(finetune.paths("paths", ()), finetune.text("prompt_column", "prompt"),
+                          finetune.text("completion_column", "completion")),
+        queries=Queries(queries.paths("paths"), queries.text("id_column", "id"), queries.text("prompt_column", "prompt"),
+                        queries.text("completion_column", "completion")),
+        rows_per_shard=s.positive_integer("rows_per_shard", 1000),
+    )
+    for section in (corpus, finetune, queries, s):
+        section.finish()
+    return data
+
+
+def _factors(s: _Section) -> Factors:
+    factors = Factors(
+        fisher=s.choice("fisher", FISHERS, "sampled"),
+        damping_pretrain=s.damping("damping_pretrain"),
+        damping_finetune=s.damping("damping_finetune"),
+        max_examples=s.positive_integer("max_examples", None),
+    )
+    s.finish()
+    return factors
+
+
+def _modules(s: _Section) -> Modules:
+    modules = Modules(include=s.regex("include"), exclude=s.regex("exclude"))
+    s.finish()
+    return modules
+
+
+def _scoring(s: _Section) -> Scoring:
+    scoring = Scoring(top_k=s.positive_integer("top_k", 100), mode=s.choice("mode", SCORING_MODES, "exact"))
+    s.finish()
+    return scoring
+
+
+def _ray(s: _Section) -> RayConfig:
+    ray = RayConfig(
+        address=s.text("address", None),
+        num_workers=s.positive_integer("num_workers", 1),
+        num_gpus_per_worker=s.non_negative_number("num_gpus_per_worker", 0.0),
+        num_cpus_per_worker=s.positive_integer("num_cpus_per_worker", 1),
+        batch_size=s.positive_integer("batch_size", 8),
+    )
+    s.finish()
+    return ray
+
+
+def _check_method_inputs(config: Config) -> None:
+    """``multi_stage`` needs the fine-tuned model and its fine-tuning data; the others need neither."""
+    if config.method != "multi_stage":
+        return
+    if config.models.finetuned is None:
+        raise ConfigError("models.finetuned: required by method multi_stage; set it to the fine-tuned model's "
+                          "directory, or choose method single_stage or grad_dot")
+    if not config.data.finetune.paths:
+        raise ConfigError("data.finetune.paths: required by method multi_stage; list the fine-tuning data files, "
+                          "or choose method single_stage or grad_dot")
+
+
+# --------------------------------------------------------------------------- reading one mapping
+
+
+class _Section:
+    """One mapping of the config, read key by key; every error names the dotted key.
+
+    Each reader takes a key and its default (``_REQUIRED``: the key must be set), checks the value
+    when one is given and returns it. A key that is absent or null takes its default. ``finish``
+    then rejects the keys that no reader asked for.
+    """
+
+    def __init__(self, values: object, key: str, base_dir: Path):
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{key or 'config'}: expected a mapping of settings, got {_kind(values)}")
+        self.values = values
+        self.key = key
+        self.base_dir = base_dir
+        self.known: list[str] = []
+
+    def dotted(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def take(self, name: str) -> object:
+        """The value given for ``name``, or None when absent or null."""
+        self.known.append(name)
+        return self.values.get(name)
+
+    def default(self, name: str, default: Any) -> Any:
+        if default is _REQUIRED:
+            raise ConfigError(f"{self.dotted(name)}: required; set it in the config")
+        return default
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.take(name), self.dotted(name), self.base_dir)
+
+    def text(self, name: str, default: Any = _REQUIRED) -> Any:
+        value = self.take(name)
+        if value is None:
+            return self.default(name, default)
+        if not (isinstance(value, str) and value.strip()):
+            raise ConfigError(f"{self.dotted(name)}: expected a non-empty string, got {_kind(value)}")
+        return value
+
+    def path(self, name: str, default: Any = _REQUIRED) -> Any:
+        value = self.text(name, default)
+        return _resolve(value, self.base_dir) if isinstance(value, str) else value
+
+    def paths(self, name: str, default: Any = _REQUIRED) -> tuple[str, ...]:
+        """A list of paths or glob patterns (a single string is a list of one); non-empty when required."""
+        value = self.take(name)
+        if value is None or value == []:
+            return self.default(name, default)
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(p, str) and p.strip() for p in items):
+            raise ConfigError(f"{self.dotted(name)}: expected a list of paths or glob patterns, got {_kind(value)}")
+        return tuple(_resolve(p, self.base_dir) for p in items)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.take(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self.dotted(name)}: expected true or false, got {_kind(value)}")
+        return value
+
+    def integer(self, name: str, default: Any) -> Any:
+        value = self.take(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{self.dotted(name)}: expected an integer, got {_kind(value)}")
+        return value
+
+    def positive_integer(self, name: str, default: Any) -> Any:
+        value = self.integer(name, default)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{self.dotted(name)}: must be a positive integer, got {value}")
+        return value
+
+    def non_negative_number(self, name: str, default: float) -> float:
+        value = self.take(name)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{self.dotted(name)}: expected a number >= 0, got {_kind(value)}")
+        return float(value)
+
+    def choice(self, name: str, options: tuple[str, ...], default: str) -> Any:
+        value = self.take(name)
+        if value is None:
+            return default
+        if value not in options:
+            raise ConfigError(f"{self.dotted(name)}: expected one of {', '.join(options)}, got {_kind(value)}")
+        return value
+
+    def damping(self, name: str) -> Damping:
+        """``auto`` (the default) or a positive number; text such as ``1e-4`` (YAML reads it as a string) is accepted."""
+        value = self.take(name)
+        if value is None or value == "auto":
+            return "auto"
+        number = _to_float(value)
+        if not (math.isfinite(number) and number > 0):
+            raise ConfigError(f"{self.dotted(name)}: expected auto or a positive number, got {_kind(value)}")
+        return number
+
+    def regex(self, name: str) -> str | None:
+        value = self.text(name, None)
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ConfigError(f"{self.dotted(name)}: invalid regular expression {value!r} ({err})") from None
+        return value
+
+    def finish(self) -> None:
+        """Reject the keys that no reader asked for, suggesting the closest known key."""
+        for name in self.values:
+            if name not in self.known:
+                close = difflib.get_close_matches(str(name), self.known, n=1)
+                hint = f"did you mean {self.dotted(close[0])}?" if close else f"known keys here: {', '.join(sorted(self.known))}"
+                raise ConfigError(f"{self.dotted(str(name))}: unknown key; {hint}")
+
+
+def _to_float(value: object) -> float:
+    """``value`` as a float, or NaN when it is not a number (booleans are not numbers)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _resolve(path: str, base_dir: Path) -> str:
+    """A URL as is; a local path made absolute against ``base_dir`` (``~`` expanded)."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.join(base_dir, os.path.expanduser(path)))
+
+
+def _kind(value: object) -> str:
+    """A short description of a value for error messages."""
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _plain(value: object) -> object:
+    """Tuples become lists, recursively, so that YAML and JSON can write the value."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
