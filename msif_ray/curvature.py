@@ -96,20 +96,31 @@ class CovarianceSums:
         )
 
 
+def backward_over_batches(
+    model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], add_layer: Callable[[str, torch.Tensor, torch.Tensor], None],
+    fisher: Fisher, seed: int,
+) -> tuple[int, int]:
+    """One forward+backward per batch, each layer's (a, s) handed to ``add_layer``.
+
+    Sampled Fisher labels come from a generator fixed by (seed, batch index), so a shard gives
+    the same sums on any worker. Returns the number of (real) tokens and of windows seen.
+    """
+    device = model_device(model)
+    tokens = windows = 0
+    for index, batch in enumerate(batches):
+        generator = batch_generator(device, seed, index) if fisher == "sampled" else None
+        backward_through_layers(model, taps, batch, add_layer, fisher, generator)
+        tokens += batch.num_tokens
+        windows += len(batch.examples)
+    return tokens, windows
+
+
 def accumulate_covariances(
-    model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], fisher: Fisher = "sampled", seed: int = 0,
-    on_batch: Callable[[Batch], None] | None = None,
+    model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], fisher: Fisher = "sampled", seed: int = 0
 ) -> CovarianceSums:
     """Map step of pass 1 over ``batches``."""
     sums = CovarianceSums()
-    device = model_device(model)
-    for index, batch in enumerate(batches):
-        generator = batch_generator(device, seed, index) if fisher == "sampled" else None
-        backward_through_layers(model, taps, batch, sums.add_layer, fisher, generator)
-        sums.num_tokens += batch.num_tokens
-        sums.num_windows += len(batch.examples)
-        if on_batch is not None:
-            on_batch(batch)
+    sums.num_tokens, sums.num_windows = backward_over_batches(model, taps, batches, sums.add_layer, fisher, seed)
     return sums
 
 
@@ -179,7 +190,7 @@ def rotated_square_sum(a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor, q_s:
 
 def accumulate_lambdas(
     model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], bases: dict[str, Eigenbasis],
-    fisher: Fisher = "sampled", seed: int = 0, on_batch: Callable[[Batch], None] | None = None,
+    fisher: Fisher = "sampled", seed: int = 0,
 ) -> LambdaSums:
     """Map step of pass 2 over ``batches``, given the eigenbases of pass 1."""
     device = model_device(model)
@@ -193,13 +204,8 @@ def accumulate_lambdas(
         else:
             sums.squares[name] = square_sum
 
-    for index, batch in enumerate(batches):
-        # A different seed stream from pass 1, so pass 2 does not reuse pass 1's labels.
-        generator = batch_generator(device, seed + 7919, index) if fisher == "sampled" else None
-        backward_through_layers(model, taps, batch, add_layer, fisher, generator)
-        sums.num_windows += len(batch.examples)
-        if on_batch is not None:
-            on_batch(batch)
+    # A seed stream apart from pass 1's, so that pass 2 draws fresh labels.
+    _, sums.num_windows = backward_over_batches(model, taps, batches, add_layer, fisher, seed + 7919)
     return sums
 
 

@@ -1,0 +1,124 @@
+"""``msif run`` on bad input: a clear error naming the culprit, exit code 2, raised before any heavy
+pass (so before Ray is even started), and nothing written to the run directory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from msif_ray.cli import main
+from msif_ray.pipeline import MANIFEST, TOPK
+from msif_ray.storage import RunDir
+from tiny import make_model, make_tokenizer
+
+
+def write_config(tmp_path: Path, world, **overrides) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(world.config(tmp_path / "run", **overrides)))
+    return path
+
+
+def fails_early(config: Path, capsys, *expected: str) -> None:
+    """Exit code 2, every expected fragment in the one-line message, no artifact left behind."""
+    capsys.readouterr()  # drop what building the fixtures printed
+    assert main(["run", str(config)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("msif: error: ")
+    for fragment in expected:
+        assert fragment in message, message
+    run_dir = config.parent / "run"
+    assert not run_dir.exists() or not any(run_dir.iterdir())
+
+
+def corpus_file(tmp_path: Path, rows: list[dict], name: str = "corpus.parquet") -> str:
+    path = tmp_path / name
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("id", pa.string()), ("text", pa.string())])), path)
+    return str(path)
+
+
+def test_missing_file(tmp_path, world, capsys):
+    missing = str(tmp_path / "nowhere" / "corpus-*.parquet")
+    fails_early(write_config(tmp_path, world, **{"data.corpus.paths": [missing]}), capsys, missing)
+
+
+def test_missing_column(tmp_path, world, capsys):
+    config = write_config(tmp_path, world, **{"data.corpus.text_column": "body"})
+    fails_early(config, capsys, "'body'", str(world.corpus), "text")
+
+
+def test_empty_corpus(tmp_path, world, capsys):
+    fails_early(write_config(tmp_path, world, **{"data.corpus.paths": [corpus_file(tmp_path, [])]}), capsys, "corpus.parquet")
+
+
+def test_non_utf8_text(tmp_path, world, capsys):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "caf\xe9 au lait"}\n')
+    fails_early(write_config(tmp_path, world, **{"data.corpus.paths": [str(path)]}), capsys, str(path), "row 1")
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path, world, capsys):
+    tokenizer = make_tokenizer()
+    small = tmp_path / "small"
+    make_model("gpt_neox", small, vocab_size=100)
+    tokenizer.save_pretrained(small)
+    config = write_config(tmp_path, world, **{"models.pretrained": str(small), "models.finetuned": str(small)})
+    fails_early(config, capsys, "models.pretrained", "300 tokens", "100")
+
+
+def test_models_of_different_shapes(tmp_path, world, capsys):
+    wide = tmp_path / "wide"
+    make_model("gpt_neox", wide, vocab_size=300, hidden=32)
+    make_tokenizer(wide)
+    fails_early(write_config(tmp_path, world, **{"models.finetuned": str(wide)}), capsys, "hidden_size: 16 vs 32")
+
+
+def test_models_of_different_architectures(tmp_path, world, capsys):
+    llama = tmp_path / "llama"
+    make_model("llama", llama, vocab_size=300)
+    make_tokenizer(llama)
+    fails_early(write_config(tmp_path, world, **{"models.finetuned": str(llama)}), capsys, "model_type: 'gpt_neox' vs 'llama'")
+
+
+def test_query_with_empty_completion(tmp_path, world, capsys):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text(json.dumps({"id": "q-empty", "prompt": "Where?", "completion": ""}) + "\n")
+    fails_early(write_config(tmp_path, world, **{"data.queries.paths": [str(queries)]}), capsys, "q-empty", "empty completion")
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text("run_dir: runs/x\nmodels: {pretrained: [unclosed\n")
+    fails_early(config, capsys, str(config), "line")
+
+
+def test_unknown_key_and_wrong_type(tmp_path, world, capsys):
+    fails_early(write_config(tmp_path, world, **{"scoring.topk": 3}), capsys, "scoring.topk", "top_k")
+    fails_early(write_config(tmp_path, world, **{"ray.num_workers": "two"}), capsys, "ray.num_workers")
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, world, ray_session, capsys):
+    rows = pq.read_table(world.corpus).to_pylist() + [{"id": "blank", "text": "   \n"}, {"id": "empty", "text": ""}]
+    config = write_config(tmp_path, world, method="grad_dot", **{"data.corpus.paths": [corpus_file(tmp_path, rows)]})
+    assert main(["run", str(config)]) == 0
+    store = RunDir(str(tmp_path / "run"))
+    assert store.read_json(MANIFEST)["stages"]["scores"]["passes"]["scores"]["skipped_empty"] == 2
+    assert not {"blank", "empty"} & set(store.read_parquet(TOPK)["doc_id"].to_pylist())
+    assert main(["status", str(tmp_path / "run")]) == 0
+    assert "scores" in capsys.readouterr().out
+
+
+def test_status_of_an_empty_directory(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 0
+    assert "no run here yet" in capsys.readouterr().out
+
+
+@pytest.fixture(autouse=True)
+def _no_run_dirs_left(tmp_path):
+    yield
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
