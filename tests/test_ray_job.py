@@ -1,0 +1,71 @@
+"""The Ray job entrypoint, submitted with ``ray job submit`` to a local head started by the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from msif_ray.pipeline import TOPK
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head():
+    """A separate local Ray head (with the job server), in its own temp dir.
+
+    ``ray stop`` would stop every Ray on the machine, the test session's too, so the head's
+    processes are found by their temp dir and killed.
+    """
+    ray = str(Path(sys.executable).with_name("ray"))
+    temp_dir = tempfile.mkdtemp(prefix="msif-job-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "token"  # the head and the job client share the local token (~/.ray/auth_token)
+    subprocess.run([ray, "start", "--head", "--num-cpus=2", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
+                    f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
+                    f"--temp-dir={temp_dir}"], env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield ray, f"http://127.0.0.1:{dashboard_port}", env
+    finally:
+        for process in psutil.process_iter(["cmdline"]):
+            if temp_dir in " ".join(process.info["cmdline"] or []):
+                process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_pipeline(world, ray_head, tmp_path):
+    ray, address, env = ray_head
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(world.config(tmp_path / "run", method="single_stage", **{"ray.num_workers": 2})))
+    command = [ray, "job", "submit", "--address", address, "--", sys.executable,
+               str(REPO / "jobs" / "run_attribution.py"), str(config)]
+    deadline = time.monotonic() + 120
+    while True:  # the head's job agent takes a few seconds to come up after `ray start`
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in job.stderr or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout
+    assert "[scores] shards 4/4" in job.stdout  # the driver's progress lines reach the job log
+    topk = pq.read_table(tmp_path / "run" / TOPK)
+    assert set(topk["query_id"].to_pylist()) == {"q0", "q1"}
