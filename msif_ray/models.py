@@ -87,6 +87,12 @@ def check_tokenizer_fits(tokenizer, config: PretrainedConfig, key: str) -> None:
         )
 
 
+def model_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model's module tree on the meta device: its layer names and shapes, no weights, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def pick_device(num_gpus: float) -> torch.device:
     return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
 

@@ -36,7 +36,8 @@ from msif_ray.distributed.pool import WorkerPool
 from msif_ray.distributed.reduce import eigendecompose, load_bases, reduce_covariances, reduce_lambdas, run_bounded
 from msif_ray.distributed.worker import QueryJob, ShardJob, ShardWorker, WorkerSettings, done_marker
 from msif_ray.gradients import encode_prompt_completions
-from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer
+from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
+from msif_ray.modules import select_modules
 from msif_ray.progress import Progress
 from msif_ray.storage import RunDir
 
@@ -74,19 +75,20 @@ class Pipeline:
         ``plan`` is what ``validate()`` returned, when the caller validated first.
         """
         started = time.monotonic()
+        cfg = self.config
         plan = plan or self.validate()
-        self._save_manifest(config=self.config.to_dict(), shards={"corpus": [s.shard_id for s in plan.corpus_shards]})
+        self._save_manifest(config=cfg.to_dict(), shards={"corpus": [s.shard_id for s in plan.corpus_shards]})
         try:
-            pretrain, finetune = None, None
-            if self.config.method == "multi_stage":
-                finetune = self._factors("factors/finetune", self.config.models.finetuned, plan.finetune_shards, "pairs",
-                                         (self.config.data.finetune.prompt_column, self.config.data.finetune.completion_column), None)
-            if self.config.method in ("multi_stage", "single_stage"):
-                pretrain = self._factors("factors/pretrain", self.config.corpus_model, plan.corpus_shards, "documents",
-                                         (self.config.data.corpus.id_column, self.config.data.corpus.text_column),
-                                         self.config.factors.max_examples)
-            queries = self._queries(pretrain, finetune)
-            self._scores(plan, queries)
+            pretrain = finetune = None
+            if cfg.method == "multi_stage":
+                ft = cfg.data.finetune
+                finetune = self._factors("factors/finetune", cfg.models.finetuned, plan.finetune_shards, "pairs",
+                                         (ft.prompt_column, ft.completion_column), None)
+            if cfg.method in ("multi_stage", "single_stage"):
+                corpus = cfg.data.corpus
+                pretrain = self._factors("factors/pretrain", cfg.corpus_model, plan.corpus_shards, "documents",
+                                         (corpus.id_column, corpus.text_column), cfg.factors.max_examples)
+            self._scores(plan, self._queries(pretrain, finetune))
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
@@ -104,6 +106,7 @@ class Pipeline:
         pretrained = load_config(cfg.models.pretrained, "models.pretrained", trust)
         if cfg.models.finetuned:
             check_same_shapes(pretrained, load_config(cfg.models.finetuned, "models.finetuned", trust))
+        select_modules(model_skeleton(pretrained, trust), cfg.modules.include, cfg.modules.exclude)
         tokenizer_key = "models.tokenizer" if cfg.models.tokenizer else ("models.finetuned" if cfg.models.finetuned else "models.pretrained")
         tokenizer = load_tokenizer(cfg.tokenizer, tokenizer_key, trust)
         check_tokenizer_fits(tokenizer, pretrained, "models.pretrained")
@@ -111,22 +114,18 @@ class Pipeline:
         corpus = cfg.data.corpus
         corpus_paths = expand_paths(corpus.paths)
         check_columns(corpus_paths, [corpus.id_column, corpus.text_column])
-        shards = plan_shards(corpus_paths, cfg.data.rows_per_shard)
-        for shard in shards:  # JSON Lines text is decoded (and so checked) only by reading it
+        plan = Plan(corpus_shards=plan_shards(corpus_paths, cfg.data.rows_per_shard))
+        for shard in plan.corpus_shards:  # JSON Lines text is decoded (and so checked) only by reading it
             if not shard.path.endswith(PARQUET_SUFFIXES):
                 read_documents(shard, corpus.id_column, corpus.text_column)
-        queries = cfg.data.queries
-        query_pairs = read_pairs(expand_paths(queries.paths), queries.prompt_column, queries.completion_column, queries.id_column)
-        encode_prompt_completions(tokenizer, [q.prompt for q in query_pairs], [q.completion for q in query_pairs], [q.id for q in query_pairs])
-        plan = Plan(corpus_shards=shards)
+        q = cfg.data.queries
+        num_queries = _check_pairs(tokenizer, expand_paths(q.paths), q.prompt_column, q.completion_column, q.id_column)
         if cfg.method == "multi_stage":
             ft = cfg.data.finetune
             ft_paths = expand_paths(ft.paths)
-            check_columns(ft_paths, [ft.prompt_column, ft.completion_column])
-            pairs = read_pairs(ft_paths, ft.prompt_column, ft.completion_column)
-            encode_prompt_completions(tokenizer, [p.prompt for p in pairs], [p.completion for p in pairs], [p.id for p in pairs])
+            _check_pairs(tokenizer, ft_paths, ft.prompt_column, ft.completion_column)
             plan.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
-        self.log(f"validated: {len(shards)} corpus shards, {len(query_pairs)} queries, method {cfg.method}")
+        self.log(f"validated: {len(plan.corpus_shards)} corpus shards, {num_queries} queries, method {cfg.method}")
         return plan
 
     # ----------------------------------------------------------------------- stages
@@ -236,6 +235,7 @@ class Pipeline:
             "tokens": sum(s["tokens"] for s in per_shard.values()),
             "documents": sum(s["documents"] for s in per_shard.values()),
             "skipped_empty": sum(s["skipped"] for s in per_shard.values()),
+            "worker_peak_rss_mb": max(s["worker_peak_rss_mb"] for s in per_shard.values()),
             "per_shard": per_shard,
         }
 
@@ -258,6 +258,14 @@ class Pipeline:
     def _save_manifest(self, **fields) -> None:
         self.manifest.update(fields)
         self.store.write_json(MANIFEST, self.manifest)
+
+
+def _check_pairs(tokenizer, paths: list[str], prompt_column: str, completion_column: str, id_column: str | None = None) -> int:
+    """Read and tokenize every prompt/completion pair once (errors name the file, row or id); count them."""
+    check_columns(paths, [prompt_column, completion_column] + ([id_column] if id_column else []))
+    pairs = read_pairs(paths, prompt_column, completion_column, id_column)
+    encode_prompt_completions(tokenizer, [p.prompt for p in pairs], [p.completion for p in pairs], [p.id for p in pairs])
+    return len(pairs)
 
 
 def merge_extremes(partial: pa.Table, side: str, top_k: int) -> pa.Table:

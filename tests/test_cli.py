@@ -122,3 +122,8 @@ def test_status_of_an_empty_directory(tmp_path, capsys):
 def _no_run_dirs_left(tmp_path):
     yield
     shutil.rmtree(tmp_path / "run", ignore_errors=True)
+
+
+def test_module_regex_that_matches_nothing(tmp_path, world, capsys):
+    config = write_config(tmp_path, world, **{"modules.include": "no_such_layer"})
+    fails_early(config, capsys, "modules.include", "'no_such_layer'", "gpt_neox.layers.0.mlp.dense_h_to_4h")

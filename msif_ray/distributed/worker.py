@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -116,7 +117,7 @@ class ShardWorker:
     def _finish(self, job: ShardJob, start: float, ids: list[str], skipped: int, tokens: int) -> dict:
         """Write the shard's stats next to its output: the marker that the shard is done."""
         stats = {"shard": job.shard.shard_id, "documents": len(ids), "skipped": skipped, "tokens": tokens,
-                 "seconds": round(time.monotonic() - start, 3)}
+                 "seconds": round(time.monotonic() - start, 3), "worker_peak_rss_mb": peak_rss_mb()}
         self.run_dir.write_json(done_marker(job.output), stats)
         return stats
 
@@ -186,6 +187,11 @@ class ShardWorker:
             tensors, metadata = self.run_dir.load_tensors(name)
             self._cached[name] = (json.loads(metadata["query_ids"]), {k: v.to(self.device) for k, v in tensors.items()})
         return self._cached[name]
+
+
+def peak_rss_mb() -> float:
+    """This worker process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def done_marker(output: str) -> str:
