@@ -7,11 +7,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
+from s3_fixture import s3_bucket, s3_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray instance for the whole test session: 2 CPUs, no dashboard."""
+def ray_session(s3_server):
+    """One local Ray instance for the whole test session: 2 CPUs, no dashboard.
+
+    Started after the moto S3 server, so that Ray's workers inherit its endpoint and credentials.
+    """
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -20,9 +20,9 @@ import pyarrow as pa
 import ray
 import torch
 
-from msif_ray.curvature import CovarianceSums, Damping, Eigenbasis, Factors, accumulate_covariances, accumulate_lambdas
-from msif_ray.distributed.reduce import load_bases
+from msif_ray.curvature import Damping, Eigenbasis, Factors, accumulate_covariances, accumulate_lambdas
 from msif_ray.data import Shard, read_documents, read_pair_shard, read_pairs, sample_documents
+from msif_ray.distributed.reduce import load_bases
 from msif_ray.gradients import Fisher
 from msif_ray.influence import Examples, Method, TrackedLM, precondition, score_windows
 from msif_ray.models import load_model, load_tokenizer, pick_device
@@ -130,7 +130,7 @@ class ShardWorker:
         ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
         seed = hash_seed(job.seed, job.shard.shard_id)
-        sums = accumulate_covariances(lm.model, lm.taps, lm.batches(examples), fisher, seed) if ids else CovarianceSums()
+        sums = accumulate_covariances(lm.model, lm.taps, lm.batches(examples), fisher, seed)
         self.run_dir.save_tensors(job.output, sums.to_tensors(), {"shard": job.shard.shard_id})
         return self._finish(job, start, ids, skipped, sums.num_tokens)
 
