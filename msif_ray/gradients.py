@@ -157,18 +157,24 @@ def log_prob_objective(
 
     ``empirical`` uses the data's next tokens as targets; ``sampled`` draws them from the
     model's own predictive distribution (the "true" Fisher), reproducibly from ``generator``.
+    Position t predicts token t + 1; the last position predicts nothing. Logits are used as one
+    [B·T, V] view: slicing off the last position or transposing would copy a logits-sized tensor
+    in the forward and again in the backward, which on a 50k vocabulary costs as much as a layer.
     """
-    logits = logits[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
-    mask = batch.loss_mask[:, 1:]
+    batch_size, width, vocab = logits.shape
+    flat = logits.flatten(0, 1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # bf16 -> fp32; fp64 stays
+    carries_loss = F.pad(batch.loss_mask[:, 1:], (0, 1), value=False)
     if fisher == "sampled":
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach(), dim=-1).flatten(0, 1)
-            targets = torch.multinomial(probs, 1, generator=generator).view(mask.shape)
+        with torch.no_grad():  # inverse-CDF sampling: one cumsum and one search, cheaper than multinomial
+            cdf = torch.softmax(flat.detach(), dim=-1).cumsum_(-1)
+            u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+            targets = torch.searchsorted(cdf, u).clamp_(max=vocab - 1).view(batch_size, width)
     else:
-        targets = batch.input_ids[:, 1:]
-    token_log_probs = -F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-    return (token_log_probs * mask).sum(dim=1)
+        targets = F.pad(batch.input_ids[:, 1:], (0, 1), value=0)
+    targets = targets.masked_fill(~carries_loss, -100)
+    token_log_probs = -F.cross_entropy(flat, targets.reshape(-1), reduction="none", ignore_index=-100)
+    return token_log_probs.view(batch_size, width).sum(dim=1)
 
 
 def backward_through_layers(
@@ -189,7 +195,7 @@ def backward_through_layers(
     with activation_gradients_only(model), taps.tapping(batch.attention_mask, callback):
         with autocast_for(device):
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        if not torch.isfinite(logits).all():
+        if not torch.isfinite(logits.detach().sum()):  # one reduction; NaN or inf anywhere makes it non-finite
             check_finite_weights(model)
             raise FloatingPointError("the model produced non-finite logits on finite weights (try float32)")
         objective = log_prob_objective(logits, batch, fisher, generator)
