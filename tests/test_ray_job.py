@@ -36,12 +36,14 @@ def ray_head():
     """
     ray = str(Path(sys.executable).with_name("ray"))
     temp_dir = tempfile.mkdtemp(prefix="msif-job-", dir="/tmp")  # short: Ray's socket paths are length-limited
-    gcs_port, dashboard_port = free_port(), free_port()
+    gcs_port, dashboard_port, agent_port = free_port(), free_port(), free_port()
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "token"  # the head and the job client share the local token (~/.ray/auth_token)
     subprocess.run([ray, "start", "--head", "--num-cpus=2", f"--port={gcs_port}", "--dashboard-host=127.0.0.1",
                     f"--dashboard-port={dashboard_port}", "--include-dashboard=true", "--disable-usage-stats",
+                    # the agent's default port (52365) is taken by the test session's own Ray
+                    f"--dashboard-agent-listen-port={agent_port}",
                     f"--temp-dir={temp_dir}"], env=env, check=True, capture_output=True, timeout=180)
     try:
         yield ray, f"http://127.0.0.1:{dashboard_port}", env
