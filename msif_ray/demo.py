@@ -9,7 +9,7 @@ import yaml
 
 from msif_ray.config import load_config
 from msif_ray.pipeline import Pipeline
-from msif_ray.toy import build_toy_world
+from msif_ray.toy import ToySpec, build_toy_world
 
 
 def demo_config(world, run_dir: Path, num_workers: int) -> dict:
@@ -44,10 +44,11 @@ def retrieval_metrics(topk_path: str, gold: dict[str, list[str]], cutoff: int = 
     return sum(reciprocal) / len(reciprocal), sum(recall) / len(recall)
 
 
-def run_demo(workdir: Path, num_workers: int = 2, show: int = 3) -> tuple[float, float]:
+def run_demo(workdir: Path, num_workers: int = 2, show: int = 3, spec: ToySpec = ToySpec()) -> tuple[float, float]:
+    """Build (or reuse) the toy world, run the pipeline, print examples; returns (MRR, Recall@10)."""
     from msif_ray.cli import init_ray
 
-    world = build_toy_world(workdir / "world")
+    world = build_toy_world(workdir / "world", spec)
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(world, workdir / "run", num_workers), sort_keys=False))
     config = load_config(config_path)
