@@ -2,21 +2,35 @@
 
 Each actor loads its model once and streams shards; every shard's result is written to storage
 by the worker itself (atomically, keyed by the shard id), so the driver only sees small stats.
-A worker that dies mid-shard is restarted by Ray (``max_restarts``) and the shard is handed out
-again: since the output is keyed by shard id and overwritten whole, a redone shard is counted once.
+A worker that dies mid-shard is restarted by Ray (``max_restarts``), waited for, and the shard is
+handed out again: since the output is keyed by shard id and overwritten whole, a redone shard is counted once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS_PER_ITEM = 4
+
+
+def wait_until_alive(actor, timeout: float = 300.0) -> None:
+    """Block until a restarted actor answers ``ready()``: its __init__ has run again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(actor.ready.remote(), timeout=30)
+            return
+        except (RayActorError, ActorUnavailableError, GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 class WorkerPool:
@@ -58,7 +72,8 @@ class WorkerPool:
                 if on_crash is not None:
                     on_crash(item, attempts[id(item)])
                 pending.appendleft(item)
-                idle.append(actor)  # Ray restarts the actor; calls queue until it is back
+                wait_until_alive(actor)  # Ray restarts it; a call made while it restarts would fail too
+                idle.append(actor)
                 submit()
                 continue
             idle.append(actor)

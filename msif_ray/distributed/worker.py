@@ -86,6 +86,10 @@ class ShardWorker:
         self._lm: TrackedLM | None = None
         self._cached: dict[str, object] = {}
 
+    def ready(self) -> bool:
+        """Answers once the actor is up (the pool waits on it after a crash)."""
+        return True
+
     # ----------------------------------------------------------------------- helpers
 
     def _load(self, model_path: str) -> TrackedLM:
