@@ -185,7 +185,7 @@ def rotated_square_sum(a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor, q_s:
     a and s are rotated into the eigenbases before G is formed: T·(in² + out²) FLOPs per window
     instead of out·in·(out + in).
     """
-    return per_example_gradient(a @ q_a.to(a.dtype), s @ q_s.to(s.dtype)).square().sum(dim=0)
+    return per_example_gradient(a @ q_a.to(a.dtype), s @ q_s.to(s.dtype)).square_().sum(dim=0)
 
 
 def accumulate_lambdas(
