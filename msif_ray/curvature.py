@@ -37,7 +37,7 @@ def batch_generator(device: torch.device, seed: int, batch_index: int) -> torch.
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + batch_index) % 2**63)
 
 
-def _check_finite(name: str, tensor: torch.Tensor, what: str) -> None:
+def check_finite(name: str, tensor: torch.Tensor, what: str) -> None:
     if not torch.isfinite(tensor).all():
         raise FloatingPointError(
             f"non-finite {what} in layer {name!r}: the model produced NaN/inf activations or gradients "
@@ -148,8 +148,8 @@ def symmetric_eigh(total: torch.Tensor, count: int) -> tuple[torch.Tensor, torch
 def eigendecompose_layer(name: str, sums: CovarianceSums) -> Eigenbasis:
     """One layer's eigenbasis (the unit of the Ray fan-out)."""
     a, s = sums.activation[name], sums.gradient[name]
-    _check_finite(name, a, "activation covariance")
-    _check_finite(name, s, "gradient covariance")
+    check_finite(name, a, "activation covariance")
+    check_finite(name, s, "gradient covariance")
     a_values, a_vectors = symmetric_eigh(a, sums.num_tokens)
     s_values, s_vectors = symmetric_eigh(s, sums.num_tokens)
     return Eigenbasis(a_vectors, s_vectors, a_values, s_values)
@@ -283,7 +283,7 @@ def finish_factors(bases: dict[str, Eigenbasis], lambdas: LambdaSums, metadata: 
     layers = {}
     for name, basis in bases.items():
         lam = lambdas.squares[name] / max(lambdas.num_windows, 1)
-        _check_finite(name, lam, "eigenvalue correction")
+        check_finite(name, lam, "eigenvalue correction")
         layers[name] = LayerFactors(basis.a_vectors, basis.s_vectors, lam.to(basis.a_vectors.dtype))
     return Factors(layers, dict(metadata, num_windows=str(lambdas.num_windows)))
 

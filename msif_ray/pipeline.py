@@ -148,9 +148,10 @@ class Pipeline:
         covariance_jobs = jobs("covariance")
         stats["covariance"] = self._map(stage, "covariance", covariance_jobs, cfg.factors.fisher)
         layers = ray.get(reduce_covariances.remote(self.store.url(), [j.output for j in covariance_jobs], f"{base}/covariance"))
-        eigen_files = [f"{base}/eigen/{layer}.{which}.safetensors" for layer in layers for which in "AS"]
-        run_bounded([(eigendecompose, self.store.url(), f"{base}/covariance/{layer}.safetensors", layer, which,
-                      f"{base}/eigen/{layer}.{which}.safetensors") for layer in layers for which in "AS"])
+        eigen_jobs = [(layer, which, f"{base}/eigen/{layer}.{which}.safetensors") for layer in layers for which in "AS"]
+        eigen_files = [output for _, _, output in eigen_jobs]
+        run_bounded([(eigendecompose, self.store.url(), f"{base}/covariance/{layer}.safetensors", layer, which, output)
+                     for layer, which, output in eigen_jobs])
         lambda_jobs = jobs("lambdas")
         stats["lambdas"] = self._map(stage, "lambdas", lambda_jobs, cfg.factors.fisher, tuple(eigen_files))
         lambda_total = f"{base}/lambdas.safetensors"

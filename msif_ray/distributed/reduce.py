@@ -11,7 +11,7 @@ from typing import Sequence
 import ray
 import torch
 
-from msif_ray.curvature import Eigenbasis, symmetric_eigh
+from msif_ray.curvature import Eigenbasis, check_finite, symmetric_eigh
 from msif_ray.storage import RunDir
 
 COUNT_KEYS = ("num_tokens", "num_windows")
@@ -55,8 +55,7 @@ def eigendecompose(run_dir: str, layer_file: str, layer: str, which: str, output
     """Float64 eigendecomposition of one factor (``which`` = "A" or "S") of one layer."""
     store = RunDir(run_dir)
     tensors, _ = store.load_tensors(layer_file)
-    if not torch.isfinite(tensors[which]).all():
-        raise FloatingPointError(f"non-finite {which} covariance in layer {layer!r}: check the model weights and inputs")
+    check_finite(layer, tensors[which], f"{which} covariance")
     values, vectors = symmetric_eigh(tensors[which], int(tensors["num_tokens"]))
     store.save_tensors(output, {f"{layer}/Q_{which}": vectors, f"{layer}/d_{which}": values}, {"layer": layer})
 
