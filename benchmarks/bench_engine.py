@@ -22,7 +22,7 @@ batch of each; the reported time of a pass is its best round, the median is in t
   cov/emp     curvature.accumulate_covariances, empirical Fisher      (msif pass 1)
   cov/sampled curvature.accumulate_covariances, sampled Fisher        (msif pass 1, default)
   lambda      curvature.accumulate_lambdas, empirical Fisher          (msif pass 2)
-  score       influence.score_windows against Q preconditioned queries (single_stage)
+  score       scoring.score_windows against Q preconditioned dense (full-rank) queries (single_stage)
 
 and kronfluence 1.0.1 doing the same work on a deep copy of the same model, same batches, float32,
 same thread count: covariance fit (empirical and sampled Fisher), Λ fit (empirical) and pairwise
@@ -81,7 +81,8 @@ import torch.nn.functional as F
 
 from msif_ray.curvature import accumulate_covariances, accumulate_lambdas, eigendecompose_layer, finish_factors
 from msif_ray.gradients import Batch, example_gradients, log_prob_objective
-from msif_ray.influence import precondition, score_windows
+from msif_ray.influence import QueryVectors, precondition
+from msif_ray.scoring import QueryGroup, score_windows
 from msif_ray.modules import LayerTaps, select_modules
 
 _CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -381,7 +382,8 @@ def main(argv: list[str] | None = None) -> dict:
     bases = {name: eigendecompose_layer(name, covariances) for name in taps.modules}
     factors = finish_factors(bases, accumulate_lambdas(model, taps, batches, bases, "empirical"), {})
     query_grads = example_gradients(model, taps, query_batches, num_queries)
-    preconditioned = precondition(query_grads, "single_stage", factors, damping_pretrain="auto")
+    preconditioned = QueryGroup(QueryVectors.from_dense(precondition(query_grads, "single_stage", factors,
+                                                                     damping_pretrain="auto")), torch.device("cpu"))
     msif_scores: list[torch.Tensor] = []
 
     def score_run(bs: list[Batch]) -> None:

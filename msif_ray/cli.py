@@ -1,4 +1,4 @@
-"""``msif run | status | demo``: the command line."""
+"""``msif run | plan | status | demo``: the command line."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def user_error(err: BaseException) -> BaseException | None:
 
     while isinstance(err, RayTaskError) and err.cause is not None:
         err = err.cause
-    return err if isinstance(err, (ValueError, KeyError, FileNotFoundError, FloatingPointError)) else None
+    return err if isinstance(err, (ValueError, KeyError, FileNotFoundError, FloatingPointError, MemoryError)) else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -36,9 +36,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     pipeline = Pipeline(config)
-    plan = pipeline.validate()  # fail before starting Ray when the input is bad
+    inputs = pipeline.validate()  # fail before starting Ray when the input is bad
+    pipeline.plan = pipeline.resource_plan(inputs)
+    pipeline.plan.check()  # ... or when it cannot fit the memory budget
     init_ray(config)
-    pipeline.run(plan)
+    pipeline.run(inputs)
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory, storage and time per stage before anything heavy runs; exit 2 when it cannot fit."""
+    from msif_ray.pipeline import Pipeline
+    from msif_ray.plan import NOMINAL_DEVICES, PlanError
+
+    pipeline = Pipeline(load_config(args.config), log=lambda line: None)
+    plan = pipeline.resource_plan(pipeline.validate(), NOMINAL_DEVICES.get(args.device))
+    print("\n".join(plan.summary_lines()))
+    if plan.problems:
+        raise PlanError("the run does not fit its memory budget:\n  - " + "\n  - ".join(plan.problems))
     return 0
 
 
@@ -64,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run (or resume) every stage of a config")
     run.add_argument("config", help="path to the YAML config")
     run.set_defaults(handler=cmd_run)
+    plan = commands.add_parser("plan", help="memory, storage and time per stage, before anything heavy runs")
+    plan.add_argument("config", help="path to the YAML config")
+    plan.add_argument("--device", choices=["h200", "h100"], default=None,
+                      help="plan for this GPU (nominal figures) instead of measuring this machine")
+    plan.set_defaults(handler=cmd_plan)
     status = commands.add_parser("status", help="stages, shards done / total, timings of a run directory")
     status.add_argument("run_dir")
     status.set_defaults(handler=cmd_status)

@@ -16,8 +16,11 @@ Which model does what (see also ``Config.query_model`` and ``Config.corpus_model
 - The tokenizer is ``models.tokenizer`` when given, else that of the query model.
 
 Beyond the keys of DESIGN.md section 2 the config accepts ``models.trust_remote_code`` (off unless
-turned on), ``data.rows_per_shard`` (the unit of work and of resumption) and
-``ray.num_cpus_per_worker`` (CPU threads per worker).
+turned on), ``data.rows_per_shard`` (the unit of work and of resumption), the ``budget`` section
+(memory per worker, layer groups, query batches and groups; see ``Budget``),
+``ray.num_cpus_per_worker`` (CPU threads per worker), ``ray.precision`` (``auto``: bf16 weights on a
+GPU that supports it, float32 on CPU) and ``ray.checkpoint_seconds`` (how often a worker commits
+the factor sums it has accumulated).
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ import yaml
 Method = Literal["multi_stage", "single_stage", "grad_dot"]
 Fisher = Literal["sampled", "empirical"]
 ScoringMode = Literal["exact", "index"]
+Precision = Literal["auto", "bf16", "fp32"]
 Damping = float | Literal["auto"]
 
 METHODS: tuple[Method, ...] = ("multi_stage", "single_stage", "grad_dot")
 FISHERS: tuple[Fisher, ...] = ("sampled", "empirical")
 SCORING_MODES: tuple[ScoringMode, ...] = ("exact", "index")
+PRECISIONS: tuple[Precision, ...] = ("auto", "bf16", "fp32")
 
 _REQUIRED: Any = object()  # the default of a key that must be set
 
@@ -118,10 +123,32 @@ class Modules:
     exclude: str | None = None
 
 
+DEFAULT_QUERY_RANK = 32  # chosen from benchmarks/bench_scale.py's rank table (benchmarks/README.md)
+
+
 @dataclass(frozen=True)
 class Scoring:
+    """``query_rank``: rank of each layer's preconditioned query gradient (None: full rank, dense)."""
+
     top_k: int = 100
     mode: ScoringMode = "exact"
+    query_rank: int | None = DEFAULT_QUERY_RANK
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Memory every process stays within; None = chosen by ``msif plan`` from the machine.
+
+    ``worker_memory_gb``: per worker (device memory on a GPU; the node's memory / workers on CPU).
+    ``layer_groups``: the tracked layers are split into this many groups for the factor passes.
+    ``query_batch_size``: queries preconditioned together; ``query_group_size``: queries scored by
+    one corpus pass (more queries than that take several passes).
+    """
+
+    worker_memory_gb: float | None = None
+    layer_groups: int | None = None
+    query_batch_size: int | None = None
+    query_group_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,6 +160,8 @@ class RayConfig:
     num_gpus_per_worker: float = 0.0
     num_cpus_per_worker: int = 1
     batch_size: int = 8
+    precision: Precision = "auto"
+    checkpoint_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +173,7 @@ class Config:
     factors: Factors = Factors()
     modules: Modules = Modules()
     scoring: Scoring = Scoring()
+    budget: Budget = Budget()
     ray: RayConfig = RayConfig()
     seed: int = 0
 
@@ -198,6 +228,7 @@ def config_from_dict(values: dict[str, Any], base_dir: str | os.PathLike) -> Con
         factors=_factors(root.section("factors")),
         modules=_modules(root.section("modules")),
         scoring=_scoring(root.section("scoring")),
+        budget=_budget(root.section("budget")),
         ray=_ray(root.section("ray")),
         seed=root.integer("seed", 0),
     )
@@ -254,9 +285,27 @@ def _modules(s: _Section) -> Modules:
 
 
 def _scoring(s: _Section) -> Scoring:
-    scoring = Scoring(top_k=s.positive_integer("top_k", 100), mode=s.choice("mode", SCORING_MODES, "exact"))
+    rank = s.take("query_rank") if "query_rank" in s.values else DEFAULT_QUERY_RANK
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise ConfigError(f"{s.dotted('query_rank')}: expected a positive integer or null (full rank), got {_kind(rank)}")
+    scoring = Scoring(top_k=s.positive_integer("top_k", 100), mode=s.choice("mode", SCORING_MODES, "exact"),
+                      query_rank=rank)
     s.finish()
     return scoring
+
+
+def _budget(s: _Section) -> Budget:
+    memory = s.non_negative_number("worker_memory_gb", None)
+    if memory is not None and memory <= 0:
+        raise ConfigError(f"{s.dotted('worker_memory_gb')}: must be a positive number of GB, got {memory}")
+    budget = Budget(
+        worker_memory_gb=memory,
+        layer_groups=s.positive_integer("layer_groups", None),
+        query_batch_size=s.positive_integer("query_batch_size", None),
+        query_group_size=s.positive_integer("query_group_size", None),
+    )
+    s.finish()
+    return budget
 
 
 def _ray(s: _Section) -> RayConfig:
@@ -266,6 +315,8 @@ def _ray(s: _Section) -> RayConfig:
         num_gpus_per_worker=s.non_negative_number("num_gpus_per_worker", 0.0),
         num_cpus_per_worker=s.positive_integer("num_cpus_per_worker", 1),
         batch_size=s.positive_integer("batch_size", 8),
+        precision=s.choice("precision", PRECISIONS, "auto"),
+        checkpoint_seconds=s.non_negative_number("checkpoint_seconds", 600.0),
     )
     s.finish()
     return ray
@@ -364,7 +415,7 @@ class _Section:
             raise ConfigError(f"{self.dotted(name)}: must be a positive integer, got {value}")
         return value
 
-    def non_negative_number(self, name: str, default: float) -> float:
+    def non_negative_number(self, name: str, default: Any) -> Any:
         value = self.take(name)
         if value is None:
             return default

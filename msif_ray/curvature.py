@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -98,29 +98,35 @@ class CovarianceSums:
 
 def backward_over_batches(
     model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], add_layer: Callable[[str, torch.Tensor, torch.Tensor], None],
-    fisher: Fisher, seed: int,
+    fisher: Fisher, seed: int, layers: Sequence[str] | None = None,
 ) -> tuple[int, int]:
     """One forward+backward per batch, each layer's (a, s) handed to ``add_layer``.
 
     Sampled Fisher labels come from a generator fixed by (seed, batch index), so a shard gives
-    the same sums on any worker. Returns the number of (real) tokens and of windows seen.
+    the same sums on any worker, and every layer group of a pass sees the same labels.
+    ``layers`` restricts the pass to a layer group. Returns the number of (real) tokens and of
+    windows seen.
     """
     device = model_device(model)
     tokens = windows = 0
     for index, batch in enumerate(batches):
         generator = batch_generator(device, seed, index) if fisher == "sampled" else None
-        backward_through_layers(model, taps, batch, add_layer, fisher, generator)
+        backward_through_layers(model, taps, batch, add_layer, fisher, generator, layers)
         tokens += batch.num_tokens
         windows += len(batch.examples)
     return tokens, windows
 
 
 def accumulate_covariances(
-    model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], fisher: Fisher = "sampled", seed: int = 0
+    model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], fisher: Fisher = "sampled", seed: int = 0,
+    layers: Sequence[str] | None = None, sums: CovarianceSums | None = None,
 ) -> CovarianceSums:
-    """Map step of pass 1 over ``batches``."""
-    sums = CovarianceSums()
-    sums.num_tokens, sums.num_windows = backward_over_batches(model, taps, batches, sums.add_layer, fisher, seed)
+    """Map step of pass 1 over ``batches`` (for the layer group ``layers``, default all), added
+    in place into ``sums`` when given (a worker's running sum: no second copy of the factors)."""
+    sums = sums if sums is not None else CovarianceSums()
+    tokens, windows = backward_over_batches(model, taps, batches, sums.add_layer, fisher, seed, layers)
+    sums.num_tokens += tokens
+    sums.num_windows += windows
     return sums
 
 
@@ -190,12 +196,13 @@ def rotated_square_sum(a: torch.Tensor, s: torch.Tensor, q_a: torch.Tensor, q_s:
 
 def accumulate_lambdas(
     model: nn.Module, taps: LayerTaps, batches: Iterable[Batch], bases: dict[str, Eigenbasis],
-    fisher: Fisher = "sampled", seed: int = 0,
+    fisher: Fisher = "sampled", seed: int = 0, sums: LambdaSums | None = None,
 ) -> LambdaSums:
-    """Map step of pass 2 over ``batches``, given the eigenbases of pass 1."""
+    """Map step of pass 2 over ``batches``, given the eigenbases of pass 1 (of the layers to cover),
+    added in place into ``sums`` when given."""
     device = model_device(model)
     on_device = {n: (b.a_vectors.to(device), b.s_vectors.to(device)) for n, b in bases.items()}
-    sums = LambdaSums()
+    sums = sums if sums is not None else LambdaSums()
 
     def add_layer(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
         square_sum = rotated_square_sum(a, s, *on_device[name])
@@ -205,7 +212,8 @@ def accumulate_lambdas(
             sums.squares[name] = square_sum
 
     # A seed stream apart from pass 1's, so that pass 2 draws fresh labels.
-    _, sums.num_windows = backward_over_batches(model, taps, batches, add_layer, fisher, seed + 7919)
+    _, windows = backward_over_batches(model, taps, batches, add_layer, fisher, seed + 7919, list(bases))
+    sums.num_windows += windows
     return sums
 
 
@@ -240,6 +248,11 @@ class Factors:
 
     layers: dict[str, LayerFactors]
     metadata: dict[str, str] = field(default_factory=dict)
+
+    def layer(self, name: str) -> LayerFactors:
+        if name not in self.layers:
+            raise KeyError(f"factors have no layer {name!r}; they were fitted for {sorted(self.layers)[:5]}...")
+        return self.layers[name]
 
     def dampings(self, damping: Damping) -> dict[str, float]:
         return {name: f.damping(damping) for name, f in self.layers.items()}

@@ -184,15 +184,17 @@ def backward_through_layers(
     callback: Callable[[str, torch.Tensor, torch.Tensor], None],
     fisher: Fisher = "empirical",
     generator: torch.Generator | None = None,
+    layers: Sequence[str] | None = None,
 ) -> torch.Tensor:
-    """One forward and backward of Σ_windows log p; ``callback(name, a, s)`` sees every layer.
+    """One forward and backward of Σ_windows log p; ``callback(name, a, s)`` sees every tracked
+    layer (or those of ``layers``, a layer group).
 
     Parameter gradients are not computed (see ``activation_gradients_only``). Returns the
     per-window objective [B] (detached).
     """
     device = model_device(model)
     batch = batch.to(device)
-    with activation_gradients_only(model), taps.tapping(batch.attention_mask, callback):
+    with activation_gradients_only(model), taps.tapping(batch.attention_mask, callback, layers):
         with autocast_for(device):
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
         if not torch.isfinite(logits.detach().sum()):  # one reduction; NaN or inf anywhere makes it non-finite

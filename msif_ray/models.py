@@ -94,12 +94,36 @@ def model_skeleton(config: PretrainedConfig, trust_remote_code: bool = False) ->
 
 
 def pick_device(num_gpus: float) -> torch.device:
-    return torch.device("cuda") if num_gpus > 0 and torch.cuda.is_available() else torch.device("cpu")
+    """CUDA when GPUs were requested (an error, not a silent CPU fall-back, when there is none)."""
+    if num_gpus <= 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ModelError(f"ray.num_gpus_per_worker is {num_gpus} but this worker sees no CUDA device "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); set it to 0 to run on CPU")
+    torch.backends.cuda.matmul.allow_tf32 = True  # factor and query math in float32 runs on TF32 tensor cores
+    torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda")
 
 
-def load_model(path: str, device: torch.device, trust_remote_code: bool = False) -> torch.nn.Module:
-    """A causal LM in float32 on ``device`` (bf16 comes from autocast on CUDA), checked for NaN/inf."""
-    model = AutoModelForCausalLM.from_pretrained(local_dir(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
+def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 weights on a GPU that supports them, float32 elsewhere (``bf16`` / ``fp32`` force it).
+
+    Hooked activations and output gradients are promoted to float32 in either case, so factors
+    and scores accumulate in float32.
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if precision == "bf16":
+            raise ModelError("ray.precision is bf16 but this GPU does not support bfloat16; use fp32 or auto")
+        return torch.float32
+    return torch.bfloat16
+
+
+def load_model(path: str, device: torch.device, trust_remote_code: bool = False,
+               dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A causal LM with ``dtype`` weights on ``device`` (bf16 compute on CUDA also via autocast), checked for NaN/inf."""
+    model = AutoModelForCausalLM.from_pretrained(local_dir(path), dtype=dtype, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     check_finite_weights(model)
     return model

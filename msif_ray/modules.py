@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -144,11 +144,15 @@ class LayerTaps:
         self._callback: LayerCallback | None = None
 
     @contextmanager
-    def tapping(self, token_mask: torch.Tensor, callback: LayerCallback) -> Iterator[None]:
-        """Hooks active for one forward+backward; ``token_mask`` [B, T] is 1 on real tokens."""
+    def tapping(self, token_mask: torch.Tensor, callback: LayerCallback, layers: Sequence[str] | None = None) -> Iterator[None]:
+        """Hooks active for one forward+backward; ``token_mask`` [B, T] is 1 on real tokens.
+
+        ``layers`` restricts the hooks to a subset of the tracked layers (a layer group).
+        """
         self._token_mask = token_mask
         self._callback = callback
-        handles = [m.register_forward_hook(self._forward_hook(name)) for name, m in self.modules.items()]
+        names = self.modules if layers is None else layers
+        handles = [self.modules[name].register_forward_hook(self._forward_hook(name)) for name in names]
         try:
             yield
         finally:

@@ -1,17 +1,21 @@
 """The stages of ``msif run`` over a run directory, and their skip / resume rules.
 
     validate          configs, columns, tokenizer/model fit: cheap checks before any heavy pass
+    plan              memory per process, layer groups, query batches and groups (``plan.py``);
+                      a plan that cannot fit the budget is refused here, before any heavy pass
     factors/finetune  EK-FAC of θ_ft on the fine-tuning data            (multi_stage)
     factors/pretrain  EK-FAC of θ_pt on the corpus (or a sample of it)  (multi_stage, single_stage)
-    queries           G_q, preconditioned by the method's chain
-    scores            every corpus document against every query; top/bottom k per shard; merge
+    queries           G_q, preconditioned by the method's chain, rank-r, in batches of queries
+    scores            every corpus document against each group of queries; top/bottom k per
+                      shard; a tree of bounded merges
 
 A stage is skipped when the manifest records it done with the same fingerprint (a hash of every
-setting and upstream result it depends on). Inside a stage, each map pass writes one output per
-shard under a folder named by the fingerprint, plus a small ``.done.json`` once the output is
-complete; a rerun hands out only the shards without one. Hence a crashed run resumes where it
-stopped, a retried shard overwrites its own output and is counted once, and outputs of an older
-configuration can never be mixed into a newer one.
+setting and upstream result it depends on). Inside a stage, map passes write under a folder named
+by the fingerprint (``layout.py``): the query and scoring passes one output per job plus a
+``.done.json`` once it is complete; the factor passes worker-level checkpoints that list the
+shards they hold (``distributed/checkpoints.py``). A rerun hands out only the jobs not yet done,
+so a crashed run resumes where it stopped, every shard is counted once, and outputs of an older
+configuration never mix into a newer one.
 """
 
 from __future__ import annotations
@@ -23,28 +27,30 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
+from msif_ray import layout
 from msif_ray.config import Config
-from msif_ray.curvature import LambdaSums, finish_factors
 from msif_ray.data import (
     PARQUET_SUFFIXES, DataError, Shard, check_columns, expand_paths, plan_shards, read_documents, read_pairs, sample_quotas,
 )
-from msif_ray.distributed.pool import WorkerPool
-from msif_ray.distributed.reduce import eigendecompose, load_bases, reduce_covariances, reduce_lambdas, run_bounded
-from msif_ray.distributed.worker import QueryJob, ShardJob, ShardWorker, WorkerSettings, done_marker
+from msif_ray.distributed.checkpoints import committed_checkpoints
+from msif_ray.distributed.merge import tree_merge
+from msif_ray.distributed.pool import WorkerCrashError, WorkerPool
+from msif_ray.distributed.reduce import eigendecompose, finish_layer, reduce_memory_bytes, run_bounded
+from msif_ray.distributed.worker import ChainSpec, QueryJob, ShardJob, ShardWorker, WorkerSettings
 from msif_ray.gradients import encode_prompt_completions
+from msif_ray.layout import BOTTOMK, MANIFEST, TOPK, done_marker
 from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
-from msif_ray.modules import select_modules
+from msif_ray.modules import LayerSpec, layer_spec, select_modules
+from msif_ray.plan import ResourcePlan, make_plan
 from msif_ray.progress import Progress
 from msif_ray.storage import RunDir
 
-MANIFEST = "manifest.json"
-TOPK = "scores/topk.parquet"
-BOTTOMK = "scores/bottomk.parquet"
 FAULT_ENV = "MSIF_FAULT_INJECT"  # tests: a pass name whose worker is killed once
+MAX_ROUNDS = 5  # rounds of an accumulating pass (a round re-runs shards lost with a crashed worker)
+
+__all__ = ["Pipeline", "Inputs", "MANIFEST", "TOPK", "BOTTOMK", "FAULT_ENV"]
 
 
 def fingerprint(*parts: object) -> str:
@@ -52,10 +58,16 @@ def fingerprint(*parts: object) -> str:
 
 
 @dataclass
-class Plan:
-    """The shards a run maps over, planned once the inputs are validated."""
+class Inputs:
+    """What validation found: the shards a run maps over, the queries, the tracked layers' shapes."""
 
     corpus_shards: list[Shard]
+    layers: list[LayerSpec]
+    model_config: object
+    num_params: int
+    tokenizer: object
+    num_queries: int
+    tokens_per_query: float
     finetune_shards: list[Shard] = field(default_factory=list)
 
 
@@ -66,38 +78,45 @@ class Pipeline:
         self.store = RunDir(config.run_dir)
         self.manifest = self.store.read_json(MANIFEST) if self.store.exists(MANIFEST) else {"stages": {}}
         self.pool: WorkerPool | None = None
+        self.plan: ResourcePlan | None = None
 
     # ----------------------------------------------------------------------- entry point
 
-    def run(self, plan: Plan | None = None) -> str:
+    def run(self, inputs: Inputs | None = None) -> str:
         """Run (or resume) every stage; returns the path of ``scores/topk.parquet``.
 
-        ``plan`` is what ``validate()`` returned, when the caller validated first.
+        ``inputs`` is what ``validate()`` returned, when the caller validated first.
         """
         started = time.monotonic()
         cfg = self.config
-        plan = plan or self.validate()
-        self._save_manifest(config=cfg.to_dict(), shards={"corpus": [s.shard_id for s in plan.corpus_shards]})
+        inputs = inputs or self.validate()
+        self.plan = self.plan or self.resource_plan(inputs)
+        self.plan.check()
+        for line in self.plan.summary_lines():
+            self.log(f"[plan] {line}")
+        self._save_manifest(config=cfg.to_dict(), shards={"corpus": [s.shard_id for s in inputs.corpus_shards]},
+                            plan=self.plan.to_dict())
         try:
             pretrain = finetune = None
             if cfg.method == "multi_stage":
                 ft = cfg.data.finetune
-                finetune = self._factors("factors/finetune", cfg.models.finetuned, plan.finetune_shards, "pairs",
+                finetune = self._factors("factors/finetune", cfg.models.finetuned, inputs.finetune_shards, "pairs",
                                          (ft.prompt_column, ft.completion_column), None)
             if cfg.method in ("multi_stage", "single_stage"):
                 corpus = cfg.data.corpus
-                pretrain = self._factors("factors/pretrain", cfg.corpus_model, plan.corpus_shards, "documents",
+                pretrain = self._factors("factors/pretrain", cfg.corpus_model, inputs.corpus_shards, "documents",
                                          (corpus.id_column, corpus.text_column), cfg.factors.max_examples)
-            self._scores(plan, self._queries(pretrain, finetune))
+            self._scores(inputs, self._queries(inputs, pretrain, finetune))
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
+                self.pool = None
         self.log(f"done in {time.monotonic() - started:.1f}s: {self.store.url(TOPK)}")
         return self.store.url(TOPK)
 
-    # ----------------------------------------------------------------------- validation
+    # ----------------------------------------------------------------------- validation and plan
 
-    def validate(self) -> Plan:
+    def validate(self) -> Inputs:
         """Every check that needs no heavy compute, so that bad input fails in seconds."""
         cfg = self.config
         if cfg.scoring.mode != "exact":
@@ -106,7 +125,8 @@ class Pipeline:
         pretrained = load_config(cfg.models.pretrained, "models.pretrained", trust)
         if cfg.models.finetuned:
             check_same_shapes(pretrained, load_config(cfg.models.finetuned, "models.finetuned", trust))
-        select_modules(model_skeleton(pretrained, trust), cfg.modules.include, cfg.modules.exclude)
+        skeleton = model_skeleton(pretrained, trust)
+        modules = select_modules(skeleton, cfg.modules.include, cfg.modules.exclude)
         tokenizer_key = "models.tokenizer" if cfg.models.tokenizer else ("models.finetuned" if cfg.models.finetuned else "models.pretrained")
         tokenizer = load_tokenizer(cfg.tokenizer, tokenizer_key, trust)
         check_tokenizer_fits(tokenizer, pretrained, "models.pretrained")
@@ -114,92 +134,128 @@ class Pipeline:
         corpus = cfg.data.corpus
         corpus_paths = expand_paths(corpus.paths)
         check_columns(corpus_paths, [corpus.id_column, corpus.text_column])
-        plan = Plan(corpus_shards=plan_shards(corpus_paths, cfg.data.rows_per_shard))
-        for shard in plan.corpus_shards:  # JSON Lines text is decoded (and so checked) only by reading it
+        shards = plan_shards(corpus_paths, cfg.data.rows_per_shard)
+        for shard in shards:  # JSON Lines text is decoded (and so checked) only by reading it
             if not shard.path.endswith(PARQUET_SUFFIXES):
                 read_documents(shard, corpus.id_column, corpus.text_column)
         q = cfg.data.queries
-        num_queries = _check_pairs(tokenizer, expand_paths(q.paths), q.prompt_column, q.completion_column, q.id_column)
+        num_queries, query_tokens = _check_pairs(tokenizer, expand_paths(q.paths), q.prompt_column, q.completion_column,
+                                                 q.id_column)
+        inputs = Inputs(shards, [layer_spec(n, m) for n, m in modules.items()], pretrained,
+                        sum(p.numel() for p in skeleton.parameters()), tokenizer, num_queries, query_tokens)
         if cfg.method == "multi_stage":
             ft = cfg.data.finetune
             ft_paths = expand_paths(ft.paths)
             _check_pairs(tokenizer, ft_paths, ft.prompt_column, ft.completion_column)
-            plan.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
-        self.log(f"validated: {len(plan.corpus_shards)} corpus shards, {num_queries} queries, method {cfg.method}")
-        return plan
+            inputs.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
+        self.log(f"validated: {len(shards)} corpus shards, {num_queries} queries, method {cfg.method}")
+        return inputs
+
+    def resource_plan(self, inputs: Inputs, profile=None) -> ResourcePlan:
+        """The memory / storage / time plan of this run (``profile``: a named device instead of this machine's)."""
+        return make_plan(self.config, inputs.model_config, inputs.layers, inputs.num_queries,
+                         sum(s.num_rows for s in inputs.corpus_shards), _tokens_per_document(self.config, inputs),
+                         profile, inputs.num_params, sum(s.num_rows for s in inputs.finetune_shards),
+                         inputs.tokens_per_query)
 
     # ----------------------------------------------------------------------- stages
 
     def _factors(self, stage: str, model: str, shards: list[Shard], kind: str, columns: tuple[str, ...],
                  max_examples: int | None) -> str:
+        """EK-FAC factors of ``model`` on ``shards``; returns their folder (per-layer files, see layout.py)."""
         cfg = self.config
         key = fingerprint(stage, model, [s.shard_id for s in shards], kind, columns, max_examples, cfg.factors.fisher,
                           cfg.modules, cfg.data.max_length, cfg.ray.batch_size, cfg.seed)
-        output = f"{stage}.safetensors"
-        if self._is_done(stage, key, output):
-            return output
-        base = f"{stage}/{key}"
-        sample = sample_quotas(shards, max_examples)
-        jobs = lambda pass_name: [  # noqa: E731
-            ShardJob(f"{stage}/{pass_name}", s, f"{base}/{pass_name}/{s.shard_id}.safetensors", model, kind, columns,
-                     cfg.seed, sample[s.shard_id]) for s in shards]
-        stats = {}
+        factors = layout.factors_dir(stage, key)
+        if self._is_done(stage, key, layout.factors_index(factors)):
+            return factors
         started = time.monotonic()
-        covariance_jobs = jobs("covariance")
-        stats["covariance"] = self._map(stage, "covariance", covariance_jobs, cfg.factors.fisher)
-        layers = ray.get(reduce_covariances.remote(self.store.url(), [j.output for j in covariance_jobs], f"{base}/covariance"))
-        eigen_jobs = [(layer, which, f"{base}/eigen/{layer}.{which}.safetensors") for layer in layers for which in "AS"]
-        eigen_files = [output for _, _, output in eigen_jobs]
-        run_bounded([(eigendecompose, self.store.url(), f"{base}/covariance/{layer}.safetensors", layer, which, output)
-                     for layer, which, output in eigen_jobs])
-        lambda_jobs = jobs("lambdas")
-        stats["lambdas"] = self._map(stage, "lambdas", lambda_jobs, cfg.factors.fisher, tuple(eigen_files))
-        lambda_total = f"{base}/lambdas.safetensors"
-        ray.get(reduce_lambdas.remote(self.store.url(), [j.output for j in lambda_jobs], lambda_total))
+        sample = sample_quotas(shards, max_examples)
+        jobs = lambda pass_name, group: [  # noqa: E731 - shards with a zero sample quota are not visited
+            ShardJob(f"{stage}/{pass_name}", s, layout.checkpoint_dir(factors, pass_name, group), model, kind, columns,
+                     cfg.seed, sample[s.shard_id]) for s in shards if sample[s.shard_id] != 0]
+        groups = self.plan.layer_groups
+        if len(groups) > 1:
+            self.log(f"[{stage}] {len(groups)} layer groups: each factor pass reads the data {len(groups)} times")
+        stats: dict[str, dict] = {}
+        checkpoints: list[str] = []
+        reduces: list[dict] = []
+        for g, layers in enumerate(groups):
+            stats[f"covariance/g{g}"], names = self._accumulate(stage, "covariance", jobs("covariance", g), g,
+                                                                tuple(layers), cfg.factors.fisher)
+            checkpoints += names
+            calls = [(eigendecompose, self.store.url(), names, factors, layer, which) for layer in layers for which in "AS"]
+            reduces += run_bounded(calls, [reduce_memory_bytes(*self._shape(layer), which)
+                                           for layer in layers for which in "AS"])
+        for g, layers in enumerate(groups):
+            stats[f"lambdas/g{g}"], names = self._accumulate(stage, "lambdas", jobs("lambdas", g), g, tuple(layers),
+                                                             cfg.factors.fisher, factors)
+            checkpoints += names
+            reduces += run_bounded([(finish_layer, self.store.url(), names, factors, layer) for layer in layers],
+                                   [reduce_memory_bytes(*self._shape(layer), "lambda") for layer in layers])
+        self.store.write_json(layout.factors_index(factors), {
+            "layers": [layer for group in groups for layer in group], "model": model, "fisher": cfg.factors.fisher,
+            "num_windows": reduces[-1]["num_windows"], "fingerprint": key})
+        passes = _combine_groups(stats) | {"reduce": {
+            "tasks": len(reduces), "peak_rss_mb": max(r["peak_rss_mb"] for r in reduces),
+            "checkpoints": len(checkpoints), "checkpoint_bytes": sum(self.store.size(n) for n in checkpoints)}}
+        self._finish_stage(stage, key, started, passes)
+        for name in checkpoints:  # large partial sums, removed once the stage is done; the manifest keeps their stats
+            self.store.remove(name + ".json")
+            self.store.remove(name)
+        return factors
 
-        bases = load_bases(self.store, eigen_files)
-        factors = finish_factors(bases, LambdaSums.from_tensors(self.store.load_tensors(lambda_total)[0]),
-                                 {"model": model, "fisher": cfg.factors.fisher, "fingerprint": key})
-        self.store.save_tensors(output, *factors.to_tensors())
-        for job in covariance_jobs + lambda_jobs:  # partial sums are large; their .done.json stats stay
-            self.store.remove(job.output)
-        self._finish_stage(stage, key, started, stats)
-        return output
-
-    def _queries(self, pretrain: str | None, finetune: str | None) -> str:
+    def _queries(self, inputs: Inputs, pretrain: str | None, finetune: str | None) -> list[str]:
+        """Ṽ_q of every query, in batches; returns the batch files in query order."""
         cfg = self.config
         q = cfg.data.queries
         upstream = [self.manifest["stages"].get(s, {}).get("fingerprint") for s in ("factors/pretrain", "factors/finetune")]
+        size = self.plan.query_batch_size
         key = fingerprint(cfg.query_model, q, cfg.method, cfg.factors.damping_pretrain, cfg.factors.damping_finetune,
-                          cfg.modules, cfg.data.max_length, upstream)
-        output = "queries/preconditioned.safetensors"
-        if self._is_done("queries", key, output):
-            return output
+                          cfg.modules, cfg.data.max_length, cfg.scoring.query_rank, size, upstream)
+        paths = tuple(expand_paths(q.paths))
+        jobs = [QueryJob(i, cfg.query_model, paths, (q.id_column, q.prompt_column, q.completion_column), lo,
+                         min(lo + size, inputs.num_queries), layout.query_batch(key, i))
+                for i, lo in enumerate(range(0, inputs.num_queries, size))]
+        files = [j.output for j in jobs]
+        if self._is_done("queries", key, done_marker(files[-1])):
+            return files
         started = time.monotonic()
-        job = QueryJob(cfg.query_model, tuple(expand_paths(q.paths)), (q.id_column, q.prompt_column, q.completion_column),
-                       cfg.method, pretrain, finetune, cfg.factors.damping_pretrain, cfg.factors.damping_finetune, output)
-        [(_, stats)] = list(self._workers().map("precondition", [job]))
-        self.log(f"[queries] {stats['queries']} queries preconditioned ({cfg.method}) in {stats['seconds']:.1f}s")
+        spec = ChainSpec(cfg.method, pretrain, finetune, cfg.factors.damping_pretrain, cfg.factors.damping_finetune,
+                         cfg.scoring.query_rank)
+        stats = self._map("queries", "precondition", jobs, spec)
+        rank = "full rank" if cfg.scoring.query_rank is None else f"rank {cfg.scoring.query_rank}"
+        self.log(f"[queries] {inputs.num_queries} queries preconditioned ({cfg.method}, {rank}) in {len(jobs)} "
+                 f"batches of up to {size}, {stats['seconds']:.1f}s")
         self._finish_stage("queries", key, started, {"precondition": stats})
-        return output
+        return files
 
-    def _scores(self, plan: Plan, queries: str) -> None:
+    def _scores(self, inputs: Inputs, query_files: list[str]) -> None:
         cfg = self.config
         corpus = cfg.data.corpus
         key = fingerprint(self.manifest["stages"]["queries"]["fingerprint"], cfg.corpus_model,
-                          [s.shard_id for s in plan.corpus_shards], corpus, cfg.data.max_length, cfg.scoring.top_k)
-        if self._is_done("scores", key, TOPK):
+                          [s.shard_id for s in inputs.corpus_shards], corpus, cfg.data.max_length, cfg.scoring.top_k,
+                          self.plan.query_group_batches)
+        if self._is_done("scores", key, TOPK) and self.store.exists(BOTTOMK):
             return
         started = time.monotonic()
-        jobs = [ShardJob("scores", s, f"scores/{key}/{s.shard_id}.parquet", cfg.corpus_model, "documents",
-                         (corpus.id_column, corpus.text_column)) for s in plan.corpus_shards]
-        stats = self._map("scores", "scores", jobs, queries, cfg.scoring.top_k)
-        if stats["documents"] == 0:
-            raise DataError(f"data.corpus: every document is empty ({stats['skipped_empty']} rows skipped)")
-        partial = pa.concat_tables([self.store.read_parquet(j.output) for j in jobs])
-        for name, side in ((TOPK, "top"), (BOTTOMK, "bottom")):
-            self.store.write_parquet(name, merge_extremes(partial, side, cfg.scoring.top_k))
-        self._finish_stage("scores", key, started, {"scores": stats})
+        per_group = self.plan.query_group_batches
+        groups = [tuple(query_files[i : i + per_group]) for i in range(0, len(query_files), per_group)]
+        if len(groups) > 1:
+            self.log(f"[scores] the queries do not fit the budget at once: {len(groups)} query groups of up to "
+                     f"{per_group * self.plan.query_batch_size} queries, one corpus pass each")
+        stats, partials = {}, []
+        for g, files in enumerate(groups):
+            jobs = [ShardJob("scores", s, layout.score_partial(key, g, s.shard_id), cfg.corpus_model, "documents",
+                             (corpus.id_column, corpus.text_column)) for s in inputs.corpus_shards]
+            name = "scores" if len(groups) == 1 else f"scores/g{g}"
+            stats[name] = self._map(name, "scores", jobs, files, cfg.scoring.top_k)
+            partials += [j.output for j in jobs]
+        if sum(s["documents"] for s in stats.values()) == 0:
+            skipped = next(iter(stats.values()))["skipped_empty"]
+            raise DataError(f"data.corpus: every document is empty ({skipped} rows skipped)")
+        tree_merge(self.store, partials, cfg.scoring.top_k, lambda level, i: layout.merge_step(key, level, i))
+        self._finish_stage("scores", key, started, _combine_groups(stats) if len(groups) > 1 else stats)
 
     # ----------------------------------------------------------------------- map passes
 
@@ -210,35 +266,73 @@ class Pipeline:
                 run_dir=self.store.url(), tokenizer=cfg.tokenizer,
                 include=cfg.modules.include, exclude=cfg.modules.exclude, max_length=cfg.data.max_length,
                 batch_size=cfg.ray.batch_size, num_threads=cfg.ray.num_cpus_per_worker, num_gpus=cfg.ray.num_gpus_per_worker,
+                precision=cfg.ray.precision, checkpoint_seconds=cfg.ray.checkpoint_seconds,
+                factor_cache_bytes=self.plan.factor_cache_bytes,
                 trust_remote_code=cfg.models.trust_remote_code, fault=os.environ.get(FAULT_ENV),
             )
             self.pool = WorkerPool(ShardWorker, cfg.ray.num_workers, cfg.ray.num_cpus_per_worker,
                                    cfg.ray.num_gpus_per_worker, settings)
         return self.pool
 
-    def _map(self, stage: str, pass_name: str, jobs: list[ShardJob], *args) -> dict:
-        """Run ``pass_name`` on every job whose shard is not done yet; return the pass's stats."""
-        done = {j.shard.shard_id: self.store.read_json(done_marker(j.output)) for j in jobs
+    def _run_jobs(self, name: str, method: str, jobs: list, progress: Progress, *args) -> tuple[dict, list[str]]:
+        """Hand ``jobs`` to the pool; returns their stats by job id and the ids whose worker crashed."""
+        done, retries = {}, []
+        crashed = lambda job, attempt: retries.append(job.job_id)  # noqa: E731
+        try:
+            for job, stats in self._workers().map(method, jobs, *args, on_crash=crashed):
+                done[job.job_id] = stats
+                progress.update(stats["tokens"], stats["documents"])
+        except WorkerCrashError as err:
+            if err.out_of_memory and self.plan is not None:
+                raise MemoryError(self.plan.out_of_memory_message(name, str(err))) from err
+            raise
+        return done, retries
+
+    def _map(self, name: str, method: str, jobs: list, *args) -> dict:
+        """Run ``method`` on every job without a ``.done.json`` yet; return the pass's stats."""
+        done = {j.job_id: self.store.read_json(done_marker(j.output)) for j in jobs
                 if self.store.exists(done_marker(j.output))}
-        pending = [j for j in jobs if j.shard.shard_id not in done]
-        progress = Progress(f"{stage} {pass_name}" if stage != pass_name else stage, len(pending), self.log)
+        pending = [j for j in jobs if j.job_id not in done]
+        progress = Progress(name, len(pending), self.log)
         if done:
-            self.log(f"[{progress.name}] resuming: {len(done)}/{len(jobs)} shards already done")
-        retries = []
-        crashed = lambda job, attempt: retries.append(job.shard.shard_id)  # noqa: E731
-        for job, stats in (self._workers().map(pass_name, pending, *args, on_crash=crashed) if pending else []):
-            done[job.shard.shard_id] = stats
-            progress.update(stats["tokens"], stats["documents"])
-        per_shard = {j.shard.shard_id: done[j.shard.shard_id] for j in jobs}
-        return {
-            "shards_total": len(jobs), "computed": len(pending), "reused": len(jobs) - len(pending),
-            "retried_after_crash": retries, "seconds": round(progress.seconds, 3),
-            "tokens": sum(s["tokens"] for s in per_shard.values()),
-            "documents": sum(s["documents"] for s in per_shard.values()),
-            "skipped_empty": sum(s["skipped"] for s in per_shard.values()),
-            "worker_peak_rss_mb": max(s["worker_peak_rss_mb"] for s in per_shard.values()),
-            "per_shard": per_shard,
-        }
+            self.log(f"[{name}] resuming: {len(done)}/{len(jobs)} already done")
+        computed, retries = self._run_jobs(name, method, pending, progress, *args) if pending else ({}, [])
+        done |= computed
+        return _pass_stats([done[j.job_id] for j in jobs], len(pending), retries, progress.seconds)
+
+    def _accumulate(self, stage: str, pass_name: str, jobs: list[ShardJob], group: int, *args) -> tuple[dict, list[str]]:
+        """An accumulating pass: workers sum shards and commit checkpoints; rounds until every shard
+        is in a committed checkpoint. Returns the pass's stats and the checkpoint names."""
+        folder = jobs[0].output  # every job of the pass names the same checkpoint folder
+        name = f"{stage} {pass_name}" + (f" (layer group {group + 1}/{len(self.plan.layer_groups)})"
+                                         if len(self.plan.layer_groups) > 1 else "")
+        retries: list[str] = []
+        first_round, computed, seconds = True, 0, 0.0
+        for _ in range(MAX_ROUNDS):
+            checkpoints = committed_checkpoints(self.store, folder)
+            in_checkpoints = {shard for shards in checkpoints.values() for shard in shards}
+            pending = [j for j in jobs if j.job_id not in in_checkpoints]
+            if first_round and in_checkpoints:
+                self.log(f"[{name}] resuming: {len(in_checkpoints)}/{len(jobs)} shards already in checkpoints")
+            if not pending:
+                per_shard = {shard: s for shards in checkpoints.values() for shard, s in shards.items()}
+                stats = _pass_stats([per_shard[j.job_id] for j in jobs], computed, retries, seconds)
+                return stats | {"checkpoints": len(checkpoints)}, sorted(checkpoints)
+            if first_round:
+                computed = len(pending)
+            else:
+                self.log(f"[{name}] {len(pending)} shards were lost with a crashed worker; computing them again")
+            progress = Progress(name, len(pending), self.log)
+            _, crashed = self._run_jobs(name, pass_name, pending, progress, *args)
+            self._workers().call_all("commit")
+            retries += crashed
+            seconds += progress.seconds
+            first_round = False
+        raise RuntimeError(f"[{name}] shards still missing from the checkpoints after {MAX_ROUNDS} rounds")
+
+    def _shape(self, layer: str) -> tuple[int, int]:
+        spec = next(s for s in self.plan.layers if s.name == layer)
+        return spec.out_features, spec.in_dim
 
     # ----------------------------------------------------------------------- manifest
 
@@ -261,33 +355,52 @@ class Pipeline:
         self.store.write_json(MANIFEST, self.manifest)
 
 
-def _check_pairs(tokenizer, paths: list[str], prompt_column: str, completion_column: str, id_column: str | None = None) -> int:
-    """Read and tokenize every prompt/completion pair once (errors name the file, row or id); count them."""
+def _pass_stats(per_job: list[dict], computed: int, retries: list[str], seconds: float) -> dict:
+    return {
+        "shards_total": len(per_job), "computed": computed, "reused": len(per_job) - computed,
+        "retried_after_crash": retries, "seconds": round(seconds, 3),
+        "tokens": sum(s["tokens"] for s in per_job),
+        "documents": sum(s["documents"] for s in per_job),
+        "skipped_empty": sum(s["skipped"] for s in per_job),
+        "worker_peak_rss_mb": max((s["worker_peak_rss_mb"] for s in per_job), default=0.0),
+        "per_shard": {s["shard"]: s for s in per_job},
+    }
+
+
+def _combine_groups(stats: dict[str, dict]) -> dict[str, dict]:
+    """Per-pass stats summed over layer (or query) groups: ``covariance/g0`` + ``covariance/g1`` -> ``covariance``."""
+    combined: dict[str, dict] = {}
+    for name, s in stats.items():
+        base = name.split("/")[0]
+        if base not in combined:
+            combined[base] = dict(s, groups=1)
+            continue
+        c = combined[base]
+        c["groups"] += 1
+        c["seconds"] = round(c["seconds"] + s["seconds"], 3)
+        c["retried_after_crash"] = c["retried_after_crash"] + s["retried_after_crash"]
+        c["worker_peak_rss_mb"] = max(c["worker_peak_rss_mb"], s["worker_peak_rss_mb"])
+    return combined
+
+
+def _check_pairs(tokenizer, paths: list[str], prompt_column: str, completion_column: str,
+                 id_column: str | None = None) -> tuple[int, float]:
+    """Read and tokenize every prompt/completion pair once (errors name the file, row or id).
+
+    Returns how many there are and their mean length in tokens.
+    """
     check_columns(paths, [prompt_column, completion_column] + ([id_column] if id_column else []))
     pairs = read_pairs(paths, prompt_column, completion_column, id_column)
-    encode_prompt_completions(tokenizer, [p.prompt for p in pairs], [p.completion for p in pairs], [p.id for p in pairs])
-    return len(pairs)
+    encoded = encode_prompt_completions(tokenizer, [p.prompt for p in pairs], [p.completion for p in pairs],
+                                        [p.id for p in pairs])
+    return len(pairs), sum(len(ids) for ids, _ in encoded) / max(len(encoded), 1)
 
 
-def merge_extremes(partial: pa.Table, side: str, top_k: int) -> pa.Table:
-    """Final top (or bottom) k per query from the per-shard partials, deterministically ordered.
-
-    Sorted by query_id, then score (descending for ``top``, ascending for ``bottom``), then doc_id.
-    """
-    rows = partial.filter(pc.equal(partial["side"], side))
-    order = "descending" if side == "top" else "ascending"
-    rows = rows.sort_by([("query_id", "ascending"), ("score", order), ("doc_id", "ascending")])
-    query_ids, doc_ids, scores = (rows[c].to_pylist() for c in ("query_id", "doc_id", "score"))
-    keep: dict[str, list[int]] = {}
-    for i, query_id in enumerate(query_ids):
-        ranks = keep.setdefault(query_id, [])
-        if len(ranks) < top_k:
-            ranks.append(i)
-    index = [i for ranks in keep.values() for i in ranks]
-    rank = [r + 1 for ranks in keep.values() for r in range(len(ranks))]
-    return pa.table({
-        "query_id": pa.array([query_ids[i] for i in index], pa.string()),
-        "rank": pa.array(rank, pa.int32()),
-        "doc_id": pa.array([doc_ids[i] for i in index], pa.string()),
-        "score": pa.array([scores[i] for i in index], pa.float64()),
-    })
+def _tokens_per_document(config: Config, inputs: Inputs, sample: int = 200) -> float:
+    """Mean tokens per document over the first ``sample`` documents of the first shard (for the plan)."""
+    corpus = config.data.corpus
+    docs, _ = read_documents(inputs.corpus_shards[0], corpus.id_column, corpus.text_column)
+    texts = [d.text for d in docs[:sample]]
+    if not texts:
+        return float(config.data.max_length)
+    return sum(len(ids) for ids in inputs.tokenizer(texts)["input_ids"]) / len(texts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from msif_ray.pipeline import MANIFEST, TOPK
+from msif_ray.layout import MANIFEST, TOPK
 from msif_ray.progress import format_duration
 from msif_ray.storage import RunDir
 
@@ -30,13 +30,17 @@ def describe(run_dir: str) -> str:
 
 
 def _running_passes(store: RunDir, stage: str, key: str) -> list[str]:
-    """Shards finished so far in an unfinished stage, counted from their .done.json markers."""
-    prefix = f"{stage}/{key}" if stage != "scores" else f"scores/{key}"
-    markers = [p for p in store.list(prefix) if p.endswith(".done.json")]
-    if not markers:
-        return []
+    """Jobs finished so far in an unfinished stage: .done.json markers, and shards in committed checkpoints."""
+    from msif_ray.distributed.checkpoints import committed_checkpoints
+
+    prefix = f"{stage}/{key}"
     by_pass: dict[str, int] = {}
-    for path in markers:
-        name = path.rstrip("/").split("/")[-2]
-        by_pass[name] = by_pass.get(name, 0) + 1
-    return [f"    {name:<12} {count} shards done so far" for name, count in sorted(by_pass.items())]
+    for path in store.list(prefix):
+        if path.endswith(".done.json"):
+            name = path.rstrip("/").split("/")[-2]
+            by_pass[name] = by_pass.get(name, 0) + 1
+    folders = {p.rsplit("/", 1)[0] for p in store.list(prefix) if p.endswith(".safetensors.json")}
+    for folder in sorted(folders):
+        name = "/".join(folder.split("/")[-2:])
+        by_pass[name] = sum(len(s) for s in committed_checkpoints(store, folder).values())
+    return [f"    {name:<12} {count} done so far" for name, count in sorted(by_pass.items())]

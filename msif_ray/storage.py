@@ -16,7 +16,7 @@ import os
 import posixpath
 import struct
 import uuid
-from typing import Any
+from typing import Any, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -71,6 +71,10 @@ class RunDir:
         else:
             self.fs.pipe_file(path, data)
 
+    def size(self, name: str) -> int:
+        """Bytes of an artifact."""
+        return int(self.fs.size(self.path(name)))
+
     def list(self, prefix: str = "") -> list[str]:
         """The names of all artifacts under ``prefix`` (recursively), sorted; empty when there is none."""
         self.fs.invalidate_cache()
@@ -96,10 +100,39 @@ class RunDir:
         """Save contiguous CPU-or-device tensors as safetensors, with string metadata."""
         self.write_bytes(name, save_safetensors(tensors, metadata))
 
-    def load_tensors(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """The tensors (on CPU) and the string metadata of a safetensors artifact."""
-        data = self.read_bytes(name)
-        return load_safetensors(data), safetensors_metadata(data)
+    def load_tensors(self, name: str, keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors (on CPU) and the string metadata of a safetensors artifact.
+
+        With ``keys``, only those tensors are read, by byte ranges (one layer of a file of many).
+        """
+        if keys is None:
+            data = self.read_bytes(name)
+            return load_safetensors(data), safetensors_metadata(data)
+        header = self.tensor_header(name)
+        start = 8 + header.pop("__size__")
+        metadata = header.pop("__metadata__", {})
+        tensors = {}
+        for key in keys:
+            if key not in header:
+                raise KeyError(f"no tensor {key!r} in {self.url(name)}")
+            info = header[key]
+            lo, hi = info["data_offsets"]
+            data = self.fs.cat_file(self.path(name), start=start + lo, end=start + hi) if hi > lo else b""
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            tensors[key] = torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"]) if data else \
+                torch.zeros(info["shape"], dtype=dtype)
+        return tensors, metadata
+
+    def tensor_header(self, name: str) -> dict[str, Any]:
+        """The JSON header of a safetensors artifact (tensor names, dtypes, shapes, offsets), read alone."""
+        path = self.path(name)
+        try:
+            (size,) = struct.unpack("<Q", self.fs.cat_file(path, start=0, end=8))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no artifact {name!r} in run directory {self.url()}") from None
+        header = json.loads(self.fs.cat_file(path, start=8, end=8 + size))
+        header["__size__"] = size
+        return header
 
     def write_parquet(self, name: str, table: pa.Table) -> None:
         sink = pa.BufferOutputStream()
@@ -108,6 +141,11 @@ class RunDir:
 
     def read_parquet(self, name: str) -> pa.Table:
         return pq.read_table(pa.BufferReader(self.read_bytes(name)))
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

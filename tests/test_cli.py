@@ -127,3 +127,21 @@ def _no_run_dirs_left(tmp_path):
 def test_module_regex_that_matches_nothing(tmp_path, world, capsys):
     config = write_config(tmp_path, world, **{"modules.include": "no_such_layer"})
     fails_early(config, capsys, "modules.include", "'no_such_layer'", "gpt_neox.layers.0.mlp.dense_h_to_4h")
+
+
+def test_budget_too_small_fails_in_plan_and_run(tmp_path, world, capsys):
+    """A budget too small for the model is refused by ``msif plan`` and by ``msif run`` before any heavy
+    pass (before Ray starts), naming the knob; a sufficient budget plans fine and names its choices."""
+    config = write_config(tmp_path, world, **{"budget.worker_memory_gb": 0.05})
+    capsys.readouterr()
+    assert main(["plan", str(config)]) == 2
+    message = capsys.readouterr().err
+    assert "exceed the budget" in message and "budget.worker_memory_gb" in message and "ray.batch_size" in message
+    fails_early(config, capsys, "budget.worker_memory_gb", "ray.batch_size")
+
+    ok = write_config(tmp_path, world, **{"budget.worker_memory_gb": 4, "budget.layer_groups": 2})
+    assert main(["plan", str(ok)]) == 0
+    printed = capsys.readouterr().out
+    assert "layer groups 2" in printed and "factors/pretrain" in printed and "scores" in printed
+    assert main(["plan", "--device", "h200", str(ok)]) == 0
+    assert "NVIDIA H200" in capsys.readouterr().out

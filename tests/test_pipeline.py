@@ -1,7 +1,9 @@
 """``msif run`` on local Ray (CPU): worker counts, crashes of workers and of the driver, reruns.
 
-Scores are compared with rtol 1e-9: every worker runs one thread and partial sums are reduced in
-shard order whatever worker computed them, so runs differ at most by float rounding in BLAS.
+Scores are compared with rtol 1e-4: a worker sums the factor statistics of the shards it is given
+in float32, and which worker gets which shard varies from run to run, so the factors differ by
+float32 summation order (~1e-6 relative, seen), which the eigendecompositions and the damped
+inverse carry into the scores. Rankings must agree exactly.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def run(world, run_dir: Path, **overrides) -> dict:
 
 def assert_same_scores(a: dict, b: dict) -> None:
     assert a["query_id"] == b["query_id"] and a["rank"] == b["rank"] and a["doc_id"] == b["doc_id"]
-    assert a["score"] == pytest.approx(b["score"], rel=1e-9, abs=1e-12)
+    assert a["score"] == pytest.approx(b["score"], rel=1e-4, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -80,35 +82,125 @@ def test_worker_killed_mid_pass(pass_name, world, ray_session, reference, tmp_pa
     assert record["tokens"] == reference_record["tokens"] and record["documents"] == reference_record["documents"]
 
 
-def test_driver_killed_then_resumed(world, ray_session, tmp_path):
-    """SIGKILL a ``msif run`` subprocess mid-scoring; the rerun recomputes no finished shard."""
-    one_row_shards = {"data.rows_per_shard": 1}
-    uninterrupted = run(world, tmp_path / "uninterrupted", **one_row_shards)
+@pytest.fixture(scope="module")
+def one_row_shards(world, ray_session, tmp_path_factory):
+    """Settings with one document per shard, and the uninterrupted run of them."""
+    settings = {"data.rows_per_shard": 1, "ray.checkpoint_seconds": 0}
+    return settings, run(world, tmp_path_factory.mktemp("uninterrupted"), **settings)
+
+
+@pytest.mark.parametrize("phase", ["factors", "scores"])
+def test_driver_killed_then_resumed(phase, world, ray_session, one_row_shards, tmp_path):
+    """SIGKILL a ``msif run`` subprocess mid-pass; the rerun recomputes no finished shard.
+
+    ``factors``: killed once the pre-training covariance pass has committed checkpoints (one per
+    shard, checkpoint_seconds 0); ``scores``: once some scoring shards are done.
+    """
+    settings, uninterrupted = one_row_shards
     config_path = tmp_path / "config.yaml"
     run_dir = tmp_path / "run"
-    config_path.write_text(yaml.safe_dump(world.config(run_dir, **one_row_shards)))
+    config_path.write_text(yaml.safe_dump(world.config(run_dir, **settings)))
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
     command = [sys.executable, "-m", "msif_ray.cli", "run", str(config_path)]
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    markers = lambda: list(run_dir.glob("scores/*/*.done.json"))  # noqa: E731
+    folder = run_dir / "factors" / "pretrain"
+    if phase == "factors":
+        done = lambda: len({s for m in folder.glob("*/covariance/g0/*.json")  # noqa: E731
+                            for s in _read_json(m).get("shards", {})})
+    else:
+        done = lambda: len(list(run_dir.glob("scores/*/*/*.done.json")))  # noqa: E731
     deadline = time.monotonic() + 240
-    while len(markers()) < 3 and driver.poll() is None and time.monotonic() < deadline:
+    while done() < 3 and driver.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)  # Ray kills the dead driver's actors; let any write in flight land first
-    done_before = len(markers())
-    assert 0 < done_before < 14, "the driver was not killed mid-scoring"
+    done_before = done()
+    assert 0 < done_before < 14, f"the driver was not killed mid-{phase}"
     assert not (run_dir / TOPK).exists()
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     manifest = RunDir(str(run_dir)).read_json(MANIFEST)
-    for stage in ("factors/finetune", "factors/pretrain", "queries"):
+    skipped = ("factors/finetune",) if phase == "factors" else ("factors/finetune", "factors/pretrain", "queries")
+    for stage in skipped:
         assert "up to date, skipped" in resumed.stdout.split(f"[{stage}]", 1)[1].splitlines()[0]
-    scores = manifest["stages"]["scores"]["passes"]["scores"]
-    assert (scores["reused"], scores["computed"]) == (done_before, 14 - done_before)
+    if phase == "factors":
+        record = manifest["stages"]["factors/pretrain"]["passes"]["covariance"]
+    else:
+        record = manifest["stages"]["scores"]["passes"]["scores"]
+    assert record["reused"] >= done_before and record["reused"] + record["computed"] == 14
+    assert record["tokens"] == sum(s["tokens"] for s in record["per_shard"].values())
+    assert len(record["per_shard"]) == 14
     assert_same_scores(pq.read_table(run_dir / TOPK).to_pydict(), uninterrupted)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # a marker being replaced right now
+        return {}
+
+
+@pytest.mark.parametrize("method, overrides", [
+    ("multi_stage", {"budget.query_batch_size": 1, "budget.query_group_size": 1, "budget.layer_groups": 3}),
+    ("single_stage", {"scoring.query_rank": 2}),
+    ("grad_dot", {}),
+])
+def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_path):
+    """Every (document, query) score of the distributed pipeline equals the in-process API's.
+
+    The multi_stage run uses query batches of 1, one query per scoring pass (two corpus passes) and
+    three layer groups; single_stage uses rank-2 query vectors. Empirical Fisher, so that factors
+    do not depend on how labels are seeded; float32 models, so rtol 1e-4 (summation order).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from msif_ray.data import read_pairs
+    from msif_ray.influence import Chain, Examples, TrackedLM
+    from world import corpus_documents
+
+    settings = {"method": method, "factors.fisher": "empirical", "scoring.top_k": 1000, **overrides}
+    topk = run(world, tmp_path, **settings)
+    manifest = RunDir(str(tmp_path)).read_json(MANIFEST)
+    if method == "multi_stage":
+        assert manifest["plan"]["layer_groups"] == 3 and manifest["plan"]["query_group_size"] == 1
+        assert manifest["stages"]["scores"]["passes"]["scores"]["groups"] == 2
+        assert manifest["stages"]["factors/pretrain"]["passes"]["covariance"]["groups"] == 3
+
+    tokenizer = AutoTokenizer.from_pretrained(world.finetuned)
+    load = lambda path: TrackedLM(AutoModelForCausalLM.from_pretrained(path), tokenizer, max_length=32,  # noqa: E731
+                                  batch_size=4)
+    query_lm = load(world.finetuned)
+    corpus_lm = load(world.pretrained) if method == "multi_stage" else query_lm
+    docs = corpus_documents()
+    documents = Examples.documents([d["text"] for d in docs])
+    pt = ft = None
+    if method != "grad_dot":
+        pt = corpus_lm.fit_factors(documents, fisher="empirical")
+    if method == "multi_stage":
+        pairs = read_pairs([str(world.finetune)], "prompt", "completion")
+        ft = query_lm.fit_factors(Examples.pairs([p.prompt for p in pairs], [p.completion for p in pairs]),
+                                  fisher="empirical")
+    queries = read_pairs([str(world.queries)], "prompt", "completion", "id")
+    vectors = query_lm.query_vectors(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries],
+                                                    [q.id for q in queries]),
+                                     Chain.of(method, pt, ft), rank=overrides.get("scoring.query_rank", 32))
+    want = corpus_lm.score(documents, vectors).total
+    got = {(q, d): s for q, d, s in zip(topk["query_id"], topk["doc_id"], topk["score"])}
+    assert len(got) == len(docs) * len(queries)
+    for i, doc in enumerate(docs):
+        for j, query in enumerate(queries):
+            assert got[(query.id, doc["id"])] == pytest.approx(float(want[i, j]), rel=1e-4, abs=1e-6)
+
+
+def test_zero_quota_shards_are_not_visited(world, ray_session, tmp_path):
+    run(world, tmp_path, method="single_stage", **{"factors.max_examples": 2, "data.rows_per_shard": 2})
+    manifest = RunDir(str(tmp_path)).read_json(MANIFEST)
+    covariance = manifest["stages"]["factors/pretrain"]["passes"]["covariance"]
+    assert covariance["shards_total"] == 2 and covariance["documents"] == 2  # of 7 shards, 2 hold the sample
 
 
 def test_rerun_skips_every_stage(world, ray_session, tmp_path):

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Any, Callable, Iterator, Sequence
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError
 
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS_PER_ITEM = 4
@@ -31,6 +31,17 @@ def wait_until_alive(actor, timeout: float = 300.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+class WorkerCrashError(RuntimeError):
+    """A work item killed its worker on every attempt; ``out_of_memory`` when Ray's memory monitor did it."""
+
+    def __init__(self, item: Any, attempts: int, cause: BaseException):
+        self.item, self.attempts = item, attempts
+        text = str(cause)
+        self.out_of_memory = isinstance(cause, OutOfMemoryError) or "memory" in text.lower() or "OOM" in text
+        reason = "killed for using too much memory" if self.out_of_memory else "died"
+        super().__init__(f"the worker {reason} on {attempts} attempts in a row at {getattr(item, 'job_id', item)}")
 
 
 class WorkerPool:
@@ -67,7 +78,7 @@ class WorkerPool:
             except (RayActorError, ActorDiedError, ActorUnavailableError) as err:
                 attempts[id(item)] = attempts.get(id(item), 0) + 1
                 if attempts[id(item)] >= MAX_ATTEMPTS_PER_ITEM:
-                    raise RuntimeError(f"{item} failed on {attempts[id(item)]} workers in a row") from err
+                    raise WorkerCrashError(item, attempts[id(item)], err) from err
                 log.warning("worker died while running %s; handing it out again", item)
                 if on_crash is not None:
                     on_crash(item, attempts[id(item)])
@@ -79,6 +90,18 @@ class WorkerPool:
             idle.append(actor)
             submit()
             yield item, result
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        """``actor.method(*args)`` on every actor; None for an actor that died (its state is lost anyway)."""
+        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        results = []
+        for actor, ref in zip(self.actors, refs):
+            try:
+                results.append(ray.get(ref))
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                wait_until_alive(actor)
+                results.append(None)
+        return results
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -1,9 +1,13 @@
 """The Ray worker actor: holds a model on its device and runs one map step per shard.
 
-Every method takes a self-contained job (model path, shard, output name), so a restarted actor
-needs no state from before its crash: the model is (re)loaded lazily and cached by path.
-Results go to the run directory, atomically, under a name keyed by the shard id; the return
-value is a small dict of counts for progress and the manifest.
+Every method takes a self-contained job (model path, shard, output names), so a restarted actor
+needs no state from before its crash: the model is (re)loaded lazily and cached by path. The
+math is the engine's (curvature, influence, scoring); this module is glue: read the shard, call
+the per-pass function, write the result to the run directory, return a small dict of stats.
+
+Factor passes accumulate across shards and commit worker-level checkpoints (see
+``checkpoints.py``); the query and scoring passes write one output per job, atomically, with a
+``.done.json`` marker after it.
 """
 
 from __future__ import annotations
@@ -11,21 +15,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
-import pyarrow as pa
 import ray
 import torch
 
-from msif_ray.curvature import Damping, Eigenbasis, Factors, accumulate_covariances, accumulate_lambdas
+from msif_ray.curvature import (
+    CovarianceSums, Damping, Eigenbasis, LambdaSums, LayerFactors, accumulate_covariances, accumulate_lambdas,
+)
 from msif_ray.data import Shard, read_documents, read_pair_shard, read_pairs, sample_documents
-from msif_ray.distributed.reduce import load_bases
+from msif_ray.distributed.checkpoints import Accumulation
+from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
 from msif_ray.gradients import Fisher
-from msif_ray.influence import Examples, Method, TrackedLM, precondition, score_windows
-from msif_ray.models import load_model, load_tokenizer, pick_device
+from msif_ray.influence import Chain, Examples, Method, QueryVectors, TrackedLM, precondition_queries
+from msif_ray.layout import done_marker, eigen_file, factor_layer
+from msif_ray.models import load_model, load_tokenizer, pick_device, weight_dtype
+from msif_ray.scoring import QueryGroup, extremes_table, score_windows
 from msif_ray.storage import RunDir
 
 
@@ -41,6 +49,9 @@ class WorkerSettings:
     batch_size: int
     num_threads: int
     num_gpus: float
+    precision: str = "auto"
+    checkpoint_seconds: float = 600.0
+    factor_cache_bytes: int = 1 << 30  # per-layer factors kept in memory by the query pass
     trust_remote_code: bool = False
     fault: str | None = None  # test hook: "<pass>" kills this worker once in that pass
 
@@ -51,27 +62,45 @@ class ShardJob:
 
     pass_name: str
     shard: Shard
-    output: str
+    output: str  # the shard's own output (query and scoring passes) or its checkpoint folder (factor passes)
     model: str
     kind: Literal["documents", "pairs"]
     columns: tuple[str, ...]  # (id, text) for documents; (prompt, completion) for pairs
     seed: int = 0
     sample: int | None = None  # this shard's quota of a seeded corpus sample (None: every document)
 
+    @property
+    def job_id(self) -> str:
+        return self.shard.shard_id
+
 
 @dataclass(frozen=True)
 class QueryJob:
-    """Precondition the query gradients: G_q at ``model``, then the chain of ``method``."""
+    """Precondition queries ``[start, stop)`` of the query files: G_q at ``model``, then ``chain``."""
 
+    batch: int
     model: str
     paths: tuple[str, ...]
     columns: tuple[str, str, str]  # (id, prompt, completion)
+    start: int
+    stop: int
+    output: str
+
+    @property
+    def job_id(self) -> str:
+        return f"batch-{self.batch:05d}"
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """A preconditioning chain by reference: the factor folders in the run directory, not the tensors."""
+
     method: Method
-    pretrain_factors: str | None
-    finetune_factors: str | None
+    pretrain: str | None
+    finetune: str | None
     damping_pretrain: Damping
     damping_finetune: Damping
-    output: str
+    rank: int | None
 
 
 @ray.remote
@@ -81,10 +110,13 @@ class ShardWorker:
         self.settings = settings
         self.run_dir = RunDir(settings.run_dir)
         self.device = pick_device(settings.num_gpus)
+        self.dtype = weight_dtype(settings.precision, self.device)
         self.tokenizer = load_tokenizer(settings.tokenizer, trust_remote_code=settings.trust_remote_code)
         self._model_path: str | None = None
         self._lm: TrackedLM | None = None
-        self._cached: dict[str, object] = {}
+        self._accumulation: Accumulation | None = None
+        self._cached: dict[object, object] = {}
+        self._factors = StoredFactors(self.run_dir, settings.factor_cache_bytes)
 
     def ready(self) -> bool:
         """Answers once the actor is up (the pool waits on it after a crash)."""
@@ -96,7 +128,7 @@ class ShardWorker:
         if model_path != self._model_path:
             self._lm = None  # free the previous model before loading the next
             s = self.settings
-            model = load_model(model_path, self.device, s.trust_remote_code)
+            model = load_model(model_path, self.device, s.trust_remote_code, self.dtype)
             self._lm = TrackedLM(model, self.tokenizer, s.include, s.exclude, s.max_length, s.batch_size)
             self._model_path = model_path
         return self._lm
@@ -118,106 +150,146 @@ class ShardWorker:
                 self.run_dir.write_bytes(marker, b"killed\n")
                 os._exit(1)
 
-    def _finish(self, job: ShardJob, start: float, ids: list[str], skipped: int, tokens: int) -> dict:
-        """Write the shard's stats next to its output: the marker that the shard is done."""
-        stats = {"shard": job.shard.shard_id, "documents": len(ids), "skipped": skipped, "tokens": tokens,
-                 "seconds": round(time.monotonic() - start, 3), "worker_peak_rss_mb": peak_rss_mb()}
-        self.run_dir.write_json(done_marker(job.output), stats)
+    def _stats(self, job, start: float, ids: list[str], skipped: int, tokens: int) -> dict:
+        return {"shard": job.job_id, "documents": len(ids), "skipped": skipped, "tokens": tokens,
+                "seconds": round(time.monotonic() - start, 3), "worker_peak_rss_mb": peak_rss_mb()}
+
+    def _finish(self, job, output: str, start: float, ids: list[str], skipped: int, tokens: int) -> dict:
+        """Write the job's stats next to its output: the marker that the job is done."""
+        stats = self._stats(job, start, ids, skipped, tokens)
+        self.run_dir.write_json(done_marker(output), stats)
+        return stats
+
+    def _accumulate_into(self, folder: str, new_sums: Callable[[], object]) -> Accumulation:
+        """The running sum for ``folder``; a sum for another folder is committed first."""
+        if self._accumulation is None or self._accumulation.folder != folder:
+            self.commit()
+            self._accumulation = Accumulation(self.run_dir, folder, self.settings.checkpoint_seconds, new_sums())
+        self._accumulation.commit_if_due()  # before this shard is added: see checkpoints.py
+        return self._accumulation
+
+    def _accumulate(self, job: ShardJob, new_sums: Callable[[], object], add: Callable[[TrackedLM, list, object], None]
+                    ) -> dict:
+        """Add one shard into the running sum of its pass; on an error the uncommitted part is dropped."""
+        start = _start()
+        accumulation = self._accumulate_into(job.output, new_sums)
+        lm = self._load(job.model)
+        ids, examples, skipped = self._examples(job)
+        self._maybe_crash(job.pass_name)
+        batches = lm.batches(examples)
+        try:
+            add(lm, batches, accumulation.sums)
+        except BaseException:
+            self._accumulation = None  # polluted by part of a shard; the committed checkpoint stays valid
+            raise
+        stats = self._stats(job, start, ids, skipped, sum(b.num_tokens for b in batches))
+        accumulation.added(job.job_id, stats)
         return stats
 
     # ----------------------------------------------------------------------- the map steps
 
-    def covariance(self, job: ShardJob, fisher: Fisher) -> dict:
-        """Pass 1: Σ a aᵀ and Σ s sᵀ over the shard."""
-        start = time.monotonic()
-        lm = self._load(job.model)
-        ids, examples, skipped = self._examples(job)
-        self._maybe_crash(job.pass_name)
+    def covariance(self, job: ShardJob, layers: tuple[str, ...], fisher: Fisher) -> dict:
+        """Pass 1: Σ a aᵀ and Σ s sᵀ of the layer group ``layers`` over the shard, into the running sum."""
         seed = hash_seed(job.seed, job.shard.shard_id)
-        sums = accumulate_covariances(lm.model, lm.taps, lm.batches(examples), fisher, seed)
-        self.run_dir.save_tensors(job.output, sums.to_tensors(), {"shard": job.shard.shard_id})
-        return self._finish(job, start, ids, skipped, sums.num_tokens)
+        return self._accumulate(job, CovarianceSums, lambda lm, batches, sums: accumulate_covariances(
+            lm.model, lm.taps, batches, fisher, seed, layers, sums))
 
-    def lambdas(self, job: ShardJob, fisher: Fisher, bases: tuple[str, ...]) -> dict:
-        """Pass 2: Σ (Q_Sᵀ G Q_A)² over the shard, in the eigenbases stored in the files ``bases``."""
-        start = time.monotonic()
-        lm = self._load(job.model)
-        bases = self._bases(bases)
-        ids, examples, skipped = self._examples(job)
-        self._maybe_crash(job.pass_name)
+    def lambdas(self, job: ShardJob, layers: tuple[str, ...], fisher: Fisher, factors: str) -> dict:
+        """Pass 2: Σ (Q_Sᵀ G Q_A)² of the layer group over the shard, in the eigenbases under ``factors``."""
         seed = hash_seed(job.seed, job.shard.shard_id)
-        batches = lm.batches(examples)
-        sums = accumulate_lambdas(lm.model, lm.taps, batches, bases, fisher, seed)
-        self.run_dir.save_tensors(job.output, sums.to_tensors(), {"shard": job.shard.shard_id})
-        return self._finish(job, start, ids, skipped, sum(b.num_tokens for b in batches))
+        return self._accumulate(job, LambdaSums, lambda lm, batches, sums: accumulate_lambdas(
+            lm.model, lm.taps, batches, self._bases(factors, layers), fisher, seed, sums))
 
-    def scores(self, job: ShardJob, preconditioned_name: str, top_k: int) -> dict:
-        """Scoring: every document of the shard against every query; keep the top and bottom k."""
-        start = time.monotonic()
-        lm = self._load(job.model)
-        query_ids, preconditioned = self._preconditioned(preconditioned_name)
-        doc_ids, examples, skipped = self._examples(job)
-        self._maybe_crash(job.pass_name)
-        totals = torch.zeros(len(doc_ids), len(query_ids), dtype=torch.float64)
-        tokens = 0
-        for batch in lm.batches(examples):
-            totals.index_add_(0, batch.examples, score_windows(lm.model, lm.taps, batch, preconditioned).sum(0).cpu())
-            tokens += batch.num_tokens
-        self.run_dir.write_parquet(job.output, extremes_table(query_ids, doc_ids, totals, top_k))
-        return self._finish(job, start, doc_ids, skipped, tokens)
+    def commit(self) -> str | None:
+        """Commit the running sum (the driver calls this at the end of a pass); returns its checkpoint."""
+        return self._accumulation.commit() if self._accumulation is not None else None
 
-    def precondition(self, job: QueryJob) -> dict:
-        """Ṽ_q for every query, saved as one safetensors file with the query ids in its metadata."""
-        start = time.monotonic()
+    def precondition(self, job: QueryJob, spec: ChainSpec) -> dict:
+        """Ṽ_q of one batch of queries, saved with the query ids in the metadata."""
+        start = _start()
         lm = self._load(job.model)
         id_column, prompt_column, completion_column = job.columns
-        queries = read_pairs(list(job.paths), prompt_column, completion_column, id_column)
+        queries = read_pairs(list(job.paths), prompt_column, completion_column, id_column)[job.start : job.stop]
         ids = [q.id for q in queries]
-        grads = lm.gradients(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries], ids))
-        factors = [Factors.from_tensors(*self.run_dir.load_tensors(name)) if name else None
-                   for name in (job.pretrain_factors, job.finetune_factors)]
-        preconditioned = precondition(grads, job.method, *factors, job.damping_pretrain, job.damping_finetune)
-        tensors = {name: v.float().contiguous().cpu() for name, v in preconditioned.items()}
-        self.run_dir.save_tensors(job.output, tensors, {"query_ids": json.dumps(ids), "method": job.method})
-        return {"queries": len(ids), "seconds": round(time.monotonic() - start, 3)}
+        self._maybe_crash("precondition")
+        batches = lm.batches(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries], ids))
+        load = lambda folder: None if folder is None else (lambda layer: self._factors.layer(folder, layer))  # noqa: E731
+        chain = Chain(spec.method, load(spec.pretrain), load(spec.finetune), spec.damping_pretrain, spec.damping_finetune)
+        vectors = precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
+        self.run_dir.save_tensors(job.output, vectors.to_tensors(), {"query_ids": json.dumps(ids), "method": spec.method})
+        return self._finish(job, job.output, start, ids, 0, sum(b.num_tokens for b in batches))
 
-    def _bases(self, names: tuple[str, ...]) -> dict[str, Eigenbasis]:
-        if names not in self._cached:
-            self._cached[names] = load_bases(self.run_dir, names)
-        return self._cached[names]
+    def scores(self, job: ShardJob, query_files: tuple[str, ...], top_k: int) -> dict:
+        """Scoring: every document of the shard against one group of queries; keep the top and bottom k."""
+        start = _start()
+        lm = self._load(job.model)
+        group = self._query_group(query_files)
+        doc_ids, examples, skipped = self._examples(job)
+        self._maybe_crash(job.pass_name)
+        totals = torch.zeros(len(doc_ids), group.num_queries, dtype=torch.float64)
+        tokens = 0
+        for batch in lm.batches(examples):
+            totals.index_add_(0, batch.examples, score_windows(lm.model, lm.taps, batch, group).sum(0).cpu())
+            tokens += batch.num_tokens
+        self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, totals, top_k))
+        return self._finish(job, job.output, start, doc_ids, skipped, tokens)
 
-    def _preconditioned(self, name: str) -> tuple[list[str], dict[str, torch.Tensor]]:
-        if name not in self._cached:
-            tensors, metadata = self.run_dir.load_tensors(name)
-            self._cached[name] = (json.loads(metadata["query_ids"]), {k: v.to(self.device) for k, v in tensors.items()})
-        return self._cached[name]
+    def _bases(self, factors: str, layers: tuple[str, ...]) -> dict[str, Eigenbasis]:
+        key = ("bases", factors, layers)
+        if key not in self._cached:
+            self._cached.clear()
+            bases = {}
+            for layer in layers:
+                a, s = (self.run_dir.load_tensors(eigen_file(factors, layer, w))[0] for w in "AS")
+                bases[layer] = Eigenbasis(a["vectors"], s["vectors"], a["values"], s["values"])
+            self._cached[key] = bases
+        return self._cached[key]
+
+    def _query_group(self, files: tuple[str, ...]) -> QueryGroup:
+        key = ("queries", files)
+        if key not in self._cached:
+            self._cached.clear()  # one group of queries on the device at a time
+            self._cached[key] = QueryGroup(load_query_vectors(self.run_dir, files), self.device)
+        return self._cached[key]
 
 
-def peak_rss_mb() -> float:
-    """This worker process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+class StoredFactors:
+    """Per-layer factors read from the run directory on demand, the most recent kept up to a byte budget."""
+
+    def __init__(self, store: RunDir, budget_bytes: int):
+        self.store, self.budget = store, budget_bytes
+        self.cache: OrderedDict[tuple[str, str], LayerFactors] = OrderedDict()
+
+    def layer(self, factors: str, layer: str) -> LayerFactors:
+        key = (factors, layer)
+        if key not in self.cache:
+            tensors, _ = self.store.load_tensors(factor_layer(factors, layer))
+            self.cache[key] = LayerFactors(tensors["Q_A"], tensors["Q_S"], tensors["lambda"])
+            while len(self.cache) > 1 and sum(map(_factor_bytes, self.cache.values())) > self.budget:
+                self.cache.popitem(last=False)
+        self.cache.move_to_end(key)
+        return self.cache[key]
 
 
-def done_marker(output: str) -> str:
-    """A shard's output is complete once this small JSON exists (it is written after the output)."""
-    return output + ".done.json"
+def _factor_bytes(f: LayerFactors) -> int:
+    return sum(t.numel() * t.element_size() for t in (f.a_vectors, f.s_vectors, f.lambdas))
+
+
+def load_query_vectors(store: RunDir, files: tuple[str, ...] | list[str]) -> QueryVectors:
+    """The query vectors of several batch files, as one group, in file order."""
+    parts = []
+    for name in files:
+        tensors, metadata = store.load_tensors(name)
+        parts.append(QueryVectors.from_tensors(json.loads(metadata["query_ids"]), tensors))
+    return QueryVectors.concat(parts)
+
+
+def _start() -> float:
+    """A job starts: its stats report the peak memory of this job alone."""
+    reset_peak_rss()
+    return time.monotonic()
 
 
 def hash_seed(seed: int, key: str) -> int:
     """A stable 63-bit seed for (seed, shard id): the same on every worker and every run."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little") >> 1
-
-
-def extremes_table(query_ids: list[str], doc_ids: list[str], totals: torch.Tensor, k: int) -> pa.Table:
-    """The k highest (proponents) and k lowest (opponents) documents of each query, as rows."""
-    rows: dict[str, list] = {"query_id": [], "doc_id": [], "score": [], "side": []}
-    k = min(k, len(doc_ids))
-    for q, query_id in enumerate(query_ids):
-        for side, largest in (("top", True), ("bottom", False)):
-            values, index = torch.topk(totals[:, q], k, largest=largest) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
-            rows["query_id"] += [query_id] * k
-            rows["doc_id"] += [doc_ids[i] for i in index.tolist()]
-            rows["score"] += values.tolist()
-            rows["side"] += [side] * k
-    return pa.table({"query_id": pa.array(rows["query_id"], pa.string()), "doc_id": pa.array(rows["doc_id"], pa.string()),
-                     "score": pa.array(rows["score"], pa.float64()), "side": pa.array(rows["side"], pa.string())})

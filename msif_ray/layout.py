@@ -1,0 +1,59 @@
+"""Where every artifact lives in a run directory: the one place that names them.
+
+    manifest.json                                       config, shards, per stage: key, state, timings, stats
+    factors/<pretrain|finetune>/<key>/
+        factors.json                                    the fitted factors' index: layers, counts, fisher
+        layers/<layer>.safetensors                      Q_A [in, in], Q_S [out, out], lambda [out, in] of one layer
+        covariance/g<group>/<worker>-<seq>.safetensors  a worker's checkpoint of Σ a aᵀ, Σ s sᵀ (+ .json: its shards)
+        eigen/<layer>.<A|S>.safetensors                 eigenvectors and eigenvalues of one factor
+        lambdas/g<group>/<worker>-<seq>.safetensors     a worker's checkpoint of Σ (Q_Sᵀ G Q_A)² (+ .json)
+    queries/<key>/batch-<n>.safetensors                 Ṽ_q of one batch of queries (+ .done.json)
+    scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
+    scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
+    scores/topk.parquet  scores/bottomk.parquet         the result
+
+``<key>`` is the stage's fingerprint: outputs of another configuration never mix in.
+"""
+
+from __future__ import annotations
+
+MANIFEST = "manifest.json"
+TOPK = "scores/topk.parquet"
+BOTTOMK = "scores/bottomk.parquet"
+
+
+def factors_dir(stage: str, key: str) -> str:
+    return f"{stage}/{key}"
+
+
+def factors_index(factors: str) -> str:
+    return f"{factors}/factors.json"
+
+
+def factor_layer(factors: str, layer: str) -> str:
+    return f"{factors}/layers/{layer}.safetensors"
+
+
+def checkpoint_dir(factors: str, pass_name: str, group: int) -> str:
+    return f"{factors}/{pass_name}/g{group}"
+
+
+def eigen_file(factors: str, layer: str, which: str) -> str:
+    return f"{factors}/eigen/{layer}.{which}.safetensors"
+
+
+def query_batch(key: str, index: int) -> str:
+    return f"queries/{key}/batch-{index:05d}.safetensors"
+
+
+def score_partial(key: str, group: int, shard_id: str) -> str:
+    return f"scores/{key}/g{group}/{shard_id}.parquet"
+
+
+def merge_step(key: str, level: int, index: int) -> str:
+    return f"scores/{key}/merge/{level}-{index:05d}.parquet"
+
+
+def done_marker(output: str) -> str:
+    """A shard's output is complete once this small JSON exists (it is written after the output)."""
+    return output + ".done.json"

@@ -1,0 +1,297 @@
+"""``msif plan``: memory, storage and time of every stage, from shapes alone, before anything heavy runs.
+
+The plan is arithmetic over the tracked layers' shapes (``LayerSpec``: out x in, bias folded in),
+the model's size, the batch and the budget. It also makes the choices that keep every process
+within the budget: the layer groups of the factor passes, the query batch size of the
+preconditioning pass, and how many queries one scoring pass can hold (the query group).
+
+Memory per worker (bytes; w = weight bytes, f = 4 for float32 sums):
+
+    model             n_params · w
+    activations       B·T · (L·(ACT_PER_HIDDEN·h + 2·heads·T)·f + 3·V·f + Σ in·f)      forward+backward
+    covariance pass   3 · Σ_group (in² + out²) · f                                      sums + commit buffers
+    Λ pass            2 · Σ_group out·in · f + Σ_group (in² + out²) · f + 2·B·max(out·in)·f
+    preconditioning   Q_b · (T_q·Σ(in + out) + 3·max(out·in)) · f + factor cache
+    scoring           Q_g · r · Σ(out + in) · f  (dense: Q_g · Σ out·in · f) + 2·WORKING_SET + B·max(out·in)·f
+
+Time: FLOPs over a measured (or, for a named device, nominal) matmul throughput, divided over the
+workers: a lower bound that the passes reach within 1.0-1.3x (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from msif_ray.config import Config
+from msif_ray.modules import LayerSpec
+from msif_ray.scoring import WORKING_SET_ELEMENTS
+
+GB = 1 << 30
+F32 = 4
+ACT_PER_HIDDEN = 24  # float32 numbers saved per token, block and hidden unit for the backward (measured: bench_scale)
+PROCESS_OVERHEAD = int(0.6 * GB)  # a Ray worker with torch and transformers imported, before any model
+MAX_QUERY_BATCH = 64
+
+
+class PlanError(ValueError):
+    """The configuration cannot run within its memory budget; the message names the knob to turn."""
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """What one worker has: memory and a matmul throughput (FLOP/s) in the precision it computes in."""
+
+    name: str
+    memory_bytes: int
+    matmul_flops: float
+    weight_bytes: int  # 4 for float32 weights, 2 for bf16
+
+
+NOMINAL_DEVICES = {
+    # 139 GiB usable; bf16 dense peak ~790 TFLOP/s, of which transformer passes reach about 40%.
+    "h200": DeviceProfile("NVIDIA H200 (nominal)", 139 * GB, 0.4 * 790e12, 2),
+    "h100": DeviceProfile("NVIDIA H100 80GB (nominal)", 79 * GB, 0.4 * 700e12, 2),
+}
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, repeats: int = 5) -> float:
+    """A short calibration: FLOP/s of a size x size matmul on ``device`` (best of ``repeats``)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def local_profile(config: Config) -> DeviceProfile:
+    """This machine as one worker would see it, with the budget of the config where it is set."""
+    from msif_ray.models import weight_dtype
+
+    cuda = config.ray.num_gpus_per_worker > 0 and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = weight_dtype(config.ray.precision, device)
+    if cuda:
+        memory = torch.cuda.get_device_properties(0).total_memory
+        name = torch.cuda.get_device_name(0)
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8 // max(config.ray.num_workers, 1)
+        name = f"CPU ({config.ray.num_cpus_per_worker} thread(s) per worker)"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.ray.num_cpus_per_worker)
+    try:
+        flops = measure_matmul_flops(device, dtype)
+    finally:
+        torch.set_num_threads(threads)
+    return DeviceProfile(name, int(memory), flops, torch.finfo(dtype).bits // 8)
+
+
+@dataclass
+class StagePlan:
+    name: str
+    worker_bytes: int
+    storage_bytes: int
+    flops: float
+    seconds: float = 0.0
+    reduce_bytes: int = 0
+    note: str = ""
+
+
+@dataclass
+class ResourcePlan:
+    """The choices and figures of a run; ``check()`` refuses one that cannot fit."""
+
+    device: DeviceProfile
+    num_workers: int
+    budget_bytes: int
+    layers: list[LayerSpec]
+    layer_groups: list[list[str]]
+    query_batch_size: int
+    query_group_batches: int
+    factor_cache_bytes: int
+    stages: list[StagePlan] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def query_group_size(self) -> int:
+        return self.query_batch_size * self.query_group_batches
+
+    def check(self) -> None:
+        if self.problems:
+            raise PlanError("the run does not fit its memory budget:\n  - " + "\n  - ".join(self.problems))
+
+    def out_of_memory_message(self, stage: str, detail: str) -> str:
+        figures = next((s for s in self.stages if stage.startswith(s.name.split()[0])), None)
+        planned = f"; the plan expected {_gb(figures.worker_bytes)} per worker" if figures else ""
+        return (f"[{stage}] {detail}{planned} within a budget of {_gb(self.budget_bytes)}. Lower budget.worker_memory_gb "
+                "to what the workers really have, or turn a knob: ray.batch_size, scoring.query_rank, "
+                "budget.query_group_size, budget.query_batch_size, budget.layer_groups, or more ray.num_workers "
+                "on more machines")
+
+    def summary_lines(self) -> list[str]:
+        return [
+            f"{self.device.name}; budget {_gb(self.budget_bytes)} per worker, {self.num_workers} worker(s)",
+            f"layer groups {len(self.layer_groups)}, query batches of {self.query_batch_size}, "
+            f"query groups of {self.query_group_size}",
+        ] + [f"{s.name:<22} worker {_gb(s.worker_bytes):>9}  storage {_gb(s.storage_bytes):>9}  "
+             f"~{_duration(s.seconds)}" + (f"  reduce task {_gb(s.reduce_bytes)}" if s.reduce_bytes else "")
+             + (f"  ({s.note})" if s.note else "") for s in self.stages]
+
+    def to_dict(self) -> dict:
+        return {"device": self.device.name, "budget_bytes": self.budget_bytes, "num_workers": self.num_workers,
+                "layer_groups": len(self.layer_groups), "query_batch_size": self.query_batch_size,
+                "query_group_size": self.query_group_size, "stages": [asdict(s) for s in self.stages],
+                "problems": self.problems}
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _model_numbers(model_config) -> tuple[int, int, int, int]:
+    """(hidden, blocks, heads, vocab) from a Hugging Face config."""
+    c = model_config.to_dict()
+    return (c.get("hidden_size") or c.get("n_embd"), c.get("num_hidden_layers") or c.get("n_layer"),
+            c.get("num_attention_heads") or c.get("n_head"), c["vocab_size"])
+
+
+def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries: int, corpus_rows: int,
+              tokens_per_document: float, profile: DeviceProfile | None = None, num_params: int | None = None,
+              finetune_rows: int = 0, tokens_per_query: float = 32.0) -> ResourcePlan:
+    """The plan of ``config`` for a model of ``layers`` (tracked) on ``profile`` (default: measured here)."""
+    profile = profile or local_profile(config)
+    hidden, blocks, heads, vocab = _model_numbers(model_config)
+    tracked = sum(s.out_features * s.in_dim for s in layers)
+    params = num_params or (tracked + 2 * vocab * hidden)
+    budget = int(config.budget.worker_memory_gb * GB) if config.budget.worker_memory_gb else profile.memory_bytes
+    workers = config.ray.num_workers
+    batch, window = config.ray.batch_size, config.data.max_length
+    rank = config.scoring.query_rank
+    problems: list[str] = []
+
+    weights = params * profile.weight_bytes
+    activations = batch * window * F32 * (blocks * (ACT_PER_HIDDEN * hidden + 2 * heads * window) + 3 * vocab
+                                          + sum(s.in_dim for s in layers))
+    base = PROCESS_OVERHEAD + weights + activations
+    free = budget - base
+    if free <= 0:
+        problems.append(f"the model ({_gb(weights)}) and the activations of a batch of {batch} x {window} tokens "
+                        f"({_gb(activations)}) exceed the budget of {_gb(budget)}: lower ray.batch_size or "
+                        "data.max_length, or raise budget.worker_memory_gb")
+        free = 0
+
+    largest = max(s.out_features * s.in_dim for s in layers)
+    cov = lambda s: 3 * F32 * (s.in_dim**2 + s.out_features**2)  # noqa: E731
+    lam = lambda s: F32 * (2 * s.out_features * s.in_dim + s.in_dim**2 + s.out_features**2)  # noqa: E731
+    groups = _layer_groups(layers, config.budget.layer_groups, free - 2 * batch * largest * F32,
+                           lambda s: max(cov(s), lam(s)), problems)
+
+    factors_total = sum(F32 * (s.in_dim**2 + s.out_features**2 + s.out_features * s.in_dim) for s in layers)
+    chain_models = {"multi_stage": 2, "single_stage": 1, "grad_dot": 0}[config.method]
+    factor_cache = min(chain_models * factors_total, max(free // 4, 0))
+    per_query_precondition = F32 * (tokens_per_query * sum(s.in_dim + s.out_features for s in layers) + 3 * largest)
+    query_batch = config.budget.query_batch_size or int(max(free - factor_cache, 0) // per_query_precondition)
+    query_batch = max(1, min(query_batch, MAX_QUERY_BATCH, max(num_queries, 1)))
+    if query_batch * per_query_precondition + factor_cache > free and free > 0:
+        problems.append(f"one query's preconditioning needs {_gb(per_query_precondition)} beyond the model: "
+                        "lower data.max_length or raise budget.worker_memory_gb")
+
+    vector_bytes = F32 * (sum(rank * (s.in_dim + s.out_features) for s in layers) if rank else tracked)
+    scoring_work = 2 * WORKING_SET_ELEMENTS * F32 + batch * largest * F32
+    group_queries = config.budget.query_group_size or int(max(free - scoring_work, 0) // vector_bytes)
+    group_batches = max(1, min(group_queries // query_batch, math.ceil(max(num_queries, 1) / query_batch)))
+    if group_queries < query_batch:
+        if config.budget.query_group_size is None and free > 0 and group_queries < 1:
+            problems.append(f"one query's preconditioned vectors ({_gb(vector_bytes)}) do not fit beside the model: "
+                            "lower scoring.query_rank or raise budget.worker_memory_gb")
+        query_batch = max(1, min(query_batch, group_queries or 1))
+    num_groups = math.ceil(max(num_queries, 1) / (query_batch * group_batches))
+
+    plan = ResourcePlan(profile, workers, budget, layers, [list(g) for g in groups], query_batch, group_batches,
+                        int(factor_cache), problems=problems)
+    corpus_tokens = corpus_rows * min(tokens_per_document, window * math.ceil(tokens_per_document / window))
+    sample_rows = min(config.factors.max_examples or corpus_rows, corpus_rows)
+    pass_flops = 4 * params  # forward + backward of the activations, per token (no weight gradients)
+    cov_flops = 2 * sum(s.in_dim**2 + s.out_features**2 for s in layers)
+    lam_flops = cov_flops + 2 * tracked
+    group_passes = len(groups)
+
+    def stage(name, worker, storage, flops, reduce=0, note=""):
+        plan.stages.append(StagePlan(name, int(worker), int(storage), flops, flops / profile.matmul_flops / workers,
+                                     int(reduce), note))
+
+    cov_group = max(sum(cov(s) for s in layers if s.name in g) for g in groups)
+    lam_group = max(sum(lam(s) for s in layers if s.name in g) for g in groups)
+    reduce = max(32 * max(s.in_dim, s.out_features) ** 2 for s in layers)
+    factor_storage = workers * (sum(F32 * (s.in_dim**2 + s.out_features**2 + s.out_features * s.in_dim) for s in layers)
+                                ) + factors_total + F32 * sum(s.in_dim**2 + s.out_features**2 for s in layers)
+    if config.method == "multi_stage":
+        ft_tokens = finetune_rows * tokens_per_query
+        stage("factors/finetune", base + max(cov_group, lam_group), factor_storage,
+              ft_tokens * group_passes * (2 * pass_flops + cov_flops + lam_flops), reduce)
+    if config.method in ("multi_stage", "single_stage"):
+        factor_tokens = sample_rows * tokens_per_document
+        stage("factors/pretrain", base + max(cov_group, lam_group), factor_storage,
+              factor_tokens * group_passes * (2 * pass_flops + cov_flops + lam_flops), reduce,
+              f"{len(groups)} layer group(s)" if len(groups) > 1 else "")
+    rotations = {"grad_dot": 0, "single_stage": 0, "multi_stage": 2 * sum(s.out_features * s.in_dim *
+                                                                         (s.out_features + s.in_dim) for s in layers)}
+    svd = 24 * (rank or 0) * tracked
+    query_flops = num_queries * (tokens_per_query * (pass_flops + 2 * sum(s.in_dim**2 + s.out_features**2 for s in layers)
+                                                     ) + rotations[config.method] + svd)
+    stage("queries", base + query_batch * per_query_precondition + factor_cache, num_queries * vector_bytes, query_flops,
+          note=f"batches of {query_batch}")
+    group = min(num_queries, plan.query_group_size)
+    score_flops = num_groups * corpus_tokens * (pass_flops + sum(_scoring_flops_per_token(s, group, rank, window)
+                                                                 for s in layers))
+    stage("scores", base + min(num_queries, plan.query_group_size) * vector_bytes + scoring_work,
+          math.ceil(corpus_rows / config.data.rows_per_shard) * num_groups * min(num_queries, plan.query_group_size)
+          * 2 * config.scoring.top_k * 48, score_flops,
+          note=f"{num_groups} query group(s) of up to {plan.query_group_size}" if num_groups > 1 else "")
+    return plan
+
+
+def _scoring_flops_per_token(s: LayerSpec, queries: int, rank: int | None, window: int) -> float:
+    """The cheaper scoring form of one layer per corpus token (see scoring.py), for ``queries`` queries."""
+    out, inp = s.out_features, s.in_dim
+    if rank is None:
+        return 2 * out * inp * (1 + queries / window)
+    return min(2 * queries * rank * (out + inp), 2 * out * inp * (1 + queries * rank / window))
+
+
+def _layer_groups(layers: list[LayerSpec], count: int | None, room: int, need, problems: list[str]) -> list[list[str]]:
+    """Split the layers (in model order) into ``count`` groups, or into as few as fit ``room`` each."""
+    names = [s.name for s in layers]
+    if count is not None:
+        size = math.ceil(len(names) / count)
+        return [names[i : i + size] for i in range(0, len(names), size)]
+    groups: list[list[str]] = [[]]
+    used = 0
+    for s in layers:
+        n = need(s)
+        if n > room:
+            problems.append(f"layer {s.name} alone needs {_gb(n)} for its factor sums beside the model: "
+                            "raise budget.worker_memory_gb or exclude it with modules.exclude")
+        if groups[-1] and used + n > room:
+            groups.append([])
+            used = 0
+        groups[-1].append(s.name)
+        used += n
+    return groups

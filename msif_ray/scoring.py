@@ -1,0 +1,222 @@
+"""Scores of corpus windows against a group of preconditioned queries, and the top-k tables.
+
+Per tracked layer and batch of windows (a [B, T, in], s [B, T, out]), ⟨Ṽ_q, G_b⟩ with
+G_b = Σ_t s_t a_tᵀ is computed in the cheapest of three forms, chosen from a FLOP count:
+
+    dense Ṽ [Q, out, in]:         G = sᵀa, then one matmul [B, out·in] x [out·in, Q]
+                                  2·B·out·in·(T + Q)
+    low-rank Ṽ = U Vᵀ, G-form:    G = sᵀa, then (G V) ⊙ U summed            (one matmul with all Q·r)
+                                  2·B·out·in·(T + Q·r)
+    low-rank, factored:           Σ_t (Uᵀ s_t)·(Vᵀ a_t), G never formed     (two matmuls with all Q·r)
+                                  2·B·T·Q·r·(out + in)
+
+The factored form wins for short windows and many queries; the G-form for long windows. Large
+intermediate products are computed over blocks of queries so that the working set stays bounded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import nn
+
+from msif_ray.gradients import Batch, backward_through_layers, model_device, per_example_gradient
+from msif_ray.influence import LayerVectors, QueryVectors
+from msif_ray.modules import LayerTaps
+
+WORKING_SET_ELEMENTS = 1 << 25  # 128 MiB of float32 per intermediate product
+
+
+@dataclass
+class LayerOperands:
+    """One layer's query vectors laid out for scoring: dense [out·in, Q], or U [out, Q·r] and V [in, Q·r]."""
+
+    dense: torch.Tensor | None
+    left: torch.Tensor | None
+    right: torch.Tensor | None
+    rank: int
+
+
+def layer_operands(vectors: LayerVectors, device: torch.device, dtype: torch.dtype) -> LayerOperands:
+    if not vectors.is_low_rank:
+        return LayerOperands(vectors.dense.flatten(1).t().to(device, dtype).contiguous(), None, None, 0)
+    q, out, rank = vectors.left.shape
+    left = vectors.left.permute(1, 0, 2).reshape(out, q * rank).to(device, dtype).contiguous()
+    right = vectors.right.permute(1, 0, 2).reshape(vectors.right.shape[1], q * rank).to(device, dtype).contiguous()
+    return LayerOperands(None, left, right, rank)
+
+
+class QueryGroup:
+    """The queries scored by one corpus pass, on the scoring device, in scoring layout."""
+
+    def __init__(self, vectors: QueryVectors, device: torch.device, dtype: torch.dtype = torch.float32):
+        self.ids = vectors.ids
+        self.num_queries = len(vectors.ids)
+        first = next(iter(vectors.layers.values()))
+        dtype = torch.promote_types(dtype, (first.dense if first.dense is not None else first.left).dtype)
+        self.layers = {name: layer_operands(v, device, dtype) for name, v in vectors.layers.items()}
+
+
+# --------------------------------------------------------------------------- FLOP counts
+
+
+def scoring_flops(form: str, batch: int, tokens: int, out: int, inp: int, queries: int, rank: int) -> int:
+    """Multiply-add FLOPs of one layer's scores for a batch of ``batch`` windows of ``tokens`` tokens."""
+    if form == "dense":
+        return 2 * batch * out * inp * (tokens + queries)
+    if form == "gform":
+        return 2 * batch * out * inp * (tokens + queries * rank)
+    if form == "factored":
+        return 2 * batch * tokens * queries * rank * (out + inp)
+    raise ValueError(form)
+
+
+def choose_form(ops: LayerOperands, batch: int, tokens: int, out: int, inp: int, queries: int) -> str:
+    """The cheaper form for a low-rank layer ("gform" or "factored"); "dense" for dense vectors."""
+    if ops.dense is not None:
+        return "dense"
+    costs = {f: scoring_flops(f, batch, tokens, out, inp, queries, ops.rank) for f in ("factored", "gform")}
+    return min(costs, key=costs.get)
+
+
+def layer_scores(a: torch.Tensor, s: torch.Tensor, ops: LayerOperands, num_queries: int,
+                 form: str | None = None) -> torch.Tensor:
+    """⟨Ṽ_q, Σ_t s_t a_tᵀ⟩ for each window and query of one layer: a [B, T, in], s [B, T, out] -> [B, Q].
+
+    ``form`` forces "gform" or "factored" (tests); by default the cheaper one is used.
+    """
+    batch, tokens, inp = a.shape
+    out = s.shape[-1]
+    a, s = a.to(_dtype(ops)), s.to(_dtype(ops))
+    form = form if ops.dense is None and form is not None else choose_form(ops, batch, tokens, out, inp, num_queries)
+    if form == "dense":
+        return per_example_gradient(a, s).flatten(1) @ ops.dense
+    scores = a.new_zeros(batch, num_queries)
+    if form == "gform":
+        g = per_example_gradient(a, s)
+        for lo, hi in _query_blocks(num_queries, ops.rank, batch * out):
+            cols = slice(lo * ops.rank, hi * ops.rank)
+            gv = g @ ops.right[:, cols]  # [B, out, q·r]
+            scores[:, lo:hi] = (gv * ops.left[:, cols]).sum(1).view(batch, hi - lo, ops.rank).sum(-1)
+        return scores
+    flat_a, flat_s = a.flatten(0, 1), s.flatten(0, 1)
+    for lo, hi in _query_blocks(num_queries, ops.rank, batch * tokens):
+        cols = slice(lo * ops.rank, hi * ops.rank)
+        products = (flat_s @ ops.left[:, cols]) * (flat_a @ ops.right[:, cols])  # [B·T, q·r]
+        scores[:, lo:hi] = products.view(batch, tokens, hi - lo, ops.rank).sum((1, 3))
+    return scores
+
+
+def _dtype(ops: LayerOperands) -> torch.dtype:
+    return (ops.dense if ops.dense is not None else ops.left).dtype
+
+
+def _query_blocks(num_queries: int, rank: int, rows: int) -> list[tuple[int, int]]:
+    """Blocks of queries whose [rows, q·r] intermediate stays within WORKING_SET_ELEMENTS."""
+    per_block = max(1, WORKING_SET_ELEMENTS // max(rows * rank, 1))
+    return [(lo, min(lo + per_block, num_queries)) for lo in range(0, num_queries, per_block)]
+
+
+# --------------------------------------------------------------------------- the passes' inner steps
+
+
+def score_windows(model: nn.Module, taps: LayerTaps, batch: Batch, group: QueryGroup) -> torch.Tensor:
+    """Per-layer scores of each window against each query: [L, B, Q] float64, layers in ``taps`` order."""
+    names = list(taps.modules)
+    scores = torch.zeros(len(names), len(batch.examples), group.num_queries, device=model_device(model),
+                         dtype=torch.float64)
+
+    def add_layer(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
+        scores[names.index(name)] = layer_scores(a, s, group.layers[name], group.num_queries).double()
+
+    backward_through_layers(model, taps, batch, add_layer)
+    return scores
+
+
+def token_scores(model: nn.Module, taps: LayerTaps, batch: Batch, group: QueryGroup) -> torch.Tensor:
+    """Σ_layers s_tᵀ Ṽ_q a_t for each input position: [B, T, Q] (sums over T to the window score).
+
+    A report-sized computation over a few documents.
+    """
+    device = model_device(model)
+    out = torch.zeros(*batch.input_ids.shape, group.num_queries, dtype=torch.float64, device=device)
+
+    def add_layer(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
+        ops = group.layers[name]
+        a, s = a.to(_dtype(ops)), s.to(_dtype(ops))
+        if ops.dense is not None:
+            v = ops.dense.t().reshape(group.num_queries, s.shape[-1], a.shape[-1])
+            out.add_(torch.einsum("bto,qoi,bti->btq", s, v, a).double())
+        else:
+            products = (s @ ops.left) * (a @ ops.right)  # [B, T, Q·r]
+            out.add_(products.view(*products.shape[:2], group.num_queries, ops.rank).sum(-1).double())
+
+    backward_through_layers(model, taps, batch, add_layer)
+    return out
+
+
+# --------------------------------------------------------------------------- top and bottom k
+
+
+EXTREMES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()), ("score", pa.float64()),
+                             ("side", pa.string())])
+
+
+def extremes_table(query_ids: list[str], doc_ids: list[str], totals: torch.Tensor, k: int) -> pa.Table:
+    """The k highest (proponents) and k lowest (opponents) documents of each query: totals [N, Q].
+
+    Ties are broken by doc_id, as in ``merge_extremes``, so that merging per-shard tables gives
+    exactly the global top k.
+    """
+    k = min(k, len(doc_ids))
+    columns: dict[str, list] = {"query_id": [], "doc_id": [], "score": [], "side": []}
+    docs = np.asarray(doc_ids, dtype=object)
+    by_id = np.argsort(np.argsort(docs, kind="stable"), kind="stable")  # each document's rank by doc_id
+    scores = totals.numpy()
+    for side, sign in (("top", -1.0), ("bottom", 1.0)):
+        for q, query_id in enumerate(query_ids):
+            index = np.lexsort((by_id, sign * scores[:, q]))[:k]
+            columns["query_id"] += [query_id] * k
+            columns["doc_id"] += docs[index].tolist()
+            columns["score"] += scores[index, q].tolist()
+            columns["side"] += [side] * k
+    return pa.table(columns, schema=EXTREMES_SCHEMA)
+
+
+def merge_extremes(tables: list[pa.Table], k: int) -> pa.Table:
+    """The k best rows per (query, side) of several partial tables: one bounded merge step.
+
+    Deterministic: ordered by query_id, side, score (descending for ``top``, ascending for
+    ``bottom``), then doc_id. Memory: the inputs, i.e. at most fan-in x queries x 2k rows.
+    """
+    rows = pa.concat_tables(tables)
+    key = pc.if_else(pc.equal(rows["side"], "top"), pc.negate(rows["score"]), rows["score"])
+    rows = rows.append_column("_key", key).sort_by(
+        [("query_id", "ascending"), ("side", "ascending"), ("_key", "ascending"), ("doc_id", "ascending")])
+    rank = _rank_within_groups(rows)
+    return rows.filter(pa.array(rank < k)).drop_columns(["_key"])
+
+
+def _rank_within_groups(rows: pa.Table) -> np.ndarray:
+    """0-based position of each row within its run of equal (query_id, side), rows being sorted by them."""
+    n = rows.num_rows
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    query = rows["query_id"].to_numpy(zero_copy_only=False)
+    side = rows["side"].to_numpy(zero_copy_only=False)
+    starts = np.ones(n, dtype=bool)
+    starts[1:] = (query[1:] != query[:-1]) | (side[1:] != side[:-1])
+    start_index = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    return np.arange(n) - start_index
+
+
+def final_table(merged: pa.Table, side: str) -> pa.Table:
+    """The result schema of DESIGN.md §2 for one side: query_id, rank (1-based int32), doc_id, score."""
+    rows = merged.filter(pc.equal(merged["side"], side))
+    rank = _rank_within_groups(rows) + 1
+    return pa.table({"query_id": rows["query_id"], "rank": pa.array(rank, pa.int32()), "doc_id": rows["doc_id"],
+                     "score": rows["score"]})
