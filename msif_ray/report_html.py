@@ -129,23 +129,24 @@ def top_tokens(text: str, offsets: Sequence[Sequence[int]], scores: Sequence[flo
 
 
 def layer_plot(values: Sequence[float], names: Sequence[str], width: int = 300, height: int = 96) -> str:
-    """Bars of the per-layer split of one score (model order), positive up, negative down."""
-    top, bottom = 8, 18
+    """Bars of the per-layer split of one score (model order) from a zero line: positive up, negative down."""
+    top, bottom = 6, 18
     plot_h = height - top - bottom
-    scale = max((abs(v) for v in values), default=0.0) or 1.0
+    lo, hi = min(0.0, *values) if values else 0.0, max(0.0, *values) if values else 0.0
+    span = (hi - lo) or 1.0
+    y_of = lambda v: top + (hi - v) / span * plot_h  # noqa: E731
+    zero = y_of(0.0)
     step = width / max(len(values), 1)
-    mid = top + plot_h / 2
     bars = []
     for i, (value, name) in enumerate(zip(values, names)):
-        h = abs(value) / scale * plot_h / 2
-        y = mid - h if value > 0 else mid
-        colour = PRO if value > 0 else CON
-        bars.append(f'<rect x="{i * step + step * 0.1:.1f}" y="{y:.1f}" width="{max(step * 0.8, 1):.1f}" height="{max(h, 0.5):.1f}" '
-                    f'fill="{colour}"><title>{esc(name)}: {fmt(value)}</title></rect>')
+        y0, y1 = sorted((zero, y_of(value)))
+        bars.append(f'<rect x="{i * step + step * 0.1:.1f}" y="{y0:.1f}" width="{max(step * 0.8, 1):.1f}" '
+                    f'height="{max(y1 - y0, 0.5):.1f}" fill="{PRO if value > 0 else CON}">'
+                    f'<title>{esc(name)}: {fmt(value)}</title></rect>')
     first, last = (short_name(names[0]), short_name(names[-1])) if names else ("", "")
     return (f'<svg class="plot" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img" '
             f'aria-label="score per layer">'
-            f'<line x1="0" x2="{width}" y1="{mid:.1f}" y2="{mid:.1f}" stroke="#9ca3af" stroke-width="0.5"/>{"".join(bars)}'
+            f'<line x1="0" x2="{width}" y1="{zero:.1f}" y2="{zero:.1f}" stroke="#9ca3af" stroke-width="0.75"/>{"".join(bars)}'
             f'<text x="0" y="{height - 4}" class="axis">{esc(first)}</text>'
             f'<text x="{width}" y="{height - 4}" class="axis" text-anchor="end">{esc(last)}</text></svg>')
 
@@ -335,7 +336,7 @@ def query_page(q: QueryView, layers: list[str], previous: QueryView | None, foll
 <div class="bar">{" ".join(nav)}</div>
 <section id="query" data-query-id="{esc(q.query_id)}">
 <h1>Query {esc(q.query_id)}</h1>
-<div class="card query"><span class="prompt">{esc(q.prompt)}</span><span class="completion">{esc(q.completion)}</span></div>
+<div class="card query"><span class="prompt">{esc(q.prompt)}</span>{_completion(q.completion)}</div>
 <div class="grid" style="margin-top:14px">
   <figure class="card">{histogram(q.distribution, shown_scores)}<figcaption>{esc(q.distribution_note)}
   Ticks under the axis: the documents shown below.</figcaption></figure>
@@ -356,6 +357,12 @@ def query_page(q: QueryView, layers: list[str], previous: QueryView | None, foll
 </section>
 """
     return page(f"Query {q.query_id} — msif-ray report", body)
+
+
+def _completion(completion: str) -> str:
+    """The completion, marked; its leading space (completions usually start with one) stays outside the mark."""
+    core = completion.lstrip()
+    return f'{esc(completion[: len(completion) - len(core)])}<span class="completion">{esc(core)}</span>'
 
 
 def _document(d: ShownDocument, layers: list[str], kind: str) -> str:

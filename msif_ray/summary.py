@@ -13,6 +13,7 @@ from msif_ray.storage import RunDir
 
 REPORT_INDEX = "report/index.html"
 REPORT_STATS = "report/report.json"
+REUSED_WHOLE = "all (up to date, skipped)"
 
 
 def read_manifest(store: RunDir) -> dict:
@@ -39,7 +40,7 @@ def stage_rows(manifest: dict, before: dict | None = None) -> list[dict]:
         passes = record.get("passes", {})
         sharded = [p for p in passes.values() if "shards_total" in p]
         if before is not None and before.get(name) == record and record.get("state") == "done":
-            reused = "all (up to date, skipped)"
+            reused = REUSED_WHOLE
         elif sharded:
             reused = f"{sum(p['reused'] for p in sharded)} of {sum(p['shards_total'] for p in sharded)} shards"
         else:
@@ -75,6 +76,9 @@ def summarize(run_dir: str, command: str, seconds: float, before: dict | None = 
     method = manifest.get("config", {}).get("method", "?")
     lines = [f"── msif {command}: finished in {format_duration(seconds)} ── run {store.url()}  (method {method})"]
     for row in stage_rows(manifest, before):
+        if row["reused"] == REUSED_WHOLE:
+            lines.append(f"  {row['name']:<17} reused   (up to date: computed by an earlier run in {row['seconds']})")
+            continue
         lines.append(f"  {row['name']:<17} {row['state']:<8} {row['seconds']:>8}  reused: {row['reused']}")
         lines += [f"  {'':<17} {work}" for work in row["work"]]
     return "\n".join(lines + locations(store))
