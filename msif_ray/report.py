@@ -50,6 +50,8 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
     ``show``: proponents and opponents per query shown with their text and breakdowns.
     ``reuse``: keep an existing report of the same scores and settings (``msif run`` / ``demo``).
     """
+    if show < 1:
+        raise ValueError(f"show: at least one document per side must be shown, got {show}")
     started = time.monotonic()
     store = RunDir(run_dir)
     manifest = _finished_manifest(store)

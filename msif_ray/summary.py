@@ -21,9 +21,9 @@ def read_manifest(store: RunDir) -> dict:
 
 
 def pass_work(name: str, stats: dict) -> str:
-    """``covariance: 3 shards computed, 1 reused, 444 docs, 9,120 tokens`` (or the pass's plain counts)."""
+    """``covariance: shards 3 computed / 1 reused, 444 docs, 9,120 tokens`` (or the pass's plain counts)."""
     if "shards_total" in stats:
-        return (f"{name}: {stats['computed']} shards computed, {stats['reused']} reused, "
+        return (f"{name}: shards {stats['computed']} computed / {stats['reused']} reused, "
                 f"{stats['documents']:,} docs, {stats['tokens']:,} tokens")
     counts = ", ".join(f"{v:,} {k}" for k, v in stats.items() if isinstance(v, int) and not isinstance(v, bool))
     return f"{name}: {counts}" if counts else name

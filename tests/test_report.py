@@ -24,8 +24,9 @@ from msif_ray.cli import main
 from msif_ray.config import config_from_dict
 from msif_ray.distributed.report_pass import credit_predicted_tokens
 from msif_ray.pipeline import TOPK, Pipeline
-from msif_ray.report import BREAKDOWNS, _distribution
+from msif_ray.report import BREAKDOWNS, _distribution, build_report
 from msif_ray.report_html import highlight, token_spans
+from msif_ray.storage import RunDir
 from msif_ray.summary import REPORT_INDEX, REPORT_STATS
 from tiny import make_tokenizer
 from world import corpus_documents
@@ -121,13 +122,15 @@ def test_breakdowns_add_up_to_the_scores(report_run):
             assert sum(parts) == pytest.approx(expected, abs=1e-4 * sum(map(abs, parts)) + 1e-9)
         assert row["token_scores"][0] == 0.0  # the first token is context only: nothing predicts it
         assert len(row["token_offsets"]) == len(row["token_scores"])
+    longest = max(len(row["token_scores"]) for row in breakdowns)
+    assert longest > 32, "no shown document spans several windows (max_length 32); the window path is untested"
 
 
 def test_cli_summary_names_the_report(report_run):
     run_dir, _, stdout = report_run
     assert "msif report: finished in" in stdout
     assert f"report   {run_dir / REPORT_INDEX}" in stdout and "result   " in stdout
-    assert "scores: 4 shards computed, 0 reused" in stdout  # the report runs no stage: the run's own work
+    assert "scores: shards 4 computed / 0 reused" in stdout  # the report runs no stage: the run's own work
 
 
 @pytest.fixture(scope="module")
@@ -186,3 +189,22 @@ def test_pages_run_without_console_errors_and_show_text_as_text(report_run, brow
         assert page.locator('.doc.proponent[data-doc-id="unicode"] .text').inner_text() == UNICODE_TEXT
     page.screenshot(path=str(tmp_path / "q1.png"), full_page=False)
     assert errors == []
+
+
+def test_report_of_a_run_directory_on_s3(report_run, s3_bucket):
+    """The same run directory copied to (moto) S3: the report is written there, with the same numbers."""
+    import s3fs
+
+    run_dir, _, _ = report_run
+    fs = s3fs.S3FileSystem()
+    for path in run_dir.rglob("*"):
+        if path.is_file() and not path.relative_to(run_dir).parts[0] == "report":
+            fs.put_file(str(path), f"{s3_bucket}/run/{path.relative_to(run_dir).as_posix()}")
+    url = build_report(f"{s3_bucket}/run", show=3, log=lambda line: None)
+    assert url == f"{s3_bucket}/run/report/index.html"
+    store = RunDir(f"{s3_bucket}/run")
+    assert sorted(store.list("report/queries")) == ["report/queries/q0.html", "report/queries/q1.html"]
+    local = {(r["query_id"], r["side"], r["doc_id"]): r for r in pq.read_table(run_dir / BREAKDOWNS).to_pylist()}
+    for row in store.read_parquet(BREAKDOWNS).to_pylist():
+        assert row["rank"] <= 3
+        assert row["token_scores"] == pytest.approx(local[row["query_id"], row["side"], row["doc_id"]]["token_scores"], rel=1e-9)
