@@ -8,7 +8,7 @@
     report/breakdowns.parquet    the shown documents' numbers: query_id, side (top | bottom), rank,
                                  doc_id, score, layer_scores (per tracked layer), token_scores and
                                  token_offsets (per token, credited to the predicted token)
-    report/report.json           what the report pass did (queries, documents, tokens, seconds)
+    report/report.json           what the report pass did (queries, documents, tokens, seconds, layers)
 
 Proponents and opponents come from the scoring pass (``scores/topk.parquet`` and
 ``scores/bottomk.parquet``). The breakdowns are recomputed for the shown documents only, by a
@@ -69,7 +69,7 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
     for query_id in query_ids:
         for _, doc_id, _ in top[query_id][:show] + bottom.get(query_id, [])[:show]:
             wanted[doc_id].add(query_id)
-    layers, explained, tokens = _explain(store, config, manifest, wanted, log)
+    layers, explained, tokens, worker_seconds = _explain(store, config, manifest, wanted, log)
 
     pages = _page_names(query_ids)
     num_documents = manifest["stages"]["scores"].get("passes", {}).get("scores", {}).get("documents")
@@ -97,7 +97,7 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
     store.write_bytes(REPORT_INDEX, index_page(run).encode("utf-8"))
     store.write_parquet(BREAKDOWNS, breakdowns_table(views))
     store.write_json(REPORT_STATS, {"fingerprint": key, "queries": len(views), "documents": len(explained),
-                                    "tokens": tokens, "show": show, "layers": layers, "seconds": round(time.monotonic() - started, 3)})
+                                    "tokens": tokens, "show": show, "layers": layers, "worker_seconds": round(worker_seconds, 3), "seconds": round(time.monotonic() - started, 3)})
     log(f"[report] {len(views)} queries, {len(explained)} documents explained: {store.url(REPORT_INDEX)}")
     return store.url(REPORT_INDEX)
 
@@ -166,10 +166,11 @@ def _shown(rank: int, doc_id: str, score: float, explained: dict, query_id: str)
 
 
 def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, set[str]],
-             log: Callable[[str], None]) -> tuple[list[str], dict[str, dict], int]:
+             log: Callable[[str], None]) -> tuple[list[str], dict[str, dict], int, float]:
     """Per-token and per-layer breakdowns of the wanted documents, one job per shard holding some.
 
-    Returns (tracked layer names, {doc id: the worker's document record}, tokens processed).
+    Returns (tracked layer names, {doc id: the worker's document record}, tokens processed,
+    seconds the workers spent on the jobs, model loading included, actor start-up not).
     """
     corpus = config.data.corpus
     shards = plan_shards(expand_paths(corpus.paths), config.data.rows_per_shard)
@@ -196,16 +197,17 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
     pool = WorkerPool(ReportWorker, max(1, min(cfg.num_workers, len(jobs))), cfg.num_cpus_per_worker,
                       cfg.num_gpus_per_worker, settings)
     progress = Progress("report", len(jobs), log)
-    layers, explained, tokens = [], {}, 0
+    layers, explained, tokens, seconds = [], {}, 0, 0.0
     try:
         for _, result in pool.map("explain", jobs):
             layers = result["layers"]
             explained.update({d["doc_id"]: d for d in result["documents"]})
             tokens += result["tokens"]
+            seconds += result["seconds"]
             progress.update(result["tokens"], len(result["documents"]))
     finally:
         pool.shutdown()
-    return layers, explained, tokens
+    return layers, explained, tokens, seconds
 
 
 def _doc_ids(store: RunDir, partial: str, shard, id_column: str, text_column: str) -> set[str]:

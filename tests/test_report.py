@@ -79,6 +79,11 @@ def test_distribution_says_which_scores_it_shows():
     assert scores == [3.0, 1.0] and "all 2 scored documents" in note
 
 
+def test_report_of_a_directory_without_a_run(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no manifest.json" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------- a run and its report
 
 
