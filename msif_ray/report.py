@@ -13,7 +13,9 @@
 Proponents and opponents come from the scoring pass (``scores/topk.parquet`` and
 ``scores/bottomk.parquet``). The breakdowns are recomputed for the shown documents only, by a
 small Ray pass (``msif_ray.distributed.report_pass``) that reads just the corpus shards holding
-them, so a report costs seconds to minutes, never another pass over the corpus. The histogram
+them (found through the scoring pass's per-shard top/bottom k files, ``scores/<fingerprint>/
+<shard>.parquet``; a shard whose file is gone has its ids read instead), so a report costs
+seconds to minutes, never another pass over the corpus. The histogram
 shows the scores the scoring pass kept: every document's when ``top_k`` covers the corpus, else
 the top and bottom k (the page says which).
 """
@@ -75,13 +77,12 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
     num_documents = manifest["stages"]["scores"].get("passes", {}).get("scores", {}).get("documents")
     views = []
     for query_id in query_ids:
-        pair = texts.get(query_id)
-        shown = lambda rows: [_shown(rank, doc, score, explained[doc], query_id) for rank, doc, score in rows[:show]]  # noqa: E731
-        distribution, note = _distribution(top[query_id], bottom.get(query_id, []), num_documents, config.scoring.top_k)
+        pair, tops, bottoms = texts.get(query_id), top[query_id], bottom.get(query_id, [])
+        distribution, note = _distribution(tops, bottoms, num_documents, config.scoring.top_k)
         views.append(QueryView(
             query_id, pair.prompt if pair else "(not in the query files any more)", pair.completion if pair else "",
-            pages[query_id], shown(top[query_id]), shown(bottom.get(query_id, [])), top[query_id],
-            bottom.get(query_id, []), distribution, note))
+            pages[query_id], _shown(tops[:show], explained, query_id), _shown(bottoms[:show], explained, query_id),
+            tops, bottoms, distribution, note))
 
     seconds = time.monotonic() - started
     run = RunView(store.url(), manifest["config"], stage_rows(manifest), layers,
@@ -96,8 +97,9 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
         store.write_bytes(f"report/queries/{view.page}", page.encode("utf-8"))
     store.write_bytes(REPORT_INDEX, index_page(run).encode("utf-8"))
     store.write_parquet(BREAKDOWNS, breakdowns_table(views))
-    store.write_json(REPORT_STATS, {"fingerprint": key, "queries": len(views), "documents": len(explained),
-                                    "tokens": tokens, "show": show, "layers": layers, "worker_seconds": round(worker_seconds, 3), "seconds": round(time.monotonic() - started, 3)})
+    store.write_json(REPORT_STATS, {
+        "fingerprint": key, "queries": len(views), "documents": len(explained), "tokens": tokens, "show": show,
+        "layers": layers, "worker_seconds": round(worker_seconds, 3), "seconds": round(time.monotonic() - started, 3)})
     log(f"[report] {len(views)} queries, {len(explained)} documents explained: {store.url(REPORT_INDEX)}")
     return store.url(REPORT_INDEX)
 
@@ -156,10 +158,15 @@ def _distribution(top: list, bottom: list, num_documents: int | None, top_k: int
         f"{len(kept)}; the middle of the distribution is not recorded (raise scoring.top_k to see more).")
 
 
-def _shown(rank: int, doc_id: str, score: float, explained: dict, query_id: str) -> ShownDocument:
-    breakdown = explained["queries"][query_id]
-    return ShownDocument(rank, doc_id, score, explained["text"], [tuple(o) for o in explained["offsets"]],
-                         breakdown["tokens"], breakdown["layers"])
+def _shown(rows: list[tuple[int, str, float]], explained: dict[str, dict], query_id: str) -> list[ShownDocument]:
+    """The shown documents of one side of one query, with their breakdowns from the report pass."""
+    shown = []
+    for rank, doc_id, score in rows:
+        doc = explained[doc_id]
+        breakdown = doc["queries"][query_id]
+        shown.append(ShownDocument(rank, doc_id, score, doc["text"], [tuple(o) for o in doc["offsets"]],
+                                   breakdown["tokens"], breakdown["layers"]))
+    return shown
 
 
 # --------------------------------------------------------------------------- the Ray pass
