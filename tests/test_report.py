@@ -25,7 +25,7 @@ from msif_ray.config import config_from_dict
 from msif_ray.distributed.report_pass import credit_predicted_tokens
 from msif_ray.pipeline import TOPK, Pipeline
 from msif_ray.report import BREAKDOWNS, _distribution, build_report
-from msif_ray.report_html import highlight, token_spans
+from msif_ray.report_html import QueryView, RunView, ShownDocument, highlight, index_page, query_page, token_spans
 from msif_ray.storage import RunDir
 from msif_ray.summary import REPORT_INDEX, REPORT_STATS
 from tiny import make_tokenizer
@@ -63,6 +63,17 @@ def test_highlight_escapes_markup():
     rendered = highlight(SCRIPT_TEXT, offsets, [1.0] * len(offsets))
     assert "<script" not in rendered and "<b>" not in rendered
     assert html.unescape(re.sub(r"<[^>]*>", "", rendered)) == SCRIPT_TEXT  # our spans removed: the text, as text
+
+
+def test_pages_escape_query_and_document_text():
+    markup = '<img src=x onerror="alert(1)">'
+    doc = ShownDocument(1, f"id {markup}", 2.0, markup, [(0, 4), (4, len(markup))], [0.0, 2.0], [1.5, 0.5])
+    view = QueryView(f"q {markup}", markup, f" {markup}", "q.html", [doc], [], [(1, doc.doc_id, 2.0)], [], [2.0], markup)
+    run = RunView(markup, {"models": {"pretrained": markup}, "data": {"corpus": {"paths": [markup]}}},
+                  [{"name": markup, "state": "done", "seconds": "", "work": [markup], "reused": markup}], ["l0", "l1"],
+                  markup, markup, [view])
+    for rendered in (index_page(run), query_page(view, ["l0", "l1"], None, None, 1, 1)):
+        assert "<img" not in rendered and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in rendered
 
 
 def test_credit_goes_to_the_predicted_token():
