@@ -1,4 +1,4 @@
-"""``msif run | plan | status | demo``: the command line."""
+"""``msif run | plan | status | report | demo``: the command line; each command ends with a one-screen summary."""
 
 from __future__ import annotations
 
@@ -31,16 +31,30 @@ def user_error(err: BaseException) -> BaseException | None:
     return err if isinstance(err, (ValueError, KeyError, FileNotFoundError, FloatingPointError, MemoryError)) else None
 
 
+def stages_now(run_dir: str) -> dict:
+    """The manifest's stage records as they are now (to tell, at the end, which stages were reused)."""
+    from msif_ray.storage import RunDir
+    from msif_ray.summary import read_manifest
+
+    return read_manifest(RunDir(run_dir))["stages"]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from msif_ray.pipeline import Pipeline
+    from msif_ray.report import build_report
+    from msif_ray.summary import summarize
 
+    started = time.monotonic()
     config = load_config(args.config)
+    before = stages_now(config.run_dir)
     pipeline = Pipeline(config)
     inputs = pipeline.validate()  # fail before starting Ray when the input is bad
     pipeline.plan = pipeline.resource_plan(inputs)
     pipeline.plan.check()  # ... or when it cannot fit the memory budget
     init_ray(config)
     pipeline.run(inputs)
+    build_report(config.run_dir, reuse=True)
+    print(summarize(config.run_dir, "run", time.monotonic() - started, before))
     return 0
 
 
@@ -64,12 +78,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from msif_ray.demo import run_demo
+def cmd_report(args: argparse.Namespace) -> int:
+    from msif_ray.config import config_from_dict
+    from msif_ray.report import build_report
+    from msif_ray.storage import RunDir
+    from msif_ray.summary import read_manifest, summarize
 
     started = time.monotonic()
+    manifest = read_manifest(RunDir(args.run_dir))
+    if "config" in manifest:  # else build_report explains what is missing
+        init_ray(config_from_dict(manifest["config"], base_dir="."))
+    build_report(args.run_dir, show=args.show)
+    print(summarize(args.run_dir, "report", time.monotonic() - started))  # no stage runs: show what each did
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from msif_ray.demo import demo_run_dir, run_demo
+    from msif_ray.summary import summarize
+
+    started = time.monotonic()
+    run_dir = str(demo_run_dir(Path(args.workdir)))
+    before = stages_now(run_dir)
     run_demo(Path(args.workdir), num_workers=args.workers)
-    print(f"demo finished in {time.monotonic() - started:.1f}s")
+    print(summarize(run_dir, "demo", time.monotonic() - started, before))
     return 0
 
 
@@ -87,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="stages, shards done / total, timings of a run directory")
     status.add_argument("run_dir")
     status.set_defaults(handler=cmd_status)
+    report = commands.add_parser("report", help="write the HTML report of a finished run under RUN_DIR/report/")
+    report.add_argument("run_dir", help="the run directory (local path or s3://...)")
+    report.add_argument("--show", type=int, default=5, help="proponents and opponents shown per query (default 5)")
+    report.set_defaults(handler=cmd_report)
     demo = commands.add_parser("demo", help="the built-in toy world, end to end, on local Ray")
     demo.add_argument("--workdir", default=str(cache_root() / "demo"), help="where the toy world and the run live")
     demo.add_argument("--workers", type=int, default=2, help="Ray workers (one CPU thread each)")

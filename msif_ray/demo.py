@@ -12,6 +12,10 @@ from msif_ray.pipeline import Pipeline
 from msif_ray.toy import ToySpec, build_toy_world
 
 
+def demo_run_dir(workdir: Path) -> Path:
+    return workdir / "run"
+
+
 def demo_config(world, run_dir: Path, num_workers: int) -> dict:
     return {
         "run_dir": str(run_dir),
@@ -45,12 +49,13 @@ def retrieval_metrics(topk_path: str, gold: dict[str, list[str]], cutoff: int = 
 
 
 def run_demo(workdir: Path, num_workers: int = 2, show: int = 3, spec: ToySpec = ToySpec()) -> tuple[float, float]:
-    """Build (or reuse) the toy world, run the pipeline, print examples; returns (MRR, Recall@10)."""
+    """Build (or reuse) the toy world, run the pipeline and its report, print examples; returns (MRR, Recall@10)."""
     from msif_ray.cli import init_ray
+    from msif_ray.report import build_report
 
     world = build_toy_world(workdir / "world", spec)
     config_path = workdir / "config.yaml"
-    config_path.write_text(yaml.safe_dump(demo_config(world, workdir / "run", num_workers), sort_keys=False))
+    config_path.write_text(yaml.safe_dump(demo_config(world, demo_run_dir(workdir), num_workers), sort_keys=False))
     config = load_config(config_path)
     init_ray(config)
     topk = Pipeline(config).run()
@@ -67,6 +72,7 @@ def run_demo(workdir: Path, num_workers: int = 2, show: int = 3, spec: ToySpec =
             print(f"  {mark} #{row['rank']} {row['doc_id']} score {row['score']:+.3g}  {texts[row['doc_id']][:90]!r}")
     mrr, recall = retrieval_metrics(topk, gold)
     print(f"\n{len(gold)} queries: MRR {mrr:.3f}  Recall@10 {recall:.3f}  (* = a gold document)")
+    build_report(config.run_dir, reuse=True)
     return mrr, recall
 
 

@@ -98,6 +98,12 @@ class QueryVectors:
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "QueryVectors":
         return QueryVectors(self.ids, {n: v.map(lambda t: t.to(device=device, dtype=dtype)) for n, v in self.layers.items()})
 
+    def select(self, index: Sequence[int]) -> "QueryVectors":
+        """The queries at ``index``, in that order."""
+        rows = torch.tensor(list(index), dtype=torch.long)
+        return QueryVectors([self.ids[i] for i in index],
+                            {n: v.map(lambda t: t.index_select(0, rows)) for n, v in self.layers.items()})
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for v in self.layers.values() for t in v.tensors().values())
 

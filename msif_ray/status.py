@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from msif_ray.layout import MANIFEST, TOPK
+from msif_ray.layout import MANIFEST
 from msif_ray.progress import format_duration
 from msif_ray.storage import RunDir
+from msif_ray.summary import locations
 
 
 def describe(run_dir: str) -> str:
@@ -25,8 +26,7 @@ def describe(run_dir: str) -> str:
                     f"    {name:<12} shards {p['shards_total']}/{p['shards_total']} (computed {p['computed']}, "
                     f"reused {p['reused']})  docs {p['documents']}  tokens {p['tokens']}  {format_duration(p['seconds'])}"
                 )
-    lines.append(f"  result: {store.url(TOPK) if store.exists(TOPK) else 'not yet'}")
-    return "\n".join(lines)
+    return "\n".join(lines + locations(store))
 
 
 def _running_passes(store: RunDir, stage: str, key: str) -> list[str]:

@@ -106,7 +106,10 @@ def test_empty_documents_are_skipped_and_counted(tmp_path, world, ray_session, c
     rows = pq.read_table(world.corpus).to_pylist() + [{"id": "blank", "text": "   \n"}, {"id": "empty", "text": ""}]
     config = write_config(tmp_path, world, method="grad_dot", **{"data.corpus.paths": [corpus_file(tmp_path, rows)]})
     assert main(["run", str(config)]) == 0
+    summary = capsys.readouterr().out.split("── msif run: finished in", 1)[1]  # the run ends with its summary
+    assert "scores: shards 4 computed / 0 reused" in summary and "report/index.html" in summary
     store = RunDir(str(tmp_path / "run"))
+    assert store.exists("report/index.html")
     assert store.read_json(MANIFEST)["stages"]["scores"]["passes"]["scores"]["skipped_empty"] == 2
     assert not {"blank", "empty"} & set(store.read_parquet(TOPK)["doc_id"].to_pylist())
     assert main(["status", str(tmp_path / "run")]) == 0

@@ -10,5 +10,7 @@ def test_demo_finds_gold_documents_and_reruns_from_cache(tmp_path, ray_session, 
     assert "MRR" in out and "query q-000" in out
     # Chance level is about (gold documents per query) / (documents) ≈ 0.03 here.
     assert mrr > 0.3 and recall > 0.2
+    assert (tmp_path / "run" / "report" / "index.html").exists()
     assert run_demo(tmp_path, num_workers=2, spec=ToySpec.small()) == (mrr, recall)
-    assert "[scores] up to date, skipped" in capsys.readouterr().out
+    rerun = capsys.readouterr().out
+    assert "[scores] up to date, skipped" in rerun and "[report] up to date, skipped" in rerun

@@ -1,0 +1,143 @@
+"""The report's small Ray pass: per-token and per-layer breakdowns of the documents a report shows.
+
+Only the shown documents are recomputed (a few per query), never the corpus: each job is one
+corpus shard that holds some of them, with, per document, the queries it is shown for. A worker
+reads that shard's text, keeps the wanted documents and computes, against those queries only:
+
+    per layer  ⟨Ṽ_q,l , G_m,l⟩                      TrackedLM.score       [L] per (document, query)
+    per token  Σ_l s_tᵀ Ṽ_q,l a_t at position t     TrackedLM.token_scores [T] per (document, query)
+
+Both sum to the document's score. Position t's term is driven by the loss of predicting token
+t + 1 (directly at t; through attention, later positions too): the report credits it to that
+predicted token, so token 0 (context only) gets nothing and the last position, which predicts
+nothing and so has s_t = 0, is dropped. Highlights use the fast tokenizer's character offsets.
+
+The results are small (a float per token per shown pair) and return to the driver through Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import ray
+import torch
+
+from msif_ray.data import Shard, read_documents
+from msif_ray.distributed.worker import load_query_vectors as load_batch_files
+from msif_ray.influence import Examples, QueryVectors, TrackedLM
+from msif_ray.layout import MANIFEST
+from msif_ray.models import load_model, load_tokenizer, pick_device
+from msif_ray.storage import RunDir
+
+def load_query_vectors(store: RunDir) -> QueryVectors:
+    """The preconditioned queries Ṽ_q of a run (every batch file of its queries stage), on CPU."""
+    manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {}
+    record = manifest.get("stages", {}).get("queries", {})
+    files = [n for n in store.list(f"queries/{record.get('fingerprint')}") if n.endswith(".safetensors")]
+    if record.get("state") != "done" or not files:
+        raise FileNotFoundError(f"{store.url('queries')}: no preconditioned queries; run `msif run` first")
+    return load_batch_files(store, files)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    """What every report worker needs: the run, the corpus-side model and how it was run."""
+
+    run_dir: str
+    model: str  # Config.corpus_model: the model whose gradients G_m were scored
+    tokenizer: str
+    include: str | None
+    exclude: str | None
+    max_length: int
+    batch_size: int
+    num_threads: int
+    num_gpus: float
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class ExplainJob:
+    """The shown documents of one shard: ``wanted`` is ((doc_id, (query id, ...)), ...)."""
+
+    shard: Shard
+    id_column: str
+    text_column: str
+    wanted: tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def credit_predicted_tokens(per_position: torch.Tensor) -> torch.Tensor:
+    """[T, Q] contributions by input position -> by predicted token: row t + 1 gets position t's.
+
+    Row 0 is zero (token 0 is predicted by nothing); the last position's term, which predicts no
+    token (and is exactly zero in a causal model), is dropped.
+    """
+    credited = torch.zeros_like(per_position)
+    credited[1:] = per_position[:-1]
+    return credited
+
+
+@ray.remote
+class ReportWorker:
+    def __init__(self, settings: ReportSettings):
+        torch.set_num_threads(settings.num_threads)
+        self.settings = settings
+        self.tokenizer = load_tokenizer(settings.tokenizer, trust_remote_code=settings.trust_remote_code)
+        self.device = pick_device(settings.num_gpus)
+        self._lm: TrackedLM | None = None
+        self._vectors: QueryVectors | None = None
+        self._query_index: dict[str, int] = {}
+
+    def ready(self) -> bool:
+        return True
+
+    def _load(self) -> TrackedLM:
+        if self._lm is None:
+            s = self.settings
+            model = load_model(s.model, self.device, s.trust_remote_code)
+            self._lm = TrackedLM(model, self.tokenizer, s.include, s.exclude, s.max_length, s.batch_size)
+            self._vectors = load_query_vectors(RunDir(s.run_dir))
+            self._query_index = {q: i for i, q in enumerate(self._vectors.ids)}
+        return self._lm
+
+    def _select(self, query_ids: Sequence[str]) -> QueryVectors:
+        """Ṽ of the given queries only, in that order."""
+        unknown = [q for q in query_ids if q not in self._query_index]
+        if unknown:
+            raise ValueError(f"queries {unknown[:5]} are not among the run's preconditioned queries; rerun msif run")
+        return self._vectors.select([self._query_index[q] for q in query_ids])
+
+    def explain(self, job: ExplainJob) -> dict:
+        """Breakdowns of the shard's wanted documents: {"layers", "documents", "tokens", "seconds"}.
+
+        Each document: {"doc_id", "text", "offsets": [[start, end], ...] per token, "queries":
+        {query id: {"tokens": [T] credited to predicted tokens, "layers": [L]}}}.
+        """
+        start = time.monotonic()
+        lm = self._load()
+        wanted = dict(job.wanted)
+        documents = [d for d in read_documents(job.shard, job.id_column, job.text_column)[0] if d.doc_id in wanted]
+        missing = sorted(set(wanted) - {d.doc_id for d in documents})
+        if missing:
+            raise ValueError(f"{job.shard.path} rows {job.shard.row_start}-{job.shard.row_stop}: documents "
+                             f"{missing[:5]} are no longer there; the corpus changed since the run (rerun msif run)")
+        union = sorted({q for d in documents for q in wanted[d.doc_id]})
+        column = {q: i for i, q in enumerate(union)}
+        per_layer = lm.score(Examples.documents([d.text for d in documents]), self._select(union)).per_layer
+        out, tokens = [], 0
+        for k, doc in enumerate(documents):
+            queries = wanted[doc.doc_id]
+            ids, per_position = lm.token_scores(doc.text, self._select(queries))
+            encoding = self.tokenizer(doc.text, add_special_tokens=True, return_offsets_mapping=True)
+            if list(encoding["input_ids"]) != list(ids):
+                raise RuntimeError(f"document {doc.doc_id!r}: windows do not reproduce the tokenization")
+            credited = credit_predicted_tokens(per_position)
+            tokens += len(ids)
+            out.append({
+                "doc_id": doc.doc_id, "text": doc.text, "offsets": [list(o) for o in encoding["offset_mapping"]],
+                "queries": {q: {"tokens": credited[:, i].tolist(), "layers": per_layer[:, k, column[q]].tolist()}
+                            for i, q in enumerate(queries)},
+            })
+        return {"layers": lm.layers, "documents": out, "tokens": tokens, "seconds": round(time.monotonic() - start, 3)}
+
