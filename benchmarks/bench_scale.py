@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from msif_ray.config import config_from_dict  # noqa: E402
 from msif_ray.curvature import LayerFactors  # noqa: E402
-from msif_ray.influence import Chain, TokenGradient  # noqa: E402
+from msif_ray.influence import Chain, TokenGradient, cross_rotations  # noqa: E402
 from msif_ray.modules import LayerSpec, layer_spec, select_modules  # noqa: E402
 from msif_ray.plan import NOMINAL_DEVICES, make_plan  # noqa: E402
 
@@ -201,9 +201,9 @@ def section_precondition(args, results: dict) -> None:
     generator = torch.Generator().manual_seed(0)
     queries, tokens, rank = (2, 8, 8) if args.smoke else (4, 24, 32)
 
-    def factors(s: LayerSpec) -> LayerFactors:
-        q_a = torch.linalg.qr(torch.randn(s.in_dim, s.in_dim, generator=generator)).Q
-        q_s = torch.linalg.qr(torch.randn(s.out_features, s.out_features, generator=generator)).Q
+    def factors(s: LayerSpec) -> LayerFactors:  # timing only: the bases need not be orthogonal
+        q_a = torch.randn(s.in_dim, s.in_dim, generator=generator) / s.in_dim**0.5
+        q_s = torch.randn(s.out_features, s.out_features, generator=generator) / s.out_features**0.5
         return LayerFactors(q_a, q_s, torch.rand(s.out_features, s.in_dim, generator=generator) + 0.1)
 
     timings = {}
@@ -218,7 +218,8 @@ def section_precondition(args, results: dict) -> None:
             v = ft.inverse_apply(g, 0.1) if method == "multi_stage" else g
             pt.inverse_apply(v, 0.1)
             before += time.process_time() - start
-            chain = Chain(method, lambda name, f=pt: f, lambda name, f=ft: f, 0.1, 0.1)
+            cross = cross_rotations(pt, ft)  # computed once per layer and worker, then cached (worker.StoredFactors)
+            chain = Chain(method, lambda name, f=pt: f, lambda name, f=ft: f, 0.1, 0.1, lambda name, c=cross: c)
             start = time.process_time()
             chain.layer(s.name, TokenGradient([(a, g_s, torch.arange(queries))], queries), rank)
             after += time.process_time() - start

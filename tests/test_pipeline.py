@@ -119,7 +119,7 @@ def test_driver_killed_then_resumed(phase, world, ray_session, one_row_shards, t
     assert 0 < done_before < 14, f"the driver was not killed mid-{phase}"
     assert not (run_dir / TOPK).exists()
 
-    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     manifest = RunDir(str(run_dir)).read_json(MANIFEST)
     skipped = ("factors/finetune",) if phase == "factors" else ("factors/finetune", "factors/pretrain", "queries")

@@ -30,7 +30,7 @@ from msif_ray.data import Shard, read_documents, read_pair_shard, read_pairs, sa
 from msif_ray.distributed.checkpoints import Accumulation
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
 from msif_ray.gradients import Fisher
-from msif_ray.influence import Chain, Examples, Method, QueryVectors, TrackedLM, precondition_queries
+from msif_ray.influence import Chain, Examples, Method, QueryVectors, TrackedLM, cross_rotations, precondition_queries
 from msif_ray.layout import done_marker, eigen_file, factor_layer
 from msif_ray.models import load_model, load_tokenizer, pick_device, weight_dtype
 from msif_ray.scoring import QueryGroup, extremes_table, score_windows
@@ -214,7 +214,9 @@ class ShardWorker:
         self._maybe_crash("precondition")
         batches = lm.batches(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries], ids))
         load = lambda folder: None if folder is None else (lambda layer: self._factors.layer(folder, layer))  # noqa: E731
-        chain = Chain(spec.method, load(spec.pretrain), load(spec.finetune), spec.damping_pretrain, spec.damping_finetune)
+        cross = (lambda layer: self._factors.cross(spec.pretrain, spec.finetune, layer)) if spec.finetune else None
+        chain = Chain(spec.method, load(spec.pretrain), load(spec.finetune), spec.damping_pretrain, spec.damping_finetune,
+                      cross)
         vectors = precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
         self.run_dir.save_tensors(job.output, vectors.to_tensors(), {"query_ids": json.dumps(ids), "method": spec.method})
         return self._finish(job, job.output, start, ids, 0, sum(b.num_tokens for b in batches))
@@ -254,25 +256,32 @@ class ShardWorker:
 
 
 class StoredFactors:
-    """Per-layer factors read from the run directory on demand, the most recent kept up to a byte budget."""
+    """Per-layer factors read from the run directory on demand, and the multi-stage chain's cross-basis
+    rotations computed from them; the most recently used are kept up to a byte budget."""
 
     def __init__(self, store: RunDir, budget_bytes: int):
         self.store, self.budget = store, budget_bytes
-        self.cache: OrderedDict[tuple[str, str], LayerFactors] = OrderedDict()
+        self.cache: OrderedDict[tuple[str, ...], tuple[torch.Tensor, ...]] = OrderedDict()
 
     def layer(self, factors: str, layer: str) -> LayerFactors:
-        key = (factors, layer)
-        if key not in self.cache:
+        def load() -> tuple[torch.Tensor, ...]:
             tensors, _ = self.store.load_tensors(factor_layer(factors, layer))
-            self.cache[key] = LayerFactors(tensors["Q_A"], tensors["Q_S"], tensors["lambda"])
-            while len(self.cache) > 1 and sum(map(_factor_bytes, self.cache.values())) > self.budget:
+            return tensors["Q_A"], tensors["Q_S"], tensors["lambda"]
+
+        return LayerFactors(*self._cached(("layer", factors, layer), load))
+
+    def cross(self, pretrain: str, finetune: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._cached(("cross", pretrain, finetune, layer),
+                            lambda: cross_rotations(self.layer(pretrain, layer), self.layer(finetune, layer)))
+
+    def _cached(self, key: tuple[str, ...], make: Callable[[], tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        if key not in self.cache:
+            self.cache[key] = make()
+            while len(self.cache) > 1 and sum(t.numel() * t.element_size() for v in self.cache.values()
+                                              for t in v) > self.budget:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
         return self.cache[key]
-
-
-def _factor_bytes(f: LayerFactors) -> int:
-    return sum(t.numel() * t.element_size() for t in (f.a_vectors, f.s_vectors, f.lambdas))
 
 
 def load_query_vectors(store: RunDir, files: tuple[str, ...] | list[str]) -> QueryVectors:
