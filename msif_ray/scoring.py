@@ -106,8 +106,8 @@ def layer_scores(a: torch.Tensor, s: torch.Tensor, ops: LayerOperands, num_queri
     flat_a, flat_s = a.flatten(0, 1), s.flatten(0, 1)
     for lo, hi in _query_blocks(num_queries, ops.rank, batch * tokens):
         cols = slice(lo * ops.rank, hi * ops.rank)
-        products = (flat_s @ ops.left[:, cols]) * (flat_a @ ops.right[:, cols])  # [B·T, q·r]
-        scores[:, lo:hi] = products.view(batch, tokens, hi - lo, ops.rank).sum((1, 3))
+        products = (flat_s @ ops.left[:, cols]).mul_(flat_a @ ops.right[:, cols])  # [B·T, q·r]
+        scores[:, lo:hi] = products.view(batch, tokens, -1).sum(1).view(batch, hi - lo, ops.rank).sum(-1)
     return scores
 
 
