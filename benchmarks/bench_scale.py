@@ -470,12 +470,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    results = {"threads": 1, "machine": f"{os.cpu_count()} CPU cores", "smoke": args.smoke}
+    out = Path(args.out) if args.out else None
+    results = json.loads(out.read_text()) if out and out.exists() else {}  # sections run now replace theirs
+    results |= {"threads": 1, "machine": f"{os.cpu_count()} CPU cores", "smoke": args.smoke}
     for name in args.sections.split(","):
         SECTIONS[name](args, results)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -154,7 +154,9 @@ def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_p
 
     The multi_stage run uses query batches of 1, one query per scoring pass (two corpus passes) and
     three layer groups; single_stage uses rank-2 query vectors. Empirical Fisher, so that factors
-    do not depend on how labels are seeded; float32 models, so rtol 1e-4 (summation order).
+    do not depend on how labels are seeded. Float32 models and sums in another order (per shard and
+    worker vs one pass): each score within 1e-4 of the largest score's magnitude (small scores are
+    differences of large terms, so a relative tolerance on each would measure cancellation).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -191,9 +193,10 @@ def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_p
     want = corpus_lm.score(documents, vectors).total
     got = {(q, d): s for q, d, s in zip(topk["query_id"], topk["doc_id"], topk["score"])}
     assert len(got) == len(docs) * len(queries)
+    scale = float(want.abs().max())
     for i, doc in enumerate(docs):
         for j, query in enumerate(queries):
-            assert got[(query.id, doc["id"])] == pytest.approx(float(want[i, j]), rel=1e-4, abs=1e-6)
+            assert got[(query.id, doc["id"])] == pytest.approx(float(want[i, j]), rel=1e-4, abs=1e-4 * scale)
 
 
 def test_zero_quota_shards_are_not_visited(world, ray_session, tmp_path):
