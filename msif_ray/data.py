@@ -18,13 +18,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
@@ -275,17 +278,82 @@ def read_documents(shard: Shard, id_column: str, text_column: str) -> tuple[list
     """The documents of one shard, and how many rows were skipped for an empty text.
 
     A text that is null, empty or only whitespace is skipped (and counted); one that is not a
-    string or not valid UTF-8 raises ``DataError``. Ids are returned as strings.
+    string or not valid UTF-8 raises ``DataError``. Ids are returned as strings and must be unique
+    within the shard after that conversion (``1`` and ``"1"`` collide); ``check_unique_ids``
+    compares them across shards.
     """
     documents, skipped = [], 0
+    seen: dict[str, tuple[int, object]] = {}
     for row, record in _rows(shard.path, [id_column, text_column], shard.row_start, shard.row_stop, shard.byte_offset):
+        doc_id = _identifier(shard.path, row, id_column, record[id_column])
+        if doc_id in seen:
+            raise _duplicate(doc_id, id_column, (shard.path, *seen[doc_id]), (shard.path, row, record[id_column]))
+        seen[doc_id] = (row, record[id_column])
         text = record[text_column]
         if text is None or (isinstance(text, str) and not text.strip()):
             skipped += 1
             continue
-        documents.append(Document(_identifier(shard.path, row, id_column, record[id_column]),
-                                  _text(shard.path, row, text_column, text)))
+        documents.append(Document(doc_id, _text(shard.path, row, text_column, text)))
     return documents, skipped
+
+
+def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int = 4_000_000) -> None:
+    """Raise ``DataError`` naming both rows when two rows of the shards share an id (after ``str()``).
+
+    Memory stays bounded whatever the corpus size: each id is hashed to 64 bits, and the hashes are
+    spilled to ``P`` temporary files by ``hash mod P`` (P chosen so that one file holds at most
+    ``ids_in_memory`` hashes, 8 bytes each: 32 MB by default); each file is then sorted on its own
+    to find repeated hashes. Equal hashes are only suspects (two of 10^8 distinct ids share a 64-bit
+    hash with probability ~3e-4), so a second pass reads the rows again, keeping only the ids whose
+    hash is suspect, and raises for a true duplicate. Reads only the id column (Parquet: that
+    column alone; JSON Lines: every line is parsed). Disk: 8 bytes per row, in the temp folder.
+    """
+    total = sum(s.num_rows for s in shards)
+    partitions = max(1, -(-total // ids_in_memory))
+    suspects: set[int] = set()
+    with tempfile.TemporaryDirectory(prefix="msif-ids-") as spill:
+        names = [os.path.join(spill, f"{p}.u64") for p in range(partitions)]
+        files = [open(name, "wb") for name in names]
+        try:
+            for shard in shards:
+                hashes = np.fromiter((_id_hash(doc_id) for doc_id, _ in _shard_ids(shard, id_column)), dtype=np.uint64)
+                which = hashes % np.uint64(partitions)
+                for p in range(partitions):
+                    files[p].write(hashes[which == p].tobytes())
+        finally:
+            for f in files:
+                f.close()
+        for name in names:
+            hashes = np.sort(np.fromfile(name, dtype=np.uint64))
+            suspects.update(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not suspects:
+        return
+    first: dict[str, tuple[str, int, object]] = {}
+    for shard in shards:
+        for doc_id, (row, value) in _shard_ids(shard, id_column):
+            if _id_hash(doc_id) in suspects:
+                if doc_id in first:
+                    raise _duplicate(doc_id, id_column, first[doc_id], (shard.path, row, value))
+                first[doc_id] = (shard.path, row, value)
+
+
+def _shard_ids(shard: Shard, id_column: str) -> Iterator[tuple[str, tuple[int, object]]]:
+    """``(id as a string, (row, id as stored))`` for every row of a shard."""
+    for row, record in _rows(shard.path, [id_column], shard.row_start, shard.row_stop, shard.byte_offset):
+        yield _identifier(shard.path, row, id_column, record[id_column]), (row, record[id_column])
+
+
+def _id_hash(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _duplicate(doc_id: str, id_column: str, first: tuple[str, int, object], second: tuple[str, int, object]) -> DataError:
+    (path_a, row_a, value_a), (path_b, row_b, value_b) = first, second
+    kinds = "" if type(value_a) is type(value_b) else (
+        f" ({value_a!r}, {type(value_a).__name__}, and {value_b!r}, {type(value_b).__name__}, are the same id as text)")
+    return DataError(f"{path_b}, row {row_b}: duplicate id {doc_id!r} in column {id_column!r}, first at {path_a}, "
+                     f"row {row_a}{kinds}; every document needs a unique id (a document listed twice would be "
+                     "scored twice)")
 
 
 def sample_quotas(shards: Sequence[Shard], max_examples: int | None) -> dict[str, int | None]:

@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from msif_ray.config import Config
+from msif_ray.config import Config, ConfigError, redact_secrets
 from msif_ray.curvature import LambdaSums, finish_factors
 from msif_ray.data import (
-    PARQUET_SUFFIXES, DataError, Shard, check_columns, expand_paths, plan_shards, read_documents, read_pairs, sample_quotas,
+    PARQUET_SUFFIXES, DataError, Shard, check_columns, check_unique_ids, expand_paths, plan_shards, read_documents, read_pairs,
+    sample_quotas,
 )
 from msif_ray.distributed.pool import WorkerPool
 from msif_ray.distributed.reduce import eigendecompose, load_bases, reduce_covariances, reduce_lambdas, run_bounded
@@ -77,7 +78,7 @@ class Pipeline:
         started = time.monotonic()
         cfg = self.config
         plan = plan or self.validate()
-        self._save_manifest(config=cfg.to_dict(), shards={"corpus": [s.shard_id for s in plan.corpus_shards]})
+        self._save_manifest(config=redact_secrets(cfg.to_dict()), shards={"corpus": [s.shard_id for s in plan.corpus_shards]})
         try:
             pretrain = finetune = None
             if cfg.method == "multi_stage":
@@ -92,6 +93,7 @@ class Pipeline:
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
+                self.pool = None  # its actors are gone: a next run() starts a new pool
         self.log(f"done in {time.monotonic() - started:.1f}s: {self.store.url(TOPK)}")
         return self.store.url(TOPK)
 
@@ -101,7 +103,7 @@ class Pipeline:
         """Every check that needs no heavy compute, so that bad input fails in seconds."""
         cfg = self.config
         if cfg.scoring.mode != "exact":
-            raise ValueError("scoring.mode: only 'exact' is available in this version; set scoring.mode: exact")
+            raise ConfigError("scoring.mode: only 'exact' is available in this version; set scoring.mode: exact")
         trust = cfg.models.trust_remote_code
         pretrained = load_config(cfg.models.pretrained, "models.pretrained", trust)
         if cfg.models.finetuned:
@@ -118,6 +120,7 @@ class Pipeline:
         for shard in plan.corpus_shards:  # JSON Lines text is decoded (and so checked) only by reading it
             if not shard.path.endswith(PARQUET_SUFFIXES):
                 read_documents(shard, corpus.id_column, corpus.text_column)
+        check_unique_ids(plan.corpus_shards, corpus.id_column)
         q = cfg.data.queries
         num_queries = _check_pairs(tokenizer, expand_paths(q.paths), q.prompt_column, q.completion_column, q.id_column)
         if cfg.method == "multi_stage":
