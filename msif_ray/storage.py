@@ -30,15 +30,15 @@ import socket
 import struct
 import time
 import uuid
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from fsspec.implementations.local import LocalFileSystem
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+
+if TYPE_CHECKING:  # torch is imported where tensors are saved or loaded: the lock and the checks need no torch
+    import torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,10 +130,14 @@ class RunDir:
 
     def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
         """Save contiguous CPU-or-device tensors as safetensors, with string metadata."""
+        from safetensors.torch import save as save_safetensors
+
         self.write_bytes(name, save_safetensors(tensors, metadata))
 
     def load_tensors(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors (on CPU) and the string metadata of a safetensors artifact."""
+        from safetensors.torch import load as load_safetensors
+
         data = self.read_bytes(name)
         return load_safetensors(data), safetensors_metadata(data)
 
