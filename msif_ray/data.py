@@ -10,7 +10,9 @@ metadata alone (Parquet footers; one streaming pass over a JSON Lines file to co
 and ``read_documents`` reads one shard, so memory holds one shard at a time. Fine-tuning data
 and queries are small and read whole with ``read_pairs`` (or per shard with ``read_pair_shard``).
 
-Errors in the input raise ``DataError`` naming the file, the row and the column.
+Errors in the input raise ``DataError`` naming the file, the row and the column. Transient
+object-store errors are retried (``msif_ray.storage.with_retries``) around whole operations: a
+listing, a footer, a whole shard or file of pairs, which are re-read from their start.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from msif_ray.storage import with_retries
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -86,7 +90,11 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         fs, path = fsspec.core.url_to_fs(pattern)
-        found = sorted(_url(fs, p) for p, info in fs.glob(path, detail=True).items() if info["type"] == "file")
+        try:
+            matches = with_retries(lambda: fs.glob(path, detail=True), f"list {pattern}")
+        except PermissionError as err:
+            raise DataError(f"{pattern}: access denied ({err}); check the credentials and the bucket policy") from None
+        found = sorted(_url(fs, p) for p, info in matches.items() if info["type"] == "file")
         if not found:
             raise DataError(f"{pattern}: no file matches this path or pattern; check data paths in the config")
         files += [f for f in found if f not in files]
@@ -120,7 +128,7 @@ def check_columns(paths: Sequence[str], columns: Sequence[str]) -> None:
     (a later record without the column is caught when it is read).
     """
     for path in paths:
-        _require_columns(path, _columns_of(path), columns)
+        _require_columns(path, with_retries(lambda: _columns_of(path), f"read {path}"), columns)
 
 
 def _columns_of(path: str) -> list[str]:
@@ -152,7 +160,7 @@ def plan_shards(paths: Sequence[str], rows_per_shard: int) -> list[Shard]:
         raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
     shards = []
     for path in paths:
-        num_rows, byte_offsets = _count_rows(path, rows_per_shard)
+        num_rows, byte_offsets = with_retries(lambda: _count_rows(path, rows_per_shard), f"read {path}")
         for start in range(0, num_rows, rows_per_shard):
             stop = min(start + rows_per_shard, num_rows)
             shards.append(Shard(path, start, stop, shard_id(path, start, stop), byte_offsets.get(start, 0)))
@@ -282,6 +290,10 @@ def read_documents(shard: Shard, id_column: str, text_column: str) -> tuple[list
     within the shard after that conversion (``1`` and ``"1"`` collide); ``check_unique_ids``
     compares them across shards.
     """
+    return with_retries(lambda: _read_documents(shard, id_column, text_column), f"read {shard.path}")
+
+
+def _read_documents(shard: Shard, id_column: str, text_column: str) -> tuple[list[Document], int]:
     documents, skipped = [], 0
     seen: dict[str, tuple[int, object]] = {}
     for row, record in _rows(shard.path, [id_column, text_column], shard.row_start, shard.row_stop, shard.byte_offset):
@@ -394,6 +406,11 @@ def read_pairs(paths: Sequence[str], prompt_column: str, completion_column: str,
     Without ``id_column`` an id is the row number within its file, as a string. With one, ids
     must be unique across the files. An empty completion raises ``DataError``.
     """
+    return with_retries(lambda: _read_pairs(paths, prompt_column, completion_column, id_column), f"read {paths[0]}")
+
+
+def _read_pairs(paths: Sequence[str], prompt_column: str, completion_column: str,
+                id_column: str | None) -> list[PromptCompletion]:
     pairs: list[PromptCompletion] = []
     seen: dict[str, str] = {}
     for path in paths:
@@ -408,9 +425,11 @@ def read_pairs(paths: Sequence[str], prompt_column: str, completion_column: str,
 def read_pair_shard(shard: Shard, prompt_column: str, completion_column: str,
                     id_column: str | None = None) -> list[PromptCompletion]:
     """The pairs of one shard, checked as in ``read_pairs`` (ids are not compared across shards)."""
-    rows = _pairs(shard.path, prompt_column, completion_column, id_column, shard.row_start, shard.row_stop,
-                  shard.byte_offset)
-    return [pair for pair, _ in rows]
+    def read() -> list[PromptCompletion]:
+        rows = _pairs(shard.path, prompt_column, completion_column, id_column, shard.row_start, shard.row_stop,
+                      shard.byte_offset)
+        return [pair for pair, _ in rows]
+    return with_retries(read, f"read {shard.path}")
 
 
 def _pairs(path: str, prompt_column: str, completion_column: str, id_column: str | None, start: int = 0,

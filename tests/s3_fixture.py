@@ -48,9 +48,11 @@ class FaultProxy:
     """Forwards HTTP requests to ``upstream`` (host, port), failing some on demand.
 
     ``fail_next(kinds)`` makes the next ``len(kinds)`` requests fail, one kind each (``slowdown``,
-    ``internal``, ``reset``: the connection is closed without an answer). ``deny(prefix)`` answers
-    403 AccessDenied to every request whose path starts with ``/prefix``. ``failed`` counts the
-    requests failed so far.
+    ``internal``, ``reset``: the connection is closed without an answer; ``lost_reply``: the request
+    reaches moto, and then the connection is closed, so that the client never learns that its write
+    happened). ``deny(prefix)`` answers 403 AccessDenied to every request whose path starts with
+    ``/prefix``. ``failed`` counts the requests failed so far; ``requests`` lists (method, path) of
+    every request forwarded to moto.
     """
 
     def __init__(self, upstream: tuple[str, int]):
@@ -58,6 +60,7 @@ class FaultProxy:
         self.pending: deque[str] = deque()
         self.denied: set[str] = set()
         self.failed = 0
+        self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.server.daemon_threads = True
@@ -115,7 +118,7 @@ class FaultProxy:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if fault is not None:
+                if fault is not None and fault != "lost_reply":
                     status, code = ERRORS[fault]
                     payload = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
                                f"<Message>injected {code}</Message></Error>").encode()
@@ -126,6 +129,7 @@ class FaultProxy:
                     if self.command != "HEAD":
                         self.wfile.write(payload)
                     return
+                proxy.requests.append((self.command, self.path))
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
                     headers["Content-Length"] = str(len(body))
@@ -134,6 +138,10 @@ class FaultProxy:
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()
                     data = response.read()
+                    if fault == "lost_reply":
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
                     self.send_response(response.status, response.reason)
                     for name, value in response.getheaders():
                         if name.lower() not in HOP_BY_HOP and name.lower() != "content-length":
@@ -168,6 +176,9 @@ def s3_proxy() -> Iterator[FaultProxy]:
         env.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
         env.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
         env.setenv("AWS_ENDPOINT_URL", endpoint)
+        # botocore retries a failed request itself (legacy mode: 5 attempts, up to ~15 s of backoff);
+        # two attempts keep fault-injection tests fast and leave the rest to msif_ray.storage's retries.
+        env.setenv("AWS_MAX_ATTEMPTS", "2")
         s3fs.S3FileSystem.clear_instance_cache()  # no client made before the environment was set
         try:
             yield proxy
