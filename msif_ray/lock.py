@@ -210,6 +210,9 @@ class RunDirLock:
             holder, etag, age = self._current()
             if etag is None:
                 continue
+            if holder is not None and holder.token == self.holder.token:
+                self._etag = etag  # our own PUT succeeded, its reply was lost and the retry found it
+                return
             ttl = holder.ttl_seconds if holder else self.ttl
             if age <= ttl:
                 who = holder.describe() if holder else "an unreadable lease"

@@ -108,6 +108,9 @@ def test_msif_run_refused_while_another_run_holds_the_lock(world, tmp_path, caps
     with RunDirLock(RunDir(tmp_path / "run")):
         capsys.readouterr()
         assert main(["run", str(config)]) == EXIT_LOCKED
-    message = capsys.readouterr().err
+        message = capsys.readouterr().err
+        assert not (tmp_path / "run" / MANIFEST).exists()  # the refused run wrote nothing
+        RunDir(tmp_path / "run").write_json(MANIFEST, {"stages": {}})
+        assert main(["status", str(tmp_path / "run")]) == 0
+        assert "locked by `msif run` on host" in capsys.readouterr().out
     assert message.startswith("msif: error: run directory") and f"pid {os.getpid()}" in message, message
-    assert not (tmp_path / "run" / MANIFEST).exists()
