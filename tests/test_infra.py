@@ -224,3 +224,12 @@ def test_dockerfile_installs_the_pinned_torch_and_the_project():
     assert IMAGE.endswith(f":{version}") and "pip install --no-cache-dir -e ." in text
     for copied in re.findall(r"^COPY (\S+) ", text, re.M):
         assert (REPO / copied).exists(), copied
+
+
+def test_example_configs_load():
+    from msif_ray.config import load_config
+
+    configs = sorted((REPO / "jobs" / "configs").glob("*.yaml"))
+    assert {p.name for p in configs} >= {"example.yaml", "nightly.yaml"}
+    for path in configs:
+        assert load_config(path).run_dir.startswith("s3://"), f"{path.name}: a cluster's run_dir must be shared storage"
