@@ -1,4 +1,9 @@
-"""``msif run | plan | status | report | demo``: the command line; each command ends with a one-screen summary."""
+"""``msif run | plan | status | report | demo``: the command line; each command ends with a one-screen summary.
+
+Exit codes: 0 done; 2 bad input (a one-line message naming the culprit, no traceback: only the
+project's own input-error classes count, see ``user_error``); 3 the run directory is locked by
+another live run (the message names it); anything else is a bug and shows its traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,12 @@ import time
 from pathlib import Path
 
 from msif_ray.config import Config, load_config
+from msif_ray.lock import LockHeldError, RunDirLock
 from msif_ray.models import cache_root
+from msif_ray.storage import RunDir, check_run_dir_shared, check_storage
+
+EXIT_BAD_INPUT = 2
+EXIT_LOCKED = 3
 
 
 def init_ray(config: Config) -> None:
@@ -22,38 +32,78 @@ def init_ray(config: Config) -> None:
              log_to_driver=True, configure_logging=False)
 
 
+def input_error_classes() -> tuple[type[BaseException], ...]:
+    """The project's own classes of bad input. Anything else (KeyError, pyarrow's ValueErrors, a
+    FileNotFoundError of a lost artifact, ...) is a bug or an outage and keeps its traceback."""
+    from msif_ray.config import ConfigError
+    from msif_ray.data import DataError
+    from msif_ray.gradients import InputError
+    from msif_ray.models import ModelError
+    from msif_ray.modules import ModuleSelectionError, NonFiniteWeightsError
+    from msif_ray.plan import PlanError, WorkerMemoryError
+    from msif_ray.distributed.report_pass import ReportError
+    from msif_ray.storage import StorageError
+
+    return (ConfigError, DataError, InputError, ModelError, ModuleSelectionError, NonFiniteWeightsError, StorageError,
+            PlanError, WorkerMemoryError, ReportError)
+
+
 def user_error(err: BaseException) -> BaseException | None:
     """The input error behind ``err`` (unwrapping Ray's task errors), or None for a bug."""
     from ray.exceptions import RayTaskError
 
     while isinstance(err, RayTaskError) and err.cause is not None:
         err = err.cause
-    return err if isinstance(err, (ValueError, KeyError, FileNotFoundError, FloatingPointError, MemoryError)) else None
+    return err if isinstance(err, input_error_classes() + (LockHeldError,)) else None
 
 
 def stages_now(run_dir: str) -> dict:
     """The manifest's stage records as they are now (to tell, at the end, which stages were reused)."""
-    from msif_ray.storage import RunDir
     from msif_ray.summary import read_manifest
 
     return read_manifest(RunDir(run_dir))["stages"]
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def run_locked(config: Config, command: str, work) -> None:
+    """``work(pipeline, inputs)`` under the run directory's lock, after every early check.
+
+    Order: the run directory is reachable and writable; the lock is taken (a second run stops
+    here); the inputs are validated and the plan checked against the memory budget (before Ray
+    starts); Ray starts; a local run directory is refused on a multi-node cluster. ``msif
+    nightly`` runs its work through this too.
+    """
     from msif_ray.pipeline import Pipeline
+
+    check_storage(config.run_dir, "run_dir")
+    with RunDirLock(RunDir(config.run_dir), command):
+        pipeline = Pipeline(config)
+        inputs = pipeline.validate()  # fail before starting Ray when the input is bad
+        pipeline.plan = pipeline.resource_plan(inputs)
+        pipeline.plan.check()  # ... or when it cannot fit the memory budget
+        init_ray(config)
+        check_run_dir_shared(config.run_dir, "run_dir", _alive_nodes())
+        work(pipeline, inputs)
+
+
+def _alive_nodes() -> int:
+    import ray
+
+    return sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from msif_ray.report import build_report
     from msif_ray.summary import summarize
 
     started = time.monotonic()
     config = load_config(args.config)
     before = stages_now(config.run_dir)
-    pipeline = Pipeline(config)
-    inputs = pipeline.validate()  # fail before starting Ray when the input is bad
-    pipeline.plan = pipeline.resource_plan(inputs)
-    pipeline.plan.check()  # ... or when it cannot fit the memory budget
-    init_ray(config)
-    pipeline.run(inputs)
-    build_report(config.run_dir, reuse=True)
+
+    def work(pipeline, inputs) -> None:
+        pipeline.run(inputs)
+        build_report(config.run_dir, reuse=True)
+
+    run_locked(config, "run", work)
     print(summarize(config.run_dir, "run", time.monotonic() - started, before))
     return 0
 
@@ -139,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         if cause is None:
             raise
         print(f"msif: error: {cause}", file=sys.stderr)
-        return 2
+        return EXIT_LOCKED if isinstance(cause, LockHeldError) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

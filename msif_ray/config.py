@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
 
@@ -457,6 +458,37 @@ class _Section:
                 close = difflib.get_close_matches(str(name), self.known, n=1)
                 hint = f"did you mean {self.dotted(close[0])}?" if close else f"known keys here: {', '.join(sorted(self.known))}"
                 raise ConfigError(f"{self.dotted(str(name))}: unknown key; {hint}")
+
+
+REDACTED = "REDACTED"
+
+
+def redact_secrets(value: object) -> object:
+    """``value`` (a config's ``to_dict()``, or any nested dicts/lists) with credentials in URLs masked.
+
+    In every string that is a URL (``scheme://``): the password of ``user:password@host`` and every
+    value of the query string (presigned URLs carry signatures, tokens and key ids there) become
+    ``REDACTED``; names, hosts and paths are kept, so a person still sees which file was meant. For
+    anything written where others read it: the manifest, logs.
+    """
+    if isinstance(value, dict):
+        return {k: redact_secrets(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_secrets(v) for v in value]
+    if not (isinstance(value, str) and "://" in value):
+        return value
+    try:
+        parts = urlsplit(value)
+    except ValueError:
+        return REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}" if ":" in userinfo else f"{REDACTED}@{host}"
+    query = urlencode([(k, REDACTED) for k, _ in parse_qsl(parts.query, keep_blank_values=True)], safe=REDACTED)
+    if parts.query and not query:
+        query = REDACTED  # a query that is not key=value pairs may still be a token
+    return urlunsplit((parts.scheme, netloc, parts.path, query, REDACTED if parts.fragment else ""))
 
 
 def _to_float(value: object) -> float:

@@ -10,7 +10,9 @@ metadata alone (Parquet footers; one streaming pass over a JSON Lines file to co
 and ``read_documents`` reads one shard, so memory holds one shard at a time. Fine-tuning data
 and queries are small and read whole with ``read_pairs`` (or per shard with ``read_pair_shard``).
 
-Errors in the input raise ``DataError`` naming the file, the row and the column.
+Errors in the input raise ``DataError`` naming the file, the row and the column. Transient
+object-store errors are retried (``msif_ray.storage.with_retries``) around whole operations: a
+listing, a footer, a whole shard or file of pairs, which are re-read from their start.
 """
 
 from __future__ import annotations
@@ -18,15 +20,20 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import random
 import re
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import fsspec
+import numpy as np
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
+
+from msif_ray.storage import with_retries
 
 PARQUET_SUFFIXES = (".parquet",)
 JSONL_SUFFIXES = (".jsonl", ".json")
@@ -83,7 +90,11 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         fs, path = fsspec.core.url_to_fs(pattern)
-        found = sorted(_url(fs, p) for p, info in fs.glob(path, detail=True).items() if info["type"] == "file")
+        try:
+            matches = with_retries(lambda: fs.glob(path, detail=True), f"list {pattern}")
+        except PermissionError as err:
+            raise DataError(f"{pattern}: access denied ({err}); check the credentials and the bucket policy") from None
+        found = sorted(_url(fs, p) for p, info in matches.items() if info["type"] == "file")
         if not found:
             raise DataError(f"{pattern}: no file matches this path or pattern; check data paths in the config")
         files += [f for f in found if f not in files]
@@ -117,7 +128,7 @@ def check_columns(paths: Sequence[str], columns: Sequence[str]) -> None:
     (a later record without the column is caught when it is read).
     """
     for path in paths:
-        _require_columns(path, _columns_of(path), columns)
+        _require_columns(path, with_retries(lambda: _columns_of(path), f"read {path}"), columns)
 
 
 def _columns_of(path: str) -> list[str]:
@@ -149,7 +160,7 @@ def plan_shards(paths: Sequence[str], rows_per_shard: int) -> list[Shard]:
         raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
     shards = []
     for path in paths:
-        num_rows, byte_offsets = _count_rows(path, rows_per_shard)
+        num_rows, byte_offsets = with_retries(lambda: _count_rows(path, rows_per_shard), f"read {path}")
         for start in range(0, num_rows, rows_per_shard):
             stop = min(start + rows_per_shard, num_rows)
             shards.append(Shard(path, start, stop, shard_id(path, start, stop), byte_offsets.get(start, 0)))
@@ -275,17 +286,86 @@ def read_documents(shard: Shard, id_column: str, text_column: str) -> tuple[list
     """The documents of one shard, and how many rows were skipped for an empty text.
 
     A text that is null, empty or only whitespace is skipped (and counted); one that is not a
-    string or not valid UTF-8 raises ``DataError``. Ids are returned as strings.
+    string or not valid UTF-8 raises ``DataError``. Ids are returned as strings and must be unique
+    within the shard after that conversion (``1`` and ``"1"`` collide); ``check_unique_ids``
+    compares them across shards.
     """
+    return with_retries(lambda: _read_documents(shard, id_column, text_column), f"read {shard.path}")
+
+
+def _read_documents(shard: Shard, id_column: str, text_column: str) -> tuple[list[Document], int]:
     documents, skipped = [], 0
+    seen: dict[str, tuple[int, object]] = {}
     for row, record in _rows(shard.path, [id_column, text_column], shard.row_start, shard.row_stop, shard.byte_offset):
+        doc_id = _identifier(shard.path, row, id_column, record[id_column])
+        if doc_id in seen:
+            raise _duplicate(doc_id, id_column, (shard.path, *seen[doc_id]), (shard.path, row, record[id_column]))
+        seen[doc_id] = (row, record[id_column])
         text = record[text_column]
         if text is None or (isinstance(text, str) and not text.strip()):
             skipped += 1
             continue
-        documents.append(Document(_identifier(shard.path, row, id_column, record[id_column]),
-                                  _text(shard.path, row, text_column, text)))
+        documents.append(Document(doc_id, _text(shard.path, row, text_column, text)))
     return documents, skipped
+
+
+def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int = 4_000_000) -> None:
+    """Raise ``DataError`` naming both rows when two rows of the shards share an id (after ``str()``).
+
+    Memory stays bounded whatever the corpus size: each id is hashed to 64 bits, and the hashes are
+    spilled to ``P`` temporary files by ``hash mod P`` (P chosen so that one file holds at most
+    ``ids_in_memory`` hashes, 8 bytes each: 32 MB by default); each file is then sorted on its own
+    to find repeated hashes. Equal hashes are only suspects (two of 10^8 distinct ids share a 64-bit
+    hash with probability ~3e-4), so a second pass reads the rows again, keeping only the ids whose
+    hash is suspect, and raises for a true duplicate. Reads only the id column (Parquet: that
+    column alone; JSON Lines: every line is parsed). Disk: 8 bytes per row, in the temp folder.
+    """
+    total = sum(s.num_rows for s in shards)
+    partitions = max(1, -(-total // ids_in_memory))
+    suspects: set[int] = set()
+    with tempfile.TemporaryDirectory(prefix="msif-ids-") as spill:
+        names = [os.path.join(spill, f"{p}.u64") for p in range(partitions)]
+        files = [open(name, "wb") for name in names]
+        try:
+            for shard in shards:
+                hashes = np.fromiter((_id_hash(doc_id) for doc_id, _ in _shard_ids(shard, id_column)), dtype=np.uint64)
+                which = hashes % np.uint64(partitions)
+                for p in range(partitions):
+                    files[p].write(hashes[which == p].tobytes())
+        finally:
+            for f in files:
+                f.close()
+        for name in names:
+            hashes = np.sort(np.fromfile(name, dtype=np.uint64))
+            suspects.update(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not suspects:
+        return
+    first: dict[str, tuple[str, int, object]] = {}
+    for shard in shards:
+        for doc_id, (row, value) in _shard_ids(shard, id_column):
+            if _id_hash(doc_id) in suspects:
+                if doc_id in first:
+                    raise _duplicate(doc_id, id_column, first[doc_id], (shard.path, row, value))
+                first[doc_id] = (shard.path, row, value)
+
+
+def _shard_ids(shard: Shard, id_column: str) -> Iterator[tuple[str, tuple[int, object]]]:
+    """``(id as a string, (row, id as stored))`` for every row of a shard."""
+    for row, record in _rows(shard.path, [id_column], shard.row_start, shard.row_stop, shard.byte_offset):
+        yield _identifier(shard.path, row, id_column, record[id_column]), (row, record[id_column])
+
+
+def _id_hash(doc_id: str) -> int:
+    return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _duplicate(doc_id: str, id_column: str, first: tuple[str, int, object], second: tuple[str, int, object]) -> DataError:
+    (path_a, row_a, value_a), (path_b, row_b, value_b) = first, second
+    kinds = "" if type(value_a) is type(value_b) else (
+        f" ({value_a!r}, {type(value_a).__name__}, and {value_b!r}, {type(value_b).__name__}, are the same id as text)")
+    return DataError(f"{path_b}, row {row_b}: duplicate id {doc_id!r} in column {id_column!r}, first at {path_a}, "
+                     f"row {row_a}{kinds}; every document needs a unique id (a document listed twice would be "
+                     "scored twice)")
 
 
 def sample_quotas(shards: Sequence[Shard], max_examples: int | None) -> dict[str, int | None]:
@@ -326,6 +406,11 @@ def read_pairs(paths: Sequence[str], prompt_column: str, completion_column: str,
     Without ``id_column`` an id is the row number within its file, as a string. With one, ids
     must be unique across the files. An empty completion raises ``DataError``.
     """
+    return with_retries(lambda: _read_pairs(paths, prompt_column, completion_column, id_column), f"read {paths[0]}")
+
+
+def _read_pairs(paths: Sequence[str], prompt_column: str, completion_column: str,
+                id_column: str | None) -> list[PromptCompletion]:
     pairs: list[PromptCompletion] = []
     seen: dict[str, str] = {}
     for path in paths:
@@ -340,9 +425,11 @@ def read_pairs(paths: Sequence[str], prompt_column: str, completion_column: str,
 def read_pair_shard(shard: Shard, prompt_column: str, completion_column: str,
                     id_column: str | None = None) -> list[PromptCompletion]:
     """The pairs of one shard, checked as in ``read_pairs`` (ids are not compared across shards)."""
-    rows = _pairs(shard.path, prompt_column, completion_column, id_column, shard.row_start, shard.row_stop,
-                  shard.byte_offset)
-    return [pair for pair, _ in rows]
+    def read() -> list[PromptCompletion]:
+        rows = _pairs(shard.path, prompt_column, completion_column, id_column, shard.row_start, shard.row_stop,
+                      shard.byte_offset)
+        return [pair for pair, _ in rows]
+    return with_retries(read, f"read {shard.path}")
 
 
 def _pairs(path: str, prompt_column: str, completion_column: str, id_column: str | None, start: int = 0,

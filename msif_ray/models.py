@@ -3,19 +3,35 @@
 Checks that only need ``config.json`` run on the driver before any heavy pass: a missing model,
 pre-trained and fine-tuned models of different architectures or shapes, a tokenizer whose ids do
 not fit the embedding. Non-finite weights are caught when a worker loads the model.
+
+Weights are read from safetensors files only: a directory with only pickled weights
+(``pytorch_model.bin``) is refused, since unpickling can run arbitrary code, even with
+``trust_remote_code`` on (that setting is about the model's Python code, not its weights).
+
+Remote models (``s3://...``) are downloaded once per node into ``$MSIF_CACHE/models`` (see
+``local_dir``): the cache entry is keyed by the URL and by the content of the remote files as
+their listing reports it (relative name, size, and the ETag, else the modification time), so a
+model replaced at the same URL is fetched again, and an unchanged one never is. The download
+runs under a file lock on the entry, into a folder of its own, renamed into place when complete:
+concurrent workers of one node wait for the first one's copy instead of writing into one folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 import fsspec
 import torch
+from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from msif_ray.modules import check_finite_weights
+from msif_ray.storage import with_retries
 
 # Config fields that fix the shapes of the weights; two models must agree on all of them.
 SHAPE_FIELDS = (
@@ -32,25 +48,67 @@ def cache_root() -> Path:
     return Path(os.environ.get("MSIF_CACHE", Path.home() / ".cache" / "msif-ray"))
 
 
+DOWNLOAD_TIMEOUT = 6 * 3600  # seconds a worker waits for another one's download of the same model
+
+
 def local_dir(path: str) -> str:
-    """A local directory holding ``path``: itself if local, else a cached copy of the remote directory."""
+    """A local directory holding ``path``: itself if local, else a cached copy of the remote directory.
+
+    The copy lives at ``$MSIF_CACHE/models/<hash of the URL>-<content key>`` (``content_key``) and
+    is made once per node: under a file lock, into ``<entry>.partial-<random>``, renamed into place.
+    """
     if "://" not in path or path.startswith("file://"):
         return path.removeprefix("file://")
-    target = cache_root() / "models" / hashlib.sha256(path.encode()).hexdigest()[:16]
-    if not (target / "config.json").exists():
-        fs, remote = fsspec.core.url_to_fs(path)
-        partial = target.with_name(target.name + ".partial")
-        fs.get(remote.rstrip("/") + "/", str(partial), recursive=True)
-        partial.rename(target)
+    fs, remote = fsspec.core.url_to_fs(path)
+    remote = remote.rstrip("/")
+    listing = with_retries(lambda: fs.find(remote, detail=True), f"list {path}")
+    if not listing:
+        raise FileNotFoundError(f"{path}: no such model directory (no file under it)")
+    target = cache_root() / "models" / f"{hashlib.sha256(path.encode()).hexdigest()[:12]}-{content_key(remote, listing)}"
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock", timeout=DOWNLOAD_TIMEOUT):
+        if not target.exists():  # another worker of this node may have finished it while we waited
+            partial = target.with_name(f"{target.name}.partial-{uuid.uuid4().hex[:8]}")
+            try:
+                with_retries(lambda: fs.get(remote + "/", str(partial), recursive=True), f"download {path}")
+                partial.rename(target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
     return str(target)
+
+
+def content_key(root: str, listing: dict[str, dict]) -> str:
+    """A digest of a remote directory's files: relative name, size and ETag (else mtime) of each."""
+    entries = []
+    for name, info in sorted(listing.items()):
+        version = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("created")
+        entries.append([name[len(root):].lstrip("/"), info.get("size"), str(version)])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def check_safetensors(directory: str, key: str, path: str) -> None:
+    """Refuse a model directory whose weights are not in safetensors files (pickled weights can run code)."""
+    files = os.listdir(directory)
+    if any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickled = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt")) or f.endswith(".bin.index.json")]
+    found = f"it holds only pickled weights ({', '.join(sorted(pickled)[:3])})" if pickled else "it holds no weights"
+    raise ModelError(f"{key}: no safetensors weights in {path!r}: {found}. msif-ray loads safetensors only, since "
+                     "unpickling a checkpoint can run arbitrary code; convert it once where you trust it: "
+                     "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
 
 
 def load_config(path: str, key: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config; ``key`` (e.g. ``models.pretrained``) names the setting in errors."""
     try:
-        return AutoConfig.from_pretrained(local_dir(path), trust_remote_code=trust_remote_code)
+        directory = local_dir(path)
+        config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelError(f"{key}: no usable Hugging Face model at {path!r} ({err.__class__.__name__}: {err})") from err
+    check_safetensors(directory, key, path)
+    return config
 
 
 def shape_signature(config: PretrainedConfig) -> dict[str, object]:
@@ -122,8 +180,14 @@ def weight_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 def load_model(path: str, device: torch.device, trust_remote_code: bool = False,
                dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A causal LM with ``dtype`` weights on ``device`` (bf16 compute on CUDA also via autocast), checked for NaN/inf."""
-    model = AutoModelForCausalLM.from_pretrained(local_dir(path), dtype=dtype, trust_remote_code=trust_remote_code)
+    """A causal LM with ``dtype`` weights on ``device`` (bf16 compute on CUDA also via autocast), checked for NaN/inf.
+
+    Safetensors weights only: a pickled checkpoint is refused (``check_safetensors``).
+    """
+    directory = local_dir(path)
+    check_safetensors(directory, "model", path)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
     model.to(device).eval()
     check_finite_weights(model)
     return model

@@ -116,12 +116,16 @@ def _abbreviate(names: list[str], limit: int = 40) -> list[str]:
     return names if len(names) <= limit else names[:limit] + [f"... ({len(names) - limit} more)"]
 
 
+class NonFiniteWeightsError(FloatingPointError):
+    """A checkpoint whose weights hold NaN or inf: bad input, not a numerical bug of the engine."""
+
+
 def check_finite_weights(model: nn.Module) -> None:
-    """Raise FloatingPointError naming the first module whose parameters hold NaN or inf."""
+    """Raise NonFiniteWeightsError naming the first module whose parameters hold NaN or inf."""
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():
             module, _, kind = name.rpartition(".")
-            raise FloatingPointError(f"non-finite {kind} in layer {module!r} of the model: the checkpoint is corrupt")
+            raise NonFiniteWeightsError(f"non-finite {kind} in layer {module!r} of the model: the checkpoint is corrupt")
 
 
 # Called once per tracked layer during backward with the augmented inputs a [B, T, in(+1)] and the

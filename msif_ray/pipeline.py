@@ -30,9 +30,10 @@ from typing import Callable
 import ray
 
 from msif_ray import layout
-from msif_ray.config import Config
+from msif_ray.config import Config, ConfigError, redact_secrets
 from msif_ray.data import (
-    PARQUET_SUFFIXES, DataError, Shard, check_columns, expand_paths, plan_shards, read_documents, read_pairs, sample_quotas,
+    PARQUET_SUFFIXES, DataError, Shard, check_columns, check_unique_ids, expand_paths, plan_shards, read_documents, read_pairs,
+    sample_quotas,
 )
 from msif_ray.distributed.checkpoints import committed_checkpoints
 from msif_ray.distributed.merge import tree_merge
@@ -43,7 +44,7 @@ from msif_ray.gradients import encode_prompt_completions
 from msif_ray.layout import BOTTOMK, MANIFEST, TOPK, done_marker
 from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
 from msif_ray.modules import LayerSpec, layer_spec, select_modules
-from msif_ray.plan import ResourcePlan, make_plan
+from msif_ray.plan import ResourcePlan, WorkerMemoryError, make_plan
 from msif_ray.progress import Progress
 from msif_ray.storage import RunDir
 
@@ -94,8 +95,8 @@ class Pipeline:
         self.plan.check()
         for line in self.plan.summary_lines():
             self.log(f"[plan] {line}")
-        self._save_manifest(config=cfg.to_dict(), shards={"corpus": [s.shard_id for s in inputs.corpus_shards]},
-                            plan=self.plan.to_dict())
+        self._save_manifest(config=redact_secrets(cfg.to_dict()),
+                            shards={"corpus": [s.shard_id for s in inputs.corpus_shards]}, plan=self.plan.to_dict())
         try:
             pretrain = finetune = None
             if cfg.method == "multi_stage":
@@ -110,7 +111,7 @@ class Pipeline:
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
-                self.pool = None
+                self.pool = None  # its actors are gone: a next run() starts a new pool
         self.log(f"done in {time.monotonic() - started:.1f}s: {self.store.url(TOPK)}")
         return self.store.url(TOPK)
 
@@ -120,7 +121,7 @@ class Pipeline:
         """Every check that needs no heavy compute, so that bad input fails in seconds."""
         cfg = self.config
         if cfg.scoring.mode != "exact":
-            raise ValueError("scoring.mode: only 'exact' is available in this version; set scoring.mode: exact")
+            raise ConfigError("scoring.mode: only 'exact' is available in this version; set scoring.mode: exact")
         trust = cfg.models.trust_remote_code
         pretrained = load_config(cfg.models.pretrained, "models.pretrained", trust)
         if cfg.models.finetuned:
@@ -138,6 +139,7 @@ class Pipeline:
         for shard in shards:  # JSON Lines text is decoded (and so checked) only by reading it
             if not shard.path.endswith(PARQUET_SUFFIXES):
                 read_documents(shard, corpus.id_column, corpus.text_column)
+        check_unique_ids(plan.corpus_shards, corpus.id_column)
         q = cfg.data.queries
         num_queries, query_tokens = _check_pairs(tokenizer, expand_paths(q.paths), q.prompt_column, q.completion_column,
                                                  q.id_column)
@@ -284,7 +286,7 @@ class Pipeline:
                 progress.update(stats["tokens"], stats["documents"])
         except WorkerCrashError as err:
             if err.out_of_memory and self.plan is not None:
-                raise MemoryError(self.plan.out_of_memory_message(name, str(err))) from err
+                raise WorkerMemoryError(self.plan.out_of_memory_message(name, str(err))) from err
             raise
         return done, retries
 

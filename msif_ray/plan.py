@@ -42,6 +42,10 @@ class PlanError(ValueError):
     """The configuration cannot run within its memory budget; the message names the knob to turn."""
 
 
+class WorkerMemoryError(MemoryError):
+    """A worker was killed for memory although the plan fitted; the message has the stage, the figures, the knobs."""
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     """What one worker has: memory and a matmul throughput (FLOP/s) in the precision it computes in."""

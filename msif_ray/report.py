@@ -34,7 +34,7 @@ import pyarrow as pa
 from msif_ray.config import Config, config_from_dict
 from msif_ray.data import expand_paths, plan_shards, read_documents, read_pairs
 from msif_ray.distributed.pool import WorkerPool
-from msif_ray.distributed.report_pass import ExplainJob, ReportSettings, ReportWorker
+from msif_ray.distributed.report_pass import ExplainJob, ReportError, ReportSettings, ReportWorker
 from msif_ray.pipeline import BOTTOMK, MANIFEST, TOPK, fingerprint
 from msif_ray.progress import Progress, format_duration
 from msif_ray.report_html import QueryView, RunView, ShownDocument, index_page, query_page
@@ -53,7 +53,7 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
     ``reuse``: keep an existing report of the same scores and settings (``msif run`` / ``demo``).
     """
     if show < 1:
-        raise ValueError(f"show: at least one document per side must be shown, got {show}")
+        raise ReportError(f"show: at least one document per side must be shown, got {show}")
     started = time.monotonic()
     store = RunDir(run_dir)
     manifest = _finished_manifest(store)
@@ -121,10 +121,10 @@ def breakdowns_table(views: list[QueryView]) -> pa.Table:
 
 def _finished_manifest(store: RunDir) -> dict:
     if not store.exists(MANIFEST):
-        raise FileNotFoundError(f"{store.url()}: no {MANIFEST}; is this a run directory? (run msif run first)")
+        raise ReportError(f"{store.url()}: no {MANIFEST}; is this a run directory? (run msif run first)")
     manifest = store.read_json(MANIFEST)
     if manifest.get("stages", {}).get("scores", {}).get("state") != "done" or not store.exists(TOPK):
-        raise FileNotFoundError(f"{store.url()}: the scores stage has not finished; run (or resume) msif run first")
+        raise ReportError(f"{store.url()}: the scores stage has not finished; run (or resume) msif run first")
     return manifest
 
 
@@ -182,7 +182,7 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
     corpus = config.data.corpus
     shards = plan_shards(expand_paths(corpus.paths), config.data.rows_per_shard)
     if [s.shard_id for s in shards] != manifest.get("shards", {}).get("corpus"):
-        raise ValueError(f"data.corpus: the files at {list(corpus.paths)} are not the ones this run scored "
+        raise ReportError(f"data.corpus: the files at {list(corpus.paths)} are not the ones this run scored "
                          "(their shards differ); rerun msif run before the report")
     partials: dict[str, list[str]] = {}  # shard id -> its partial top/bottom k files (one per query group)
     for name in store.list(f"scores/{manifest['stages']['scores']['fingerprint']}"):
@@ -198,7 +198,7 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
                                    tuple((doc, tuple(sorted(wanted[doc]))) for doc in sorted(here))))
             remaining -= here
     if remaining:
-        raise ValueError(f"data.corpus: documents {sorted(remaining)[:5]} of the scores are not in the corpus any more; "
+        raise ReportError(f"data.corpus: documents {sorted(remaining)[:5]} of the scores are not in the corpus any more; "
                          "rerun msif run before the report")
     cfg = config.ray
     settings = ReportSettings(store.url(), config.corpus_model, config.tokenizer, config.modules.include,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from msif_ray.layout import MANIFEST
+from msif_ray.lock import LOCK_NAME, Holder
 from msif_ray.progress import format_duration
 from msif_ray.storage import RunDir
 from msif_ray.summary import locations
@@ -26,6 +27,10 @@ def describe(run_dir: str) -> str:
                     f"    {name:<12} shards {p['shards_total']}/{p['shards_total']} (computed {p['computed']}, "
                     f"reused {p['reused']})  docs {p['documents']}  tokens {p['tokens']}  {format_duration(p['seconds'])}"
                 )
+    if store.exists(LOCK_NAME):
+        holder = Holder.parse(store.read_bytes(LOCK_NAME))
+        lines.append(f"  locked by {holder.describe() if holder else 'an unreadable lock'} "
+                     "(or left by a run that died; the next run takes it over)")
     return "\n".join(lines + locations(store))
 
 

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
-from s3_fixture import s3_bucket, s3_server  # noqa: F401  (fixtures)
+from s3_fixture import s3_bucket, s3_faults, s3_proxy, s3_server  # noqa: F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
-"""The Ray job entrypoint, submitted with ``ray job submit`` to a local head started by the test."""
+"""jobs/submit.py and the run entrypoint, against a local Ray head started by the test."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -54,20 +55,36 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_the_pipeline(world, ray_head, tmp_path):
+def test_submit_script_runs_the_pipeline_once_per_config_and_date(world, ray_head, tmp_path):
+    """jobs/submit.py (ray job submit, no wait) → SUCCEEDED → results; the same id again runs nothing."""
     ray, address, env = ray_head
     config = tmp_path / "job.yaml"
     config.write_text(yaml.safe_dump(world.config(tmp_path / "run", method="single_stage", **{"ray.num_workers": 2})))
-    command = [ray, "job", "submit", "--address", address, "--", sys.executable,
-               str(REPO / "jobs" / "run_attribution.py"), str(config)]
+    command = [sys.executable, str(REPO / "jobs" / "submit.py"), str(config), "--address", address,
+               "--date", "2026-11-30", "--python", sys.executable]
     deadline = time.monotonic() + 120
     while True:  # the head's job agent takes a few seconds to come up after `ray start`
-        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        job = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         if "No available agent" not in job.stderr or time.monotonic() > deadline:
             break
         time.sleep(2)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    assert "succeeded" in job.stdout
-    assert "[scores] shards 4/4" in job.stdout  # the driver's progress lines reach the job log
+    [job_id] = re.findall(r"submitted (msif-run-job-[0-9a-f]{8}-2026-11-30)", job.stdout)
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and f"{job_id}: already submitted" in again.stdout, again.stdout + again.stderr
+
+    def ray_job(*args: str) -> str:  # the documented commands: ray job status | logs | list
+        return subprocess.run([ray, "job", *args, "--address", address], env=env, capture_output=True, text=True,
+                              timeout=120).stdout
+
+    deadline = time.monotonic() + 300
+    while not re.search(r"\b(succeeded|failed|stopped)\b", status := ray_job("status", job_id), re.IGNORECASE):
+        assert time.monotonic() < deadline, f"{job_id} still running: {status}"
+        time.sleep(2)
+    logs = ray_job("logs", job_id)
+    assert f"Job '{job_id}' succeeded" in status, logs[-3000:]
+    assert "[scores] shards 4/4" in logs  # the driver's progress lines reach the job log
+    assert ray_job("list").count(f"submission_id='{job_id}'") == 1
     topk = pq.read_table(tmp_path / "run" / TOPK)
     assert set(topk["query_id"].to_pylist()) == {"q0", "q1"}
+    assert not (tmp_path / "run" / "lock.json").exists()  # the run's lock was released

@@ -31,13 +31,17 @@ from msif_ray.layout import MANIFEST
 from msif_ray.models import load_model, load_tokenizer, pick_device
 from msif_ray.storage import RunDir
 
+class ReportError(ValueError):
+    """The run directory cannot be reported on as it is (no finished run, or inputs changed since)."""
+
+
 def load_query_vectors(store: RunDir) -> QueryVectors:
     """The preconditioned queries Ṽ_q of a run (every batch file of its queries stage), on CPU."""
     manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {}
     record = manifest.get("stages", {}).get("queries", {})
     files = [n for n in store.list(f"queries/{record.get('fingerprint')}") if n.endswith(".safetensors")]
     if record.get("state") != "done" or not files:
-        raise FileNotFoundError(f"{store.url('queries')}: no preconditioned queries; run `msif run` first")
+        raise ReportError(f"{store.url('queries')}: no preconditioned queries; run `msif run` first")
     return load_batch_files(store, files)
 
 
@@ -105,7 +109,7 @@ class ReportWorker:
         """Ṽ of the given queries only, in that order."""
         unknown = [q for q in query_ids if q not in self._query_index]
         if unknown:
-            raise ValueError(f"queries {unknown[:5]} are not among the run's preconditioned queries; rerun msif run")
+            raise ReportError(f"queries {unknown[:5]} are not among the run's preconditioned queries; rerun msif run")
         return self._vectors.select([self._query_index[q] for q in query_ids])
 
     def explain(self, job: ExplainJob) -> dict:
@@ -120,7 +124,7 @@ class ReportWorker:
         documents = [d for d in read_documents(job.shard, job.id_column, job.text_column)[0] if d.doc_id in wanted]
         missing = sorted(set(wanted) - {d.doc_id for d in documents})
         if missing:
-            raise ValueError(f"{job.shard.path} rows {job.shard.row_start}-{job.shard.row_stop}: documents "
+            raise ReportError(f"{job.shard.path} rows {job.shard.row_start}-{job.shard.row_stop}: documents "
                              f"{missing[:5]} are no longer there; the corpus changed since the run (rerun msif run)")
         union = sorted({q for d in documents for q in wanted[d.doc_id]})
         column = {q: i for i, q in enumerate(union)}
