@@ -139,7 +139,7 @@ class Pipeline:
         for shard in shards:  # JSON Lines text is decoded (and so checked) only by reading it
             if not shard.path.endswith(PARQUET_SUFFIXES):
                 read_documents(shard, corpus.id_column, corpus.text_column)
-        check_unique_ids(plan.corpus_shards, corpus.id_column)
+        check_unique_ids(shards, corpus.id_column)
         q = cfg.data.queries
         num_queries, query_tokens = _check_pairs(tokenizer, expand_paths(q.paths), q.prompt_column, q.completion_column,
                                                  q.id_column)
