@@ -96,6 +96,15 @@ def mean_eigenvalue(j: torch.Tensor) -> float:
     return float(j.square().sum()) / (j.shape[0] * j.shape[1])
 
 
+def block_diagonal_per_layer(j_pt, j_ft, g_q, scale: float, blocks: list[slice]) -> torch.Tensor:
+    """The block-diagonal chain with the engine's per-layer dampings λ_l = m · tr(F_l)/P_l (= m · mean Λ_l)."""
+    out = []
+    for b in blocks:
+        lam, alpha = scale * mean_eigenvalue(j_pt[:, b]), scale * mean_eigenvalue(j_ft[:, b])
+        out.append(alpha * woodbury_inverse(j_pt[:, b], lam, woodbury_inverse(j_ft[:, b], alpha, g_q[:, b])))
+    return torch.cat(out, dim=1)
+
+
 def exact_multi_stage(j_pt, j_ft, g_q, scale: float, blocks: list[slice] | None = None) -> torch.Tensor:
     """α · (F_pt+λ)⁻¹ (F_ft+α)⁻¹ g_q [Q, P]; with ``blocks``, F restricted to its diagonal blocks (same λ, α)."""
     lam, alpha = scale * mean_eigenvalue(j_pt), scale * mean_eigenvalue(j_ft)
@@ -157,6 +166,11 @@ def run_seed(spec: ToySpec, seed: int, log, workdir: Path) -> dict:
 
     exact = {m: j_pt @ exact_multi_stage(j_pt, j_ft, g_q, m).t() for m in SCALES}
     block = {m: j_pt @ exact_multi_stage(j_pt, j_ft, g_q, m, blocks).t() for m in SCALES}
+    block_per_layer = {m: j_pt @ block_diagonal_per_layer(j_pt, j_ft, g_q, m, blocks).t() for m in SCALES}
+    # One stage at a time, exact: (F_pt + λ)⁻¹ alone and α(F_ft + α)⁻¹ alone, scored against g_m(θ_pt).
+    exact_pt_only = {m: j_pt @ woodbury_inverse(j_pt, m * mean_eigenvalue(j_pt), g_q).t() for m in SCALES}
+    exact_ft_only = {m: j_pt @ (m * mean_eigenvalue(j_ft) * woodbury_inverse(j_ft, m * mean_eigenvalue(j_ft), g_q)).t()
+                     for m in SCALES}
 
     # Cross-check of the ground truth by conjugate gradient at the auto multiplier.
     m = AUTO_DAMPING_SCALE
@@ -209,13 +223,28 @@ def run_seed(spec: ToySpec, seed: int, log, workdir: Path) -> dict:
     at_auto["kronfluence"] = corr(kf_auto, ref)
     matched = {"exact block-diag": {s: corr(block[s], exact[s]) for s in SCALES}}
     matched |= {name: {s: corr(v[s], exact[s]) for s in SCALES} for name, v in approx.items()}
+    # Where the error comes from: EK-FAC against the exact block-diagonal answer with the same
+    # per-layer dampings (the Kronecker approximation alone), and each stage on its own.
+    diagnostics = {
+        "EK-FAC vs exact block-diag, per-layer λ": {s: corr(approx["multi_stage"][s], block_per_layer[s]) for s in SCALES},
+        "K-FAC vs exact block-diag, per-layer λ": {s: corr(approx["multi_stage/KFAC"][s], block_per_layer[s]) for s in SCALES},
+        "exact block-diag per-layer λ vs exact": {s: corr(block_per_layer[s], exact[s]) for s in SCALES},
+        "pre-training stage only: EK-FAC vs exact": {s: corr(scored(j_pt, inverse(ek_pt, g_q_layers, s * mean_eigenvalue(j_pt))),
+                                                             exact_pt_only[s]) for s in SCALES},
+        "fine-tuning stage only: EK-FAC vs exact": {
+            s: corr(scored(j_pt, {n: s * mean_eigenvalue(j_ft) * v for n, v in
+                                  inverse(ek_ft, g_q_layers, s * mean_eigenvalue(j_ft)).items()}), exact_ft_only[s])
+            for s in SCALES},
+        "exact pre-training stage only vs exact": {s: corr(exact_pt_only[s], exact[s]) for s in SCALES},
+        "exact fine-tuning stage only vs exact": {s: corr(exact_ft_only[s], exact[s]) for s in SCALES},
+    }
     matrix = {name: {f"{se}": {f"{sa}": corr(approx[name][sa], exact[se])["pearson"] for sa in SCALES} for se in SCALES}
               for name in ("multi_stage", "multi_stage/KFAC", "single_stage")}
     log(f"seed {seed}: at auto, Pearson vs exact: " + ", ".join(f"{k} {v['pearson']:.3f}" for k, v in at_auto.items())
         + f" ({time.process_time() - t0:.0f}s CPU)")
     return {"seed": seed, "num_documents": len(lw.documents), "num_queries": len(lw.queries), "num_parameters": num_params,
             "num_finetune_pairs": len(lw.finetune), "world_stats": lw.world.stats(), "cg_check": cg,
-            "at_auto": at_auto, "matched": matched, "matrix_pearson": matrix, "kronfluence_seconds": kf_seconds,
+            "at_auto": at_auto, "matched": matched, "diagnostics": diagnostics, "matrix_pearson": matrix, "kronfluence_seconds": kf_seconds,
             "cpu_seconds": time.process_time() - t0}
 
 
@@ -247,6 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
     matrix = {name: {se: {sa: mean_spread([s["matrix_pearson"][name][se][sa] for s in per_seed])["mean"]
                           for sa in per_seed[0]["matrix_pearson"][name][se]} for se in per_seed[0]["matrix_pearson"][name]}
               for name in per_seed[0]["matrix_pearson"]}
+    diagnostics = {d: {str(sc): mean_spread([s["diagnostics"][d][sc]["pearson"] for s in per_seed])["mean"] for sc in SCALES}
+                   for d in per_seed[0]["diagnostics"]}
     best = {name: {se: max(row, key=row.get) for se, row in m.items()} for name, m in matrix.items()}
 
     s0 = per_seed[0]
@@ -258,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   [[m] + [f"{matched[m][str(s)]['pearson']['mean']:.3f}" for s in SCALES] for m in methods])
     tables["sweep_spearman"] = print_table(["Spearman, matched damping m"] + [f"m={s}" for s in SCALES],
                                            [[m] + [f"{matched[m][str(s)]['spearman']['mean']:.3f}" for s in SCALES] for m in methods])
+    tables["diagnostics"] = print_table(["where the error comes from (Pearson)"] + [f"m={s}" for s in SCALES],
+                                        [[d] + [f"{v[str(s)]:.3f}" for s in SCALES] for d, v in diagnostics.items()])
     tables["matrix"] = print_table(["EK-FAC multi_stage Pearson: exact m \\ approx m"] + [f"{s}" for s in SCALES],
                                    [[f"exact m={se}"] + [f"{matrix['multi_stage'][se][str(sa)]:.3f}" for sa in SCALES]
                                     for se in matrix["multi_stage"]])
@@ -267,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     import sys
     payload = {"command": "python benchmarks/bench_exact_influence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "spec": spec.__dict__, "seeds": seeds, "scales": SCALES, "auto_scale": AUTO_DAMPING_SCALE,
-               "at_auto": at_auto, "matched": matched, "matrix_pearson": matrix, "best_approx_scale_per_exact_scale": best,
+               "at_auto": at_auto, "matched": matched, "diagnostics": diagnostics, "matrix_pearson": matrix, "best_approx_scale_per_exact_scale": best,
                "best_approx_scale_per_seed": per_seed_best, "tables": tables, "per_seed": per_seed,
                "wall_seconds": time.perf_counter() - started}
     write_json(json_path, payload)

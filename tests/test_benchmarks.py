@@ -154,3 +154,14 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert set(report["throughput"]["tiny"]["passes"]) == {"bare", "cov", "lambda", "score"}
     # CPU against CPU: the same computation twice must agree exactly (the plumbing of the GPU comparison).
     assert report["agreement"]["empirical"]["pearson_min"] > 0.999999
+
+
+def test_end_to_end_smoke(tmp_path, ray_session):
+    import bench_end_to_end
+
+    payload = bench_end_to_end.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "end_to_end")
+    assert saved["pass_seconds"].keys() == payload["pass_seconds"].keys()
+    # Same model, data, queries, Fisher recipe and damping rule: the scores must agree closely
+    # (sampled labels differ between the two libraries, so not to the last digit).
+    assert saved["agreement_pearson"]["mean"] > 0.9
