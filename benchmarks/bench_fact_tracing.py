@@ -201,13 +201,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--entities", type=int, default=None)
     parser.add_argument("--query-entities", type=int, default=None, help="held-out people; 2 queries each")
     parser.add_argument("--pretrain-steps", type=int, default=None)
+    parser.add_argument("--entity-distractors", type=int, default=None, help="per person (default 1)")
+    parser.add_argument("--value-distractors", type=int, default=None, help="per city or job (default 3)")
+    parser.add_argument("--name", default="fact_tracing", help="results file stem (another world: another name)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     setup(args.threads)
     spec = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("num_entities", args.entities), ("num_query_entities", args.query_entities),
-                                   ("pretrain_steps", args.pretrain_steps)) if v is not None}
+                                   ("pretrain_steps", args.pretrain_steps), ("entity_distractors", args.entity_distractors),
+                                   ("value_distractors", args.value_distractors)) if v is not None}
     spec = replace(spec, **overrides)
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     started = time.perf_counter()
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     norm_pct = {m: mean_spread([s["top10_norm_percentile"][m] for s in per_seed])["mean"] for m in kinds}
     tables["top10"] = print_table(["top 10 of", *KINDS, "‖G_m‖ pct"],
                                   [[m, *(f"{kinds[m][k]:.2f}" for k in KINDS), f"{norm_pct[m]:.0f}"] for m in kinds])
-    json_path, png_path = result_paths("fact_tracing", args.smoke, args.out_dir)
+    json_path, png_path = result_paths(args.name, args.smoke, args.out_dir)
     payload = {"command": "python benchmarks/bench_fact_tracing.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                "spec": spec.__dict__, "seeds": seeds, "summary": summary, "top10_kinds": kinds,
                "top10_norm_percentile": norm_pct, "tables": tables, "per_seed": per_seed,
