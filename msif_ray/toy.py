@@ -208,7 +208,7 @@ def _build(out: ToyWorld, spec: ToySpec, seed: int, log: Log) -> dict:
     _write_parquet(out.finetune_path, {"prompt": [p for p, _ in finetune], "completion": [c for _, c in finetune]})
     out.queries_path.write_text("".join(json.dumps(q) + "\n" for q in queries))
     log(f"toy world: {len(corpus)} documents ({len(facts)} facts x {spec.paraphrases_per_fact} paraphrases "
-        f"+ {spec.num_filler_docs} filler), {len(finetune)} fine-tuning pairs, {len(queries)} queries about "
+        f"+ {spec.num_filler_docs} filler{_distractor_note(corpus)}), {len(finetune)} fine-tuning pairs, {len(queries)} queries about "
         f"{len(query_entities)} held-out entities ({time.perf_counter() - t:.1f}s)")
 
     t = time.perf_counter()
@@ -348,6 +348,12 @@ def distractor_documents(facts: Sequence[Fact], values: dict[str, list[str]], sp
                 docs.append({"text": " ".join([sentence, filler_sentence(rng)]), "fact": None,
                              "distractor": ("value", value)})
     return docs
+
+
+def _distractor_note(corpus: Sequence[dict]) -> str:
+    """" + N distractors" for the build log, or nothing when the world has none (the demo)."""
+    count = sum("distractor" in d for d in corpus)
+    return f" + {count} distractors" if count else ""
 
 
 def qa_pair(fact: Fact) -> tuple[str, str]:
