@@ -162,12 +162,15 @@ def run_seed(spec: ToySpec, seed: int, log) -> dict:
     # How much of a score's spread across documents is explained by the document's gradient norm.
     norm_corr = {k: float(torch.corrcoef(torch.stack([methods[k].abs().mean(1), scores[f"__norm_{'pt' if k in at_pt else 'ft'}__"]]))[0, 1])
                  for k in ("multi_stage", "single_stage", "grad_dot", "H_pt, G_m(θ_pt)")}
+    # Scale of the curvature each damping is compared to: per-layer mean Λ (min and max over layers).
+    lambda_means = {name: [min(m), max(m)] for name, f in factors.items()
+                    for m in [[float(layer.lambdas.double().mean()) for layer in f.layers.values()]]}
     log(f"seed {seed}: {len(lw.documents)} documents, {len(lw.queries)} queries, "
         f"{time.process_time() - t0:.0f}s CPU; MRR multi {metrics['multi_stage']['mrr']:.3f} "
         f"single {metrics['single_stage']['mrr']:.3f} bm25 {metrics['bm25']['mrr']:.3f}")
     return {"seed": seed, "num_documents": len(lw.documents), "num_queries": len(lw.queries),
             "world_stats": build, "metrics": metrics, "top10_kinds": kinds, "top10_norm_percentile": norm_pct,
-            "score_vs_norm_correlation": norm_corr, "cpu_seconds": time.process_time() - t0}
+            "score_vs_norm_correlation": norm_corr, "lambda_layer_mean_range": lambda_means, "cpu_seconds": time.process_time() - t0}
 
 
 def summarise(per_seed: list[dict]) -> dict[str, dict[str, dict]]:
