@@ -4,7 +4,9 @@ Everything is built locally from a seed, with no download:
 
 1. A corpus of short documents. Each *fact* (an entity's birthplace or occupation) is stated by
    several documents, each in a different paraphrase and wrapped in filler sentences; pure filler
-   documents are mixed in. Entity names, cities and filler are all made up.
+   documents are mixed in, and optionally distractors that name an entity or a value without
+   stating a fact (``ToySpec.entity_distractors``, ``value_distractors``; none in the demo).
+   Entity names, cities and filler are all made up.
 2. A byte-level BPE tokenizer trained on that text (``tokenizers``), wrapped as a
    ``PreTrainedTokenizerFast`` whose eos token doubles as pad.
 3. A tiny GPT-NeoX pre-trained from scratch on the corpus: the "pretrained" model.
@@ -85,6 +87,15 @@ RELATIONS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
 
 FILLER_ADJECTIVES = ("old", "quiet", "narrow", "bright", "wooden", "crowded", "empty", "painted", "stone", "tall")
 FILLER_NOUNS = ("bridge", "market", "orchard", "lantern", "harbour", "library", "meadow", "tower", "garden", "mill")
+# Distractors: a sentence that names an entity without a fact, or a value without an entity.
+ENTITY_DISTRACTORS = ("{name} visited the {noun} last week.", "A letter from {name} mentions the {noun}.",
+                      "{name} often walks past the {adj} {noun}.", "Nobody remembers when {name} first saw the {noun}.")
+VALUE_DISTRACTORS = {
+    "birthplace": ("Many travellers pass through {value}.", "The {noun} in {value} is {adj}.",
+                   "Maps of {value} show a {adj} {noun}."),
+    "occupation": ("Every village needs a good {value}.", "The {value} kept a shop near the {noun}.",
+                   "A {value} needs patience and a {adj} workbench."),
+}
 FILLER_PREDICATES = ("was repaired last spring", "stays open until dusk", "floods after heavy rain",
                      "is visited by many travellers", "looks golden in the evening", "was built long ago",
                      "smells of bread and smoke", "is closed on rainy days", "leans a little to the east",
@@ -107,6 +118,8 @@ class ToySpec:
     num_query_entities: int = 12     # held out of fine-tuning; the queries are about them
     paraphrases_per_fact: int = 4    # corpus documents stating each fact (distinct templates, <= 6)
     num_filler_docs: int = 60        # documents with no fact at all
+    entity_distractors: int = 0      # per entity: documents naming the entity but none of its values
+    value_distractors: int = 0       # per attribute value: documents naming the value but no entity
     vocab_size: int = 1024           # BPE target size (the trained vocab may be smaller)
     hidden_size: int = 128
     num_layers: int = 2
@@ -195,7 +208,7 @@ def _build(out: ToyWorld, spec: ToySpec, seed: int, log: Log) -> dict:
     _write_parquet(out.finetune_path, {"prompt": [p for p, _ in finetune], "completion": [c for _, c in finetune]})
     out.queries_path.write_text("".join(json.dumps(q) + "\n" for q in queries))
     log(f"toy world: {len(corpus)} documents ({len(facts)} facts x {spec.paraphrases_per_fact} paraphrases "
-        f"+ {spec.num_filler_docs} filler), {len(finetune)} fine-tuning pairs, {len(queries)} queries about "
+        f"+ {spec.num_filler_docs} filler{_distractor_note(corpus)}), {len(finetune)} fine-tuning pairs, {len(queries)} queries about "
         f"{len(query_entities)} held-out entities ({time.perf_counter() - t:.1f}s)")
 
     t = time.perf_counter()
@@ -304,11 +317,43 @@ def make_corpus(facts: Sequence[Fact], spec: ToySpec, rng: random.Random) -> lis
             docs.append({"text": " ".join(before + [statement] + after), "fact": fact})
     for _ in range(spec.num_filler_docs):
         docs.append({"text": " ".join(filler_sentence(rng) for _ in range(rng.randint(2, 4))), "fact": None})
+    docs += distractor_documents(facts, values, spec, rng)
     rng.shuffle(docs)
     width = len(str(len(docs) - 1))
     for i, doc in enumerate(docs):
         doc["id"] = f"doc-{i:0{width}d}"
     return docs
+
+
+def distractor_documents(facts: Sequence[Fact], values: dict[str, list[str]], spec: ToySpec,
+                         rng: random.Random) -> list[dict]:
+    """Documents that share a query's entity or its value but state no fact (none when the spec asks for none).
+
+    An entity distractor names the entity among filler that avoids the entity's values; a value
+    distractor names a value (a city or a job) and no entity. Each carries ``fact`` None and
+    ``distractor`` ("entity" or "value", the shared string) for the benchmarks' analysis.
+    """
+    docs: list[dict] = []
+    for entity in (sorted(values) if spec.entity_distractors else []):
+        for _ in range(spec.entity_distractors):
+            sentence = rng.choice(ENTITY_DISTRACTORS).format(
+                name=entity, noun=rng.choice(FILLER_NOUNS), adj=rng.choice(FILLER_ADJECTIVES))
+            after = [filler_sentence(rng, values[entity]) for _ in range(rng.randint(1, 2))]
+            docs.append({"text": " ".join([sentence] + after), "fact": None, "distractor": ("entity", entity)})
+    for relation, (attribute_values, _, _) in (RELATIONS.items() if spec.value_distractors else []):
+        for value in attribute_values:
+            for _ in range(spec.value_distractors):
+                sentence = rng.choice(VALUE_DISTRACTORS[relation]).format(
+                    value=value, noun=rng.choice(FILLER_NOUNS), adj=rng.choice(FILLER_ADJECTIVES))
+                docs.append({"text": " ".join([sentence, filler_sentence(rng)]), "fact": None,
+                             "distractor": ("value", value)})
+    return docs
+
+
+def _distractor_note(corpus: Sequence[dict]) -> str:
+    """" + N distractors" for the build log, or nothing when the world has none (the demo)."""
+    count = sum("distractor" in d for d in corpus)
+    return f" + {count} distractors" if count else ""
 
 
 def qa_pair(fact: Fact) -> tuple[str, str]:

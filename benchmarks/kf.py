@@ -1,0 +1,103 @@
+"""kronfluence 1.0.1 driven on msif's own tokenization, as in tests/test_kronfluence_parity.py.
+
+Its task returns the summed cross-entropy (−log p) over the tokens msif scores, for both the
+training loss and the measurement: gradients flip sign on both sides, so kronfluence's pairwise
+scores equal msif's single_stage scores (no sign change).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+
+class PaddedTexts(Dataset):
+    """msif-encoded (token ids, loss mask) pairs, right-padded to one width; labels −100 where no loss."""
+
+    def __init__(self, encoded: Sequence[tuple[list[int], list[bool]]], pad_id: int):
+        width = max(len(ids) for ids, _ in encoded)
+        self.input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+        self.attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        self.labels = torch.full((len(encoded), width), -100, dtype=torch.long)
+        for row, (ids, mask) in enumerate(encoded):
+            self.input_ids[row, : len(ids)] = torch.tensor(ids)
+            self.attention_mask[row, : len(ids)] = 1
+            self.labels[row, : len(ids)] = torch.where(torch.tensor(mask), torch.tensor(ids), -100)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+
+
+def _task(tracked: list[str]):
+    from kronfluence.task import Task
+
+    class CausalLMTask(Task):
+        def _nll(self, batch, model, sample: bool) -> torch.Tensor:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = batch["labels"][:, 1:]
+            if sample:  # true Fisher: labels drawn from the model on the loss tokens
+                with torch.no_grad():
+                    drawn = torch.multinomial(torch.softmax(logits.detach().float(), -1).flatten(0, 1), 1).view(labels.shape)
+                labels = torch.where(labels == -100, labels, drawn)
+            return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+
+        def compute_train_loss(self, batch, model, sample=False):
+            return self._nll(batch, model, sample)
+
+        def compute_measurement(self, batch, model):
+            return self._nll(batch, model, sample=False)
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+        def get_attention_mask(self, batch):
+            return batch["attention_mask"]
+
+    return CausalLMTask()
+
+
+def kronfluence_single_stage(
+    model: torch.nn.Module, layers: list[str], train: PaddedTexts, queries: PaddedTexts, dampings: Sequence[float | None],
+    workdir: Path, empirical: bool = False, batch_size: int = 16, dtype: torch.dtype = torch.float32,
+) -> tuple[dict[float | None, torch.Tensor], dict[str, float]]:
+    """kronfluence EK-FAC pairwise scores [N train, Q] at each damping (None = its heuristic, 0.1 x mean Λ).
+
+    Returns the scores and the seconds of its stages (factor fit; each scoring call).
+    """
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.utils.dataset import DataLoaderKwargs
+
+    task = _task(layers)
+    kf_model = prepare_model(copy.deepcopy(model), task)
+    analyzer = Analyzer("bench", kf_model, task, cpu=True, disable_tqdm=True, log_level=logging.WARNING,
+                        output_dir=str(workdir))
+    factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical, activation_covariance_dtype=dtype,
+                                  gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
+    loader = DataLoaderKwargs(num_workers=0)
+    seconds = {}
+    t = time.perf_counter()
+    analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size, factor_args=factor_args,
+                             dataloader_kwargs=loader, overwrite_output_dir=True)
+    seconds["factors"] = time.perf_counter() - t
+    out = {}
+    for k, damping in enumerate(dampings):
+        score_args = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=dtype, precondition_dtype=dtype,
+                                    score_dtype=dtype)
+        t = time.perf_counter()
+        analyzer.compute_pairwise_scores(f"scores{k}", "ekfac", queries, train, per_device_query_batch_size=len(queries),
+                                         per_device_train_batch_size=batch_size, score_args=score_args,
+                                         dataloader_kwargs=loader, overwrite_output_dir=True)
+        seconds[f"scores{k}"] = time.perf_counter() - t
+        out[damping] = analyzer.load_pairwise_scores(f"scores{k}")["all_modules"].t().double()
+    return out, seconds
