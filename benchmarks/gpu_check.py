@@ -10,7 +10,7 @@
      bare     forward + backward of Σ log p with parameter gradients (a training step without optimizer)
      cov      curvature.accumulate_covariances, sampled Fisher             (factor pass 1)
      lambda   curvature.accumulate_lambdas, sampled Fisher                 (factor pass 2)
-     score    influence.score_windows against ``--queries`` preconditioned queries
+     score    scoring.score_windows against ``--queries`` rank-32 preconditioned queries
 
    Each pass gets one warm-up batch, then ``--batches`` timed batches (CUDA synchronised); the
    JSON holds tokens/s, the ratio of each pass's time to the bare pass's, and the peak device
@@ -47,7 +47,8 @@ import torch
 
 from msif_ray.curvature import Eigenbasis, accumulate_covariances, accumulate_lambdas
 from msif_ray.gradients import Batch, log_prob_objective
-from msif_ray.influence import Examples, TrackedLM, precondition, score_windows
+from msif_ray.influence import Examples, LayerVectors, QueryVectors, TrackedLM, precondition
+from msif_ray.scoring import QueryGroup, score_windows
 from msif_ray.modules import LayerTaps, select_modules
 
 SHAPES = {
@@ -126,7 +127,11 @@ def throughput(name: str, shape: dict, device: torch.device, args) -> dict:
                          torch.ones(s.in_dim, device=device), torch.ones(s.out_features, device=device))
            for n, s in taps.specs.items()}
     g = torch.Generator(device=device).manual_seed(3)
-    queries = {n: torch.randn(args.queries, s.out_features, s.in_dim, device=device, generator=g) for n, s in taps.specs.items()}
+    rank = 32  # scoring.query_rank's default: the production path (rank-r query vectors, factored or G-form)
+    queries = QueryGroup(QueryVectors([str(q) for q in range(args.queries)], {
+        n: LayerVectors(left=torch.randn(args.queries, s.out_features, rank, device=device, generator=g),
+                        right=torch.randn(args.queries, s.in_dim, rank, device=device, generator=g))
+        for n, s in taps.specs.items()}), device)
     passes = {
         "bare": lambda bs: bare_pass(model, bs, device),
         "cov": lambda bs: accumulate_covariances(model, taps, bs, "sampled"),
