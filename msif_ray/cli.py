@@ -8,6 +8,7 @@ another live run (the message names it); anything else is a bug and shows its tr
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 import time
@@ -97,9 +98,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     started = time.monotonic()
     config = load_config(args.config)
-    before = stages_now(config.run_dir)
+    before: dict = {}
 
     def work(pipeline, inputs) -> None:
+        before.update(copy.deepcopy(pipeline.manifest["stages"]))  # to tell, at the end, which stages were reused
         pipeline.run(inputs)
         build_report(config.run_dir, reuse=True)
 

@@ -146,6 +146,11 @@ class RunDirLock:
             lock.acquire()
         except Timeout:
             previous = self._read_holder()
+            for _ in range(50):  # the holder writes who it is right after taking the lock: give it 5 s
+                if previous is not None:
+                    break
+                time.sleep(0.1)
+                previous = self._read_holder()
             who = previous.describe() if previous else "another process (no holder recorded yet)"
             raise LockHeldError(f"run directory {self.store.url()} is locked by {who}; wait for that run to finish, "
                                 "or stop it") from None

@@ -17,6 +17,7 @@ intermediate products are computed over blocks of queries so that the working se
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -42,23 +43,51 @@ class LayerOperands:
 
 
 def layer_operands(vectors: LayerVectors, device: torch.device, dtype: torch.dtype) -> LayerOperands:
-    if not vectors.is_low_rank:
-        return LayerOperands(vectors.dense.flatten(1).t().to(device, dtype).contiguous(), None, None, 0)
-    q, out, rank = vectors.left.shape
-    left = vectors.left.permute(1, 0, 2).reshape(out, q * rank).to(device, dtype).contiguous()
-    right = vectors.right.permute(1, 0, 2).reshape(vectors.right.shape[1], q * rank).to(device, dtype).contiguous()
-    return LayerOperands(None, left, right, rank)
+    """One layer's vectors of a single part in scoring layout (see ``QueryGroup.from_parts`` for several)."""
+    return QueryGroup.from_parts(vectors.num_queries, [QueryVectors([""] * vectors.num_queries, {"_": vectors})],
+                                 device, dtype).layers["_"]
 
 
 class QueryGroup:
     """The queries scored by one corpus pass, on the scoring device, in scoring layout."""
 
     def __init__(self, vectors: QueryVectors, device: torch.device, dtype: torch.dtype = torch.float32):
-        self.ids = vectors.ids
-        self.num_queries = len(vectors.ids)
-        first = next(iter(vectors.layers.values()))
-        dtype = torch.promote_types(dtype, (first.dense if first.dense is not None else first.left).dtype)
-        self.layers = {name: layer_operands(v, device, dtype) for name, v in vectors.layers.items()}
+        group = QueryGroup.from_parts(len(vectors.ids), [vectors], device, dtype)
+        self.ids, self.num_queries, self.layers = group.ids, group.num_queries, group.layers
+
+    @classmethod
+    def from_parts(cls, num_queries: int, parts: Iterable[QueryVectors], device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> "QueryGroup":
+        """A group from batches of queries (e.g. loaded one file at a time), written into preallocated
+        operands: memory is the group's operands plus one batch, never a second copy of the group."""
+        group = cls.__new__(cls)
+        group.ids, group.num_queries, group.layers = [], num_queries, {}
+        for part in parts:
+            start, q = len(group.ids), len(part.ids)
+            for name, v in part.layers.items():
+                if name not in group.layers:
+                    part_dtype = next(iter(v.tensors().values())).dtype
+                    group.layers[name] = _allocate(v, num_queries, device, torch.promote_types(dtype, part_dtype))
+                ops = group.layers[name]
+                if v.dense is not None:
+                    ops.dense[:, start : start + q] = v.dense.flatten(1).t()
+                else:
+                    r = ops.rank
+                    ops.left[:, start * r : (start + q) * r] = v.left.permute(1, 0, 2).reshape(v.left.shape[1], q * r)
+                    ops.right[:, start * r : (start + q) * r] = v.right.permute(1, 0, 2).reshape(v.right.shape[1], q * r)
+            group.ids += part.ids
+        if len(group.ids) != num_queries:
+            raise ValueError(f"the parts hold {len(group.ids)} queries, not {num_queries}")
+        return group
+
+
+def _allocate(v: LayerVectors, num_queries: int, device: torch.device, dtype: torch.dtype) -> LayerOperands:
+    if v.dense is not None:
+        out, inp = v.dense.shape[1:]
+        return LayerOperands(torch.empty(out * inp, num_queries, device=device, dtype=dtype), None, None, 0)
+    rank = v.left.shape[2]
+    return LayerOperands(None, torch.empty(v.left.shape[1], num_queries * rank, device=device, dtype=dtype),
+                         torch.empty(v.right.shape[1], num_queries * rank, device=device, dtype=dtype), rank)
 
 
 # --------------------------------------------------------------------------- FLOP counts

@@ -251,7 +251,9 @@ class ShardWorker:
         key = ("queries", files)
         if key not in self._cached:
             self._cached.clear()  # one group of queries on the device at a time
-            self._cached[key] = QueryGroup(load_query_vectors(self.run_dir, files), self.device)
+            num_queries = sum(len(query_ids(self.run_dir, name)) for name in files)
+            parts = (load_query_vectors(self.run_dir, [name]) for name in files)  # one batch file in memory at a time
+            self._cached[key] = QueryGroup.from_parts(num_queries, parts, self.device)
         return self._cached[key]
 
 
@@ -282,6 +284,11 @@ class StoredFactors:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
         return self.cache[key]
+
+
+def query_ids(store: RunDir, name: str) -> list[str]:
+    """The query ids of a batch file, from its header alone."""
+    return json.loads(store.tensor_header(name)["__metadata__"]["query_ids"])
 
 
 def load_query_vectors(store: RunDir, files: tuple[str, ...] | list[str]) -> QueryVectors:
