@@ -141,7 +141,7 @@ def section_memory(args, results: dict) -> None:
     from msif_ray.storage import RunDir
 
     shape = "smoke" if args.smoke else "160m"
-    world = build_world(Path(args.workdir) / f"world-{shape}", shape, 4 if args.smoke else 16, 256)
+    world = build_world(Path(args.workdir) / f"world-{shape}", shape, 4, 256)  # 4 documents: memory, not speed
     counts = {"grad_dot": [1, 8] if args.smoke else [1, 8, 64, 256], "multi_stage": [1, 8] if args.smoke else [1, 8, 32]}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     rows = []
@@ -465,7 +465,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (CI)")
     parser.add_argument("--sections", default=",".join(SECTIONS))
     parser.add_argument("--workdir", default="/tmp/msif-bench-scale")
-    parser.add_argument("--budget-gb", type=float, default=4.0, help="budget.worker_memory_gb of the memory runs")
+    parser.add_argument("--budget-gb", type=float, default=2.6, help="budget.worker_memory_gb of the memory runs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -218,8 +218,10 @@ def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries
                         "lower data.max_length or raise budget.worker_memory_gb")
 
     vector_bytes = F32 * (sum(rank * (s.in_dim + s.out_features) for s in layers) if rank else tracked)
-    scoring_work = 2 * WORKING_SET_ELEMENTS * F32 + batch * largest * F32
-    group_queries = config.budget.query_group_size or int(max(free - scoring_work, 0) // vector_bytes)
+    # The blocked intermediates of the factored or G-form scores (scoring.py), and one batch's G.
+    scoring_work = lambda queries: F32 * (2 * min(WORKING_SET_ELEMENTS, batch * window * queries * (rank or 1))  # noqa: E731
+                                          + batch * largest)
+    group_queries = config.budget.query_group_size or int(max(free - scoring_work(num_queries), 0) // vector_bytes)
     group_batches = max(1, min(group_queries // query_batch, math.ceil(max(num_queries, 1) / query_batch)))
     if group_queries < query_batch:
         if config.budget.query_group_size is None and free > 0 and group_queries < 1:
@@ -265,7 +267,7 @@ def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries
     group = min(num_queries, plan.query_group_size)
     score_flops = num_groups * corpus_tokens * (pass_flops + sum(_scoring_flops_per_token(s, group, rank, window)
                                                                  for s in layers))
-    stage("scores", base + min(num_queries, plan.query_group_size) * vector_bytes + scoring_work,
+    stage("scores", base + group * vector_bytes + scoring_work(group),
           math.ceil(corpus_rows / config.data.rows_per_shard) * num_groups * min(num_queries, plan.query_group_size)
           * 2 * config.scoring.top_k * 48, score_flops,
           note=f"{num_groups} query group(s) of up to {plan.query_group_size}" if num_groups > 1 else "")
