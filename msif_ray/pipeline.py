@@ -182,24 +182,29 @@ class Pipeline:
         stats: dict[str, dict] = {}
         checkpoints: list[str] = []
         reduces: list[dict] = []
+        reduce_seconds = 0.0
         for g, layers in enumerate(groups):
             stats[f"covariance/g{g}"], names = self._accumulate(stage, "covariance", jobs("covariance", g), g,
                                                                 tuple(layers), cfg.factors.fisher)
             checkpoints += names
             calls = [(eigendecompose, self.store.url(), names, factors, layer, which) for layer in layers for which in "AS"]
+            reduce_started = time.monotonic()
             reduces += run_bounded(calls, [reduce_memory_bytes(*self._shape(layer), which)
                                            for layer in layers for which in "AS"])
+            reduce_seconds += time.monotonic() - reduce_started
         for g, layers in enumerate(groups):
             stats[f"lambdas/g{g}"], names = self._accumulate(stage, "lambdas", jobs("lambdas", g), g, tuple(layers),
                                                              cfg.factors.fisher, factors)
             checkpoints += names
+            reduce_started = time.monotonic()
             reduces += run_bounded([(finish_layer, self.store.url(), names, factors, layer) for layer in layers],
                                    [reduce_memory_bytes(*self._shape(layer), "lambda") for layer in layers])
+            reduce_seconds += time.monotonic() - reduce_started
         self.store.write_json(layout.factors_index(factors), {
             "layers": [layer for group in groups for layer in group], "model": model, "fisher": cfg.factors.fisher,
             "num_windows": reduces[-1]["num_windows"], "fingerprint": key})
         passes = _combine_groups(stats) | {"reduce": {
-            "tasks": len(reduces), "peak_rss_mb": max(r["peak_rss_mb"] for r in reduces),
+            "tasks": len(reduces), "seconds": round(reduce_seconds, 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in reduces),
             "checkpoints": len(checkpoints), "checkpoint_bytes": sum(self.store.size(n) for n in checkpoints)}}
         self._finish_stage(stage, key, started, passes)
         for name in checkpoints:  # large partial sums, removed once the stage is done; the manifest keeps their stats
