@@ -399,7 +399,7 @@ def section_scoring(args, results: dict) -> None:
 
     from msif_ray.gradients import Batch
     from msif_ray.influence import LayerVectors, QueryVectors, TrackedLM
-    from msif_ray.scoring import QueryGroup, choose_form, layer_operands, score_windows, scoring_flops
+    from msif_ray.scoring import QueryGroup, choose_form, score_windows, scoring_flops
 
     hidden, blocks, heads, inter = (64, 2, 4, 256) if args.smoke else (256, 4, 4, 1024)
     from transformers import GPTNeoXConfig

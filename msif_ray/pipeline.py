@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import ray
 
 from msif_ray import layout
 from msif_ray.config import Config, ConfigError, redact_secrets
