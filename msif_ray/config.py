@@ -125,15 +125,34 @@ class Modules:
 
 
 DEFAULT_QUERY_RANK = 32  # chosen from benchmarks/bench_scale.py's rank table (benchmarks/README.md)
+DEFAULT_RERANK = 100  # chosen from benchmarks/bench_index.py's table (benchmarks/README.md)
+DEFAULT_INDEX_DIM = 16  # chosen from benchmarks/bench_index.py's table (benchmarks/README.md)
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """``query_rank``: rank of each layer's preconditioned query gradient (None: full rank, dense)."""
+    """``query_rank``: rank of each layer's preconditioned query gradient (None: full rank, dense).
+
+    ``mode: index`` scores queries against the corpus gradient index; ``rerank`` candidates per
+    query (at least ``top_k``; 0 = none) are then re-scored exactly.
+    """
 
     top_k: int = 100
     mode: ScoringMode = "exact"
     query_rank: int | None = DEFAULT_QUERY_RANK
+    rerank: int = DEFAULT_RERANK
+
+
+@dataclass(frozen=True)
+class Index:
+    """The corpus gradient index (``scoring.mode: index``): ``path`` None = ``<run_dir>/index``.
+
+    ``dim`` = k: each layer's gradient is projected to k x k; ``seed`` draws the projections.
+    """
+
+    path: str | None = None
+    dim: int = DEFAULT_INDEX_DIM
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -174,6 +193,7 @@ class Config:
     factors: Factors = Factors()
     modules: Modules = Modules()
     scoring: Scoring = Scoring()
+    index: Index = Index()
     budget: Budget = Budget()
     ray: RayConfig = RayConfig()
     seed: int = 0
@@ -229,6 +249,7 @@ def config_from_dict(values: dict[str, Any], base_dir: str | os.PathLike) -> Con
         factors=_factors(root.section("factors")),
         modules=_modules(root.section("modules")),
         scoring=_scoring(root.section("scoring")),
+        index=_index(root.section("index")),
         budget=_budget(root.section("budget")),
         ray=_ray(root.section("ray")),
         seed=root.integer("seed", 0),
@@ -290,9 +311,15 @@ def _scoring(s: _Section) -> Scoring:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ConfigError(f"{s.dotted('query_rank')}: expected a positive integer or null (full rank), got {_kind(rank)}")
     scoring = Scoring(top_k=s.positive_integer("top_k", 100), mode=s.choice("mode", SCORING_MODES, "exact"),
-                      query_rank=rank)
+                      query_rank=rank, rerank=s.non_negative_integer("rerank", DEFAULT_RERANK))
     s.finish()
     return scoring
+
+
+def _index(s: _Section) -> Index:
+    index = Index(path=s.path("path", None), dim=s.positive_integer("dim", DEFAULT_INDEX_DIM), seed=s.integer("seed", 0))
+    s.finish()
+    return index
 
 
 def _budget(s: _Section) -> Budget:
@@ -414,6 +441,12 @@ class _Section:
         value = self.integer(name, default)
         if value is not None and value <= 0:
             raise ConfigError(f"{self.dotted(name)}: must be a positive integer, got {value}")
+        return value
+
+    def non_negative_integer(self, name: str, default: Any) -> Any:
+        value = self.integer(name, default)
+        if value is not None and value < 0:
+            raise ConfigError(f"{self.dotted(name)}: must be an integer >= 0, got {value}")
         return value
 
     def non_negative_number(self, name: str, default: Any) -> Any:

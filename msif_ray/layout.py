@@ -10,7 +10,16 @@
     queries/<key>/batch-<n>.safetensors                 Ṽ_q of one batch of queries (+ .done.json)
     scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
     scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
+    scores/<key>/candidates/g<group>/<shard>.parquet    index mode: a shard's best candidates per query (+ .done.json)
+    scores/<key>/candidates.parquet                     index mode: the merged candidates, with their shards
+    scores/<key>/rerank/g<group>/<shard>.parquet        index mode: exact scores of a shard's candidates (+ .done.json)
     scores/topk.parquet  scores/bottomk.parquet         the result
+
+The corpus gradient index (``index.path``, default ``<run_dir>/index``) is a store of its own,
+shared by the runs of one base model:
+
+    index.json                                          its identity: model, tokenizer, layers, max_length, dim, seed
+    shards/<shard>.safetensors                          rows [N, D] float16, scale [N, L]; doc ids (+ .done.json)
 
 ``<key>`` is the stage's fingerprint: outputs of another configuration never mix in.
 """
@@ -57,3 +66,22 @@ def merge_step(key: str, level: int, index: int) -> str:
 def done_marker(output: str) -> str:
     """A shard's output is complete once this small JSON exists (it is written after the output)."""
     return output + ".done.json"
+
+
+INDEX_IDENTITY = "index.json"
+
+
+def index_shard(shard_id: str) -> str:
+    return f"shards/{shard_id}.safetensors"
+
+
+def candidate_partial(key: str, group: int, shard_id: str) -> str:
+    return f"scores/{key}/candidates/g{group}/{shard_id}.parquet"
+
+
+def candidates(key: str) -> str:
+    return f"scores/{key}/candidates.parquet"
+
+
+def rerank_partial(key: str, group: int, shard_id: str) -> str:
+    return f"scores/{key}/rerank/g{group}/{shard_id}.parquet"

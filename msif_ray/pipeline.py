@@ -38,7 +38,7 @@ from msif_ray.distributed.checkpoints import committed_checkpoints
 from msif_ray.distributed.merge import tree_merge
 from msif_ray.distributed.pool import WorkerCrashError, WorkerPool
 from msif_ray.distributed.reduce import eigendecompose, finish_layer, reduce_memory_bytes, run_bounded
-from msif_ray.distributed.worker import ChainSpec, QueryJob, ShardJob, ShardWorker, WorkerSettings
+from msif_ray.distributed.worker import ChainSpec, QueryJob, ScanJob, ShardJob, ShardWorker, WorkerSettings, query_ids
 from msif_ray.gradients import encode_prompt_completions
 from msif_ray.layout import BOTTOMK, MANIFEST, TOPK, done_marker
 from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
@@ -48,6 +48,7 @@ from msif_ray.progress import Progress
 from msif_ray.storage import RunDir
 
 FAULT_ENV = "MSIF_FAULT_INJECT"  # tests: a pass name whose worker is killed once
+INDEX_FORMAT = 1  # the index shards' layout (index.py); another format is another index
 MAX_ROUNDS = 5  # rounds of an accumulating pass (a round re-runs shards lost with a crashed worker)
 
 __all__ = ["Pipeline", "Inputs", "MANIFEST", "TOPK", "BOTTOMK", "FAULT_ENV"]
@@ -69,6 +70,7 @@ class Inputs:
     num_queries: int
     tokens_per_query: float
     finetune_shards: list[Shard] = field(default_factory=list)
+    digests: dict[str, str] = field(default_factory=dict)  # named inputs (models, tokenizer) -> content digest
 
 
 class Pipeline:
@@ -106,7 +108,11 @@ class Pipeline:
                 corpus = cfg.data.corpus
                 pretrain = self._factors("factors/pretrain", cfg.corpus_model, inputs.corpus_shards, "documents",
                                          (corpus.id_column, corpus.text_column), cfg.factors.max_examples)
-            self._scores(inputs, self._queries(inputs, pretrain, finetune))
+            queries = self._queries(inputs, pretrain, finetune)
+            if cfg.scoring.mode == "index":
+                self._index_scores(inputs, queries, self._index(inputs))
+            else:
+                self._scores(inputs, queries)
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
@@ -119,8 +125,6 @@ class Pipeline:
     def validate(self) -> Inputs:
         """Every check that needs no heavy compute, so that bad input fails in seconds."""
         cfg = self.config
-        if cfg.scoring.mode != "exact":
-            raise ConfigError("scoring.mode: only 'exact' is available in this version; set scoring.mode: exact")
         trust = cfg.models.trust_remote_code
         pretrained = load_config(cfg.models.pretrained, "models.pretrained", trust)
         if cfg.models.finetuned:
@@ -149,6 +153,10 @@ class Pipeline:
             ft_paths = expand_paths(ft.paths)
             _check_pairs(tokenizer, ft_paths, ft.prompt_column, ft.completion_column)
             inputs.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
+        inputs.digests = {"models.pretrained": cfg.models.pretrained, "models.finetuned": str(cfg.models.finetuned),
+                          "tokenizer": cfg.tokenizer}  # INTERIM until content digests land
+        if cfg.scoring.mode == "index":
+            check_identity(self.index_store(), self.index_identity(inputs), "index.path")
         self.log(f"validated: {len(shards)} corpus shards, {num_queries} queries, method {cfg.method}")
         return inputs
 
@@ -245,11 +253,7 @@ class Pipeline:
         if self._is_done("scores", key, TOPK) and self.store.exists(BOTTOMK):
             return
         started = time.monotonic()
-        per_group = self.plan.query_group_batches
-        groups = [tuple(query_files[i : i + per_group]) for i in range(0, len(query_files), per_group)]
-        if len(groups) > 1:
-            self.log(f"[scores] the queries do not fit the budget at once: {len(groups)} query groups of up to "
-                     f"{per_group * self.plan.query_batch_size} queries, one corpus pass each")
+        groups = self._query_groups(query_files)
         stats, partials = {}, []
         for g, files in enumerate(groups):
             jobs = [ShardJob("scores", s, layout.score_partial(key, g, s.shard_id), cfg.corpus_model, "documents",
@@ -262,6 +266,96 @@ class Pipeline:
             raise DataError(f"data.corpus: every document is empty ({skipped} rows skipped)")
         tree_merge(self.store, partials, cfg.scoring.top_k, lambda level, i: layout.merge_step(key, level, i))
         self._finish_stage("scores", key, started, _combine_groups(stats) if len(groups) > 1 else stats)
+
+    def _query_groups(self, query_files: list[str]) -> list[tuple[str, ...]]:
+        """The query batch files cut into the groups that fit the budget at once (one corpus pass each)."""
+        per_group = self.plan.query_group_batches
+        groups = [tuple(query_files[i : i + per_group]) for i in range(0, len(query_files), per_group)]
+        if len(groups) > 1:
+            self.log(f"[scores] the queries do not fit the budget at once: {len(groups)} query groups of up to "
+                     f"{per_group * self.plan.query_batch_size} queries, one pass each")
+        return groups
+
+    # ----------------------------------------------------------------------- the corpus gradient index
+
+    def index_store(self) -> RunDir:
+        """Where the corpus gradient index lives: ``index.path``, else ``<run_dir>/index``."""
+        return RunDir(self.config.index.path or self.store.url("index"))
+
+    def index_identity(self, inputs: Inputs) -> dict:
+        """What the index's rows depend on besides the documents: it is reused only when all of it matches."""
+        cfg = self.config
+        return {"corpus model": inputs.digests[_corpus_model_key(cfg)], "tokenizer": tokenizer_digest(inputs.tokenizer),
+                "modules": [[s.name, s.out_features, s.in_dim] for s in inputs.layers],
+                "data.max_length": cfg.data.max_length, "index.dim": cfg.index.dim, "index.seed": cfg.index.seed,
+                "format": INDEX_FORMAT}
+
+    def _index(self, inputs: Inputs) -> RunDir:
+        """Index every corpus shard not in the index yet (a shard is named by its content)."""
+        cfg = self.config
+        store = self.index_store()
+        identity = self.index_identity(inputs)
+        check_identity(store, identity, "index.path")
+        if not store.exists(layout.INDEX_IDENTITY):
+            store.write_json(layout.INDEX_IDENTITY, identity)
+        started = time.monotonic()
+        corpus = cfg.data.corpus
+        jobs = [ShardJob("index", s, layout.index_shard(s.shard_id), cfg.corpus_model, "documents",
+                         (corpus.id_column, corpus.text_column)) for s in inputs.corpus_shards]
+        stats = self._map("index", "index", jobs, store.url(), cfg.index.dim, cfg.index.seed, store=store)
+        self.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
+                 f"(k = {cfg.index.dim}, {stats['seconds']:.1f}s)")
+        self._finish_stage("index", fingerprint(identity, [j.job_id for j in jobs]), started, {"index": stats})
+        return store
+
+    def _index_scores(self, inputs: Inputs, query_files: list[str], index: RunDir) -> None:
+        """Scores by the index: each query's best candidates by a matrix product over the index, then
+        ``scoring.rerank`` of them re-scored exactly (a forward and backward pass over those documents)."""
+        cfg = self.config
+        top_k, rerank = cfg.scoring.top_k, cfg.scoring.rerank
+        num_candidates = top_k if rerank == 0 else max(rerank, top_k)
+        key = fingerprint(self.manifest["stages"]["queries"]["fingerprint"], self.index_identity(inputs),
+                          [s.shard_id for s in inputs.corpus_shards], top_k, rerank, self.plan.query_group_batches)
+        if self._is_done("scores", key, TOPK) and self.store.exists(BOTTOMK):
+            return
+        started = time.monotonic()
+        groups = self._query_groups(query_files)
+        stats, partials = {}, []
+        for g, files in enumerate(groups):
+            jobs = [ScanJob(s.shard_id, layout.index_shard(s.shard_id), layout.candidate_partial(key, g, s.shard_id))
+                    for s in inputs.corpus_shards]
+            stats[f"scan/g{g}"] = self._map("scan" if len(groups) == 1 else f"scan (query group {g + 1})", "scan", jobs,
+                                            index.url(), files, num_candidates, cfg.index.dim, cfg.index.seed,
+                                            tuple(inputs.layers))
+            partials += [j.output for j in jobs]
+        if rerank == 0:
+            tree_merge(self.store, partials, top_k, lambda level, i: layout.merge_step(key, level, i))
+        else:
+            tree_merge(self.store, partials, num_candidates, lambda level, i: layout.merge_step(f"{key}/candidates", level, i),
+                       output=layout.candidates(key))
+            stats |= self._rerank(inputs, key, groups, self.store.read_parquet(layout.candidates(key)))
+        self._finish_stage("scores", key, started, _combine_groups(stats))
+
+    def _rerank(self, inputs: Inputs, key: str, groups: list[tuple[str, ...]], candidates) -> dict[str, dict]:
+        """Exact scores of every candidate pair, shard by shard, merged into the top and bottom k."""
+        cfg = self.config
+        corpus = cfg.data.corpus
+        by_shard = {s.shard_id: s for s in inputs.corpus_shards}
+        stats, partials = {}, []
+        for g, files in enumerate(groups):
+            group_ids = {q for name in files for q in query_ids(self.store, name)}
+            pairs: dict[str, list[tuple[str, str, str]]] = {}
+            for query, doc, side, shard in zip(*(candidates[c].to_pylist() for c in ("query_id", "doc_id", "side", "shard"))):
+                if query in group_ids:
+                    pairs.setdefault(shard, []).append((query, doc, side))
+            jobs = [ShardJob("rerank", by_shard[shard], layout.rerank_partial(key, g, shard), cfg.corpus_model,
+                             "documents", (corpus.id_column, corpus.text_column), pairs=tuple(sorted(found)))
+                    for shard, found in sorted(pairs.items())]
+            stats[f"rerank/g{g}"] = self._map("rerank" if len(groups) == 1 else f"rerank (query group {g + 1})", "rescore",
+                                              jobs, files)
+            partials += [j.output for j in jobs]
+        tree_merge(self.store, partials, cfg.scoring.top_k, lambda level, i: layout.merge_step(f"{key}/rerank", level, i))
+        return stats
 
     # ----------------------------------------------------------------------- map passes
 
@@ -294,10 +388,11 @@ class Pipeline:
             raise
         return done, retries
 
-    def _map(self, name: str, method: str, jobs: list, *args) -> dict:
-        """Run ``method`` on every job without a ``.done.json`` yet; return the pass's stats."""
-        done = {j.job_id: self.store.read_json(done_marker(j.output)) for j in jobs
-                if self.store.exists(done_marker(j.output))}
+    def _map(self, name: str, method: str, jobs: list, *args, store: RunDir | None = None) -> dict:
+        """Run ``method`` on every job without a ``.done.json`` yet (in ``store``, by default the run
+        directory); return the pass's stats."""
+        store = store or self.store
+        done = {j.job_id: store.read_json(done_marker(j.output)) for j in jobs if store.exists(done_marker(j.output))}
         pending = [j for j in jobs if j.job_id not in done]
         progress = Progress(name, len(pending), self.log)
         if done:
@@ -359,6 +454,34 @@ class Pipeline:
     def _save_manifest(self, **fields) -> None:
         self.manifest.update(fields)
         self.store.write_json(MANIFEST, self.manifest)
+
+
+def _corpus_model_key(config: Config) -> str:
+    """The setting that names the corpus model (``Config.corpus_model``)."""
+    return "models.finetuned" if config.method != "multi_stage" and config.models.finetuned else "models.pretrained"
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """The tokenizer's content (vocabulary, merges, normalisation, special tokens), wherever its files live."""
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+
+
+def check_identity(store: RunDir, identity: dict, key: str) -> None:
+    """Refuse an index built for something else, naming what differs (before any heavy pass)."""
+    if not store.exists(layout.INDEX_IDENTITY):
+        return
+    found = store.read_json(layout.INDEX_IDENTITY)
+    differing = [name for name in identity if found.get(name) != identity[name]]
+    if differing:
+        details = "; ".join(f"{name}: index has {_short(found.get(name))}, this run {_short(identity[name])}"
+                            for name in differing)
+        raise ConfigError(f"{key}: the index at {store.url()} was built for a different {', '.join(differing)} "
+                          f"({details}). Point {key} at a new folder to build an index for this run, or remove that one.")
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _pass_stats(per_job: list[dict], computed: int, retries: list[str], seconds: float) -> dict:

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+import pyarrow as pa
 import ray
 import torch
 
@@ -33,7 +34,11 @@ from msif_ray.gradients import Fisher
 from msif_ray.influence import Chain, Examples, Method, QueryVectors, TrackedLM, cross_rotations, precondition_queries
 from msif_ray.layout import done_marker, eigen_file, factor_layer
 from msif_ray.models import load_model, load_tokenizer, pick_device, weight_dtype
-from msif_ray.scoring import QueryGroup, extremes_table, score_windows
+from msif_ray.index import (
+    Projection, document_rows, layer_sizes, project_queries, quantize, random_projections, scan,
+)
+from msif_ray.modules import LayerSpec
+from msif_ray.scoring import EXTREMES_SCHEMA, QueryGroup, extremes_table, score_windows
 from msif_ray.storage import RunDir
 
 
@@ -68,10 +73,24 @@ class ShardJob:
     columns: tuple[str, ...]  # (id, text) for documents; (prompt, completion) for pairs
     seed: int = 0
     sample: int | None = None  # this shard's quota of a seeded corpus sample (None: every document)
+    pairs: tuple[tuple[str, str, str], ...] | None = None  # re-scoring: (query_id, doc_id, side) to score exactly
 
     @property
     def job_id(self) -> str:
         return self.shard.shard_id
+
+
+@dataclass(frozen=True)
+class ScanJob:
+    """Score one index shard against a group of queries; keep each query's best ``candidates``."""
+
+    shard_id: str
+    rows: str  # the index shard (in the index store)
+    output: str  # its candidates (in the run directory)
+
+    @property
+    def job_id(self) -> str:
+        return self.shard_id
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,9 @@ class ShardWorker:
             return [p.id for p in pairs], Examples.pairs([p.prompt for p in pairs], [p.completion for p in pairs]), 0
         docs, skipped = read_documents(job.shard, *job.columns)
         docs = sample_documents(docs, job.sample, job.seed, job.shard)
+        if job.pairs is not None:
+            wanted = {doc_id for _, doc_id, _ in job.pairs}
+            docs = [d for d in docs if d.doc_id in wanted]
         return [d.doc_id for d in docs], Examples.documents([d.text for d in docs]), skipped
 
     def _maybe_crash(self, pass_name: str) -> None:
@@ -154,10 +176,11 @@ class ShardWorker:
         return {"shard": job.job_id, "documents": len(ids), "skipped": skipped, "tokens": tokens,
                 "seconds": round(time.monotonic() - start, 3), "worker_peak_rss_mb": peak_rss_mb()}
 
-    def _finish(self, job, output: str, start: float, ids: list[str], skipped: int, tokens: int) -> dict:
+    def _finish(self, job, output: str, start: float, ids: list[str], skipped: int, tokens: int,
+                store: RunDir | None = None) -> dict:
         """Write the job's stats next to its output: the marker that the job is done."""
         stats = self._stats(job, start, ids, skipped, tokens)
-        self.run_dir.write_json(done_marker(output), stats)
+        (store or self.run_dir).write_json(done_marker(output), stats)
         return stats
 
     def _accumulate_into(self, folder: str, new_sums: Callable[[], object]) -> Accumulation:
@@ -224,8 +247,56 @@ class ShardWorker:
     def scores(self, job: ShardJob, query_files: tuple[str, ...], top_k: int) -> dict:
         """Scoring: every document of the shard against one group of queries; keep the top and bottom k."""
         start = _start()
-        lm = self._load(job.model)
         group = self._query_group(query_files)
+        doc_ids, totals, skipped, tokens = self._exact_scores(job, group)
+        self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, totals, top_k))
+        return self._finish(job, job.output, start, doc_ids, skipped, tokens)
+
+    def rescore(self, job: ShardJob, query_files: tuple[str, ...]) -> dict:
+        """Exact scores of the candidate (query, document) pairs ``job.pairs`` of one shard."""
+        start = _start()
+        group = self._query_group(query_files)
+        doc_ids, totals, skipped, tokens = self._exact_scores(job, group)
+        row, column = {d: i for i, d in enumerate(doc_ids)}, {q: i for i, q in enumerate(group.ids)}
+        pairs = [p for p in job.pairs if p[1] in row]  # a document left out as empty has no score
+        table = pa.table({"query_id": [q for q, _, _ in pairs], "doc_id": [d for _, d, _ in pairs],
+                          "score": [float(totals[row[d], column[q]]) for q, d, _ in pairs],
+                          "side": [side for _, _, side in pairs]}, schema=EXTREMES_SCHEMA)
+        self.run_dir.write_parquet(job.output, table)
+        return self._finish(job, job.output, start, doc_ids, skipped, tokens)
+
+    def index(self, job: ShardJob, index_url: str, dim: int, seed: int) -> dict:
+        """The index pass: projected gradients of every document of the shard, into the index store."""
+        start = _start()
+        lm = self._load(job.model)
+        projections = self._projections(lm, dim, seed)
+        doc_ids, examples, skipped = self._examples(job)
+        self._maybe_crash(job.pass_name)
+        batches = lm.batches(examples)
+        rows, scale = quantize(document_rows(lm.model, lm.taps, batches, len(doc_ids), projections),
+                               layer_sizes(projections, lm.layers))
+        store = RunDir(index_url)
+        store.save_tensors(job.output, {"rows": rows.cpu(), "scale": scale.cpu()}, {"doc_ids": json.dumps(doc_ids)})
+        return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
+
+    def scan(self, job: ScanJob, index_url: str, query_files: tuple[str, ...], candidates: int, dim: int,
+             seed: int, layers: tuple[LayerSpec, ...]) -> dict:
+        """Estimated scores of one index shard against a group of queries; the best ``candidates`` per
+        query and side, with the shard id (for the exact re-scoring)."""
+        start = _start()
+        store = RunDir(index_url)
+        tensors, metadata = store.load_tensors(job.rows)
+        doc_ids = json.loads(metadata["doc_ids"])
+        ids, projected, sizes = self._projected_queries(query_files, dim, seed, layers)
+        estimates = scan(tensors["rows"].to(self.device), tensors["scale"].to(self.device), sizes, projected)
+        table = extremes_table(ids, doc_ids, estimates, candidates)
+        table = table.append_column("shard", pa.array([job.shard_id] * table.num_rows, pa.string()))
+        self.run_dir.write_parquet(job.output, table)
+        return self._finish(job, job.output, start, doc_ids, 0, 0)
+
+    def _exact_scores(self, job: ShardJob, group: QueryGroup) -> tuple[list[str], torch.Tensor, int, int]:
+        """The shard's document ids, their exact scores [N, Q] float64, empty rows skipped, tokens."""
+        lm = self._load(job.model)
         doc_ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
         totals = torch.zeros(len(doc_ids), group.num_queries, dtype=torch.float64)
@@ -233,8 +304,30 @@ class ShardWorker:
         for batch in lm.batches(examples):
             totals.index_add_(0, batch.examples, score_windows(lm.model, lm.taps, batch, group).sum(0).cpu())
             tokens += batch.num_tokens
-        self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, totals, top_k))
-        return self._finish(job, job.output, start, doc_ids, skipped, tokens)
+        return doc_ids, totals, skipped, tokens
+
+    def _projections(self, lm: TrackedLM, dim: int, seed: int) -> dict[str, Projection]:
+        key = ("projections", self._model_path, dim, seed)
+        if key not in self._cached:
+            self._cached.clear()
+            self._cached[key] = random_projections([lm.taps.specs[n] for n in lm.layers], dim, seed, self.device)
+        return self._cached[key]
+
+    def _projected_queries(self, files: tuple[str, ...], dim: int, seed: int, layers: tuple[LayerSpec, ...]
+                           ) -> tuple[list[str], torch.Tensor, list[int]]:
+        """Query ids, their projections [Q, D] (cached per group) and the index's layer block sizes."""
+        key = ("projected", files, dim, seed, layers)
+        if key not in self._cached:
+            self._cached.clear()
+            projections = random_projections(list(layers), dim, seed, self.device)
+            names = [spec.name for spec in layers]
+            ids, blocks = [], []
+            for name in files:  # one batch file in memory at a time
+                vectors = load_query_vectors(self.run_dir, [name])
+                ids += vectors.ids
+                blocks.append(project_queries(vectors, projections, names))
+            self._cached[key] = ids, torch.cat(blocks), layer_sizes(projections, names)
+        return self._cached[key]
 
     def _bases(self, factors: str, layers: tuple[str, ...]) -> dict[str, Eigenbasis]:
         key = ("bases", factors, layers)

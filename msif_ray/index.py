@@ -1,0 +1,147 @@
+"""The corpus gradient index: every document's gradient at θ_pt, projected to k x k per layer.
+
+For one tracked layer with gradient G_m = Σ_t s_t a_tᵀ [out, in] (``gradients.per_example_gradient``):
+
+    Ĝ_m = P_out G_m P_inᵀ = Σ_t (P_out s_t)(P_in a_t)ᵀ          [k, k]
+    P_out [k, out], P_in [k, in]: i.i.d. N(0, 1/k) entries, drawn from (index seed, layer name)
+
+so the index costs T·k·(out + in) + T·k² per layer and window on top of the backward pass, and
+G is never formed. A preconditioned query Ṽ_q = L Rᵀ (rank r) is projected the same way,
+(P_out L)(P_in R)ᵀ, and since E[PᵀP] = I with P_out, P_in independent,
+
+    E ⟨P_out Ṽ_q P_inᵀ, P_out G_m P_inᵀ⟩_F = ⟨Ṽ_q, G_m⟩_F        (unbiased; variance ~ 1/k² per layer)
+
+Scoring new queries is then one matrix product over the index, [N, D] x [D, Q] with
+D = Σ_layers k², and only the best candidates are re-scored exactly (``pipeline``).
+
+Storage: a document's row is kept in float16 per layer block, divided by the block's largest
+magnitude (kept as a float32 ``scale`` [N, L]): float16's 11-bit mantissa with no overflow or
+underflow whatever the gradients' magnitude. The projections are never stored: they are drawn
+again from the seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from msif_ray.gradients import Batch, backward_through_layers, model_device
+from msif_ray.influence import QueryVectors
+from msif_ray.modules import LayerSpec, LayerTaps
+
+ROWS_PER_BLOCK = 1 << 14  # index rows dequantised at once when scanning: 16k x D floats
+
+
+@dataclass(frozen=True)
+class Projection:
+    """P_out [k_out, out] and P_in [k_in, in] of one layer."""
+
+    out: torch.Tensor
+    inp: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.out.shape[0] * self.inp.shape[0]
+
+
+def layer_seed(seed: int, layer: str, side: str) -> int:
+    """A stable 63-bit seed for one side of one layer's projection."""
+    return int.from_bytes(hashlib.sha256(f"index:{seed}:{layer}:{side}".encode()).digest()[:8], "little") >> 1
+
+
+def random_projections(layers: list[LayerSpec], dim: int, seed: int,
+                       device: torch.device | str = "cpu") -> dict[str, Projection]:
+    """Gaussian projections with entries of variance 1/dim, the same on every machine for (seed, layer)."""
+
+    def draw(layer: str, side: str, width: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(layer_seed(seed, layer, side))
+        return (torch.randn(dim, width, generator=generator) / dim ** 0.5).to(device)
+
+    return {spec.name: Projection(draw(spec.name, "out", spec.out_features), draw(spec.name, "in", spec.in_dim))
+            for spec in layers}
+
+
+def index_width(projections: dict[str, Projection]) -> int:
+    """D: the numbers per document, Σ_layers k_out·k_in."""
+    return sum(p.size for p in projections.values())
+
+
+def project_windows(model: nn.Module, taps: LayerTaps, batch: Batch,
+                    projections: dict[str, Projection]) -> torch.Tensor:
+    """Projected gradients of each window: [B, D] in the projections' dtype, layers in ``taps`` order, each block
+    the row-major flattening of P_out G P_inᵀ."""
+    names = list(taps.modules)
+    blocks: dict[str, torch.Tensor] = {}
+
+    def add_layer(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
+        p = projections[name]
+        s_k = s.to(p.out.dtype) @ p.out.t()  # [B, T, k_out]
+        a_k = a.to(p.inp.dtype) @ p.inp.t()  # [B, T, k_in]
+        blocks[name] = torch.bmm(s_k.transpose(1, 2), a_k).flatten(1)
+
+    backward_through_layers(model, taps, batch, add_layer)
+    return torch.cat([blocks[name] for name in names], dim=1)
+
+
+def project_queries(vectors: QueryVectors, projections: dict[str, Projection], layers: list[str]) -> torch.Tensor:
+    """P_out Ṽ_q P_inᵀ of every query and layer, flattened like the index rows: [Q, D] in the projections' dtype.
+
+    Low-rank vectors cost Q·r·k·(out + in): (P_out L)(P_in R)ᵀ, Ṽ_q never formed.
+    """
+    blocks = []
+    for name in layers:
+        v, p = vectors.layers[name], projections[name]
+        device = p.out.device
+        if v.is_low_rank:
+            left = p.out @ v.left.to(device, p.out.dtype)  # [Q, k_out, r]
+            right = p.inp @ v.right.to(device, p.out.dtype)  # [Q, k_in, r]
+            blocks.append((left @ right.mT).flatten(1))
+        else:
+            blocks.append((p.out @ v.dense.to(device, p.out.dtype) @ p.inp.t()).flatten(1))
+    return torch.cat(blocks, dim=1)
+
+
+def layer_sizes(projections: dict[str, Projection], layers: list[str]) -> list[int]:
+    return [projections[name].size for name in layers]
+
+
+def quantize(rows: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, D] float -> float16 rows with each layer block divided by its largest magnitude, and
+    those magnitudes as ``scale`` [N, L] float32 (a zero block keeps scale 1)."""
+    blocks = rows.float().split(sizes, dim=1)
+    scale = torch.stack([b.abs().amax(dim=1) for b in blocks], dim=1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scaled = torch.cat([b / scale[:, i : i + 1] for i, b in enumerate(blocks)], dim=1)
+    return scaled.to(torch.float16), scale
+
+
+def dequantize(rows: torch.Tensor, scale: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """The inverse of ``quantize``: [N, D] float32."""
+    expanded = torch.repeat_interleave(scale, torch.tensor(sizes, device=scale.device), dim=1)
+    return rows.float() * expanded
+
+
+def scan(rows: torch.Tensor, scale: torch.Tensor, sizes: list[int], queries: torch.Tensor) -> torch.Tensor:
+    """Estimated scores of every indexed document against every projected query: [N, Q] float64.
+
+    Rows are dequantised ``ROWS_PER_BLOCK`` at a time, so memory is one block plus the result.
+    """
+    queries = queries.to(rows.device, torch.float32)
+    out = torch.empty(rows.shape[0], queries.shape[0], dtype=torch.float64)
+    for lo in range(0, rows.shape[0], ROWS_PER_BLOCK):
+        hi = min(lo + ROWS_PER_BLOCK, rows.shape[0])
+        out[lo:hi] = (dequantize(rows[lo:hi], scale[lo:hi], sizes) @ queries.t()).double().cpu()
+    return out
+
+
+def document_rows(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_documents: int,
+                  projections: dict[str, Projection]) -> torch.Tensor:
+    """Projected gradients of whole documents (their windows summed): [N, D] on the model's device."""
+    dtype = next(iter(projections.values())).out.dtype
+    total = torch.zeros(num_documents, index_width(projections), device=model_device(model), dtype=dtype)
+    for batch in batches:
+        total.index_add_(0, batch.examples.to(total.device), project_windows(model, taps, batch, projections))
+    return total

@@ -1,0 +1,192 @@
+"""The corpus gradient index (``index.py``) against exact scores.
+
+- Orthogonal projections of full dimension preserve the Frobenius inner product, so index scores
+  equal the exact scores (rtol 1e-5: the exact scorer works in float32).
+- Random Gaussian projections give an unbiased estimate: the mean over many seeds lies within
+  4 standard errors of the exact inner product (a false alarm about once in 16,000 runs; the
+  seeds are fixed, so the test is deterministic), and the mean squared error falls as k grows
+  (roughly as 1/k² per layer; asserted only to fall by half per doubling of k).
+- float16 storage with per-block scales keeps ~3 decimal digits: rtol 2e-3 on scores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msif_ray.index import (
+    Projection, dequantize, document_rows, index_width, layer_sizes, project_queries, quantize, random_projections,
+    scan,
+)
+from msif_ray.influence import Chain, Examples, TrackedLM
+from msif_ray.modules import LayerSpec
+from tiny import SENTENCES, make_model, make_tokenizer
+
+
+def tiny_lm(tmp_path) -> TrackedLM:
+    tokenizer = make_tokenizer()
+    model = make_model("gpt_neox", tmp_path / "m", len(tokenizer), seed=0).double()
+    return TrackedLM(model, tokenizer, max_length=16, batch_size=3)
+
+
+def orthogonal(n: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q
+
+
+def test_full_dimension_orthogonal_projections_give_exact_scores(tmp_path):
+    lm = tiny_lm(tmp_path)
+    docs = Examples.documents(SENTENCES[:5] + [" ".join(SENTENCES)])  # the last one spans several windows
+    queries = Examples.pairs(["Q: a", "Q: b", "Q: c"], [" x", " y", " z"], ["q0", "q1", "q2"])
+    factors = lm.fit_factors(docs, fisher="empirical")
+    for rank in (None, 2):
+        vectors = lm.query_vectors(queries, Chain.of("single_stage", factors, None), rank=rank)
+        vectors = vectors.to("cpu", torch.float64)
+        projections = {name: Projection(orthogonal(spec.out_features, 2 * i), orthogonal(spec.in_dim, 2 * i + 1))
+                       for i, (name, spec) in enumerate(lm.taps.specs.items())}
+        rows = document_rows(lm.model, lm.taps, lm.batches(docs), len(docs), projections)
+        projected = project_queries(vectors, projections, lm.layers)
+        exact = lm.score(docs, vectors).total
+        torch.testing.assert_close(rows.double() @ projected.t(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
+
+
+def test_random_projections_are_unbiased_and_improve_with_k():
+    generator = torch.Generator().manual_seed(0)
+    out, inp = 12, 9
+    g = torch.randn(out, inp, generator=generator, dtype=torch.float64)
+    left, right = torch.randn(1, out, 2, generator=generator, dtype=torch.float64), torch.randn(1, inp, 2, generator=generator, dtype=torch.float64)
+    exact = float((left[0] @ right[0].T * g).sum())
+    spec = LayerSpec("layer", inp, out, has_bias=False)
+    from msif_ray.influence import LayerVectors, QueryVectors
+
+    vectors = QueryVectors(["q"], {"layer": LayerVectors(left=left, right=right)})
+    errors = {}
+    for k in (2, 4, 8):
+        estimates = []
+        for seed in range(4000):
+            p = random_projections([spec], k, seed)["layer"]
+            gk = (p.out @ g.float() @ p.inp.t()).flatten()
+            estimates.append(float(project_queries(vectors, {"layer": p}, ["layer"])[0] @ gk))
+        estimates = torch.tensor(estimates, dtype=torch.float64)
+        standard_error = float(estimates.std() / len(estimates) ** 0.5)
+        assert abs(float(estimates.mean()) - exact) < 4 * standard_error, k
+        errors[k] = float(((estimates - exact) ** 2).mean())
+    assert errors[4] < errors[2] / 2 and errors[8] < errors[4] / 2, errors
+
+
+def test_projections_follow_seed_and_layer_only():
+    specs = [LayerSpec("a", 5, 7, True), LayerSpec("b", 5, 7, True)]
+    one, two = random_projections(specs, 4, 3), random_projections(list(reversed(specs)), 4, 3)
+    assert torch.equal(one["a"].out, two["a"].out) and torch.equal(one["b"].inp, two["b"].inp)
+    assert not torch.equal(one["a"].out, one["b"].out)
+    assert not torch.equal(one["a"].out, random_projections(specs, 4, 4)["a"].out)
+    assert one["a"].out.shape == (4, 7) and one["a"].inp.shape == (4, 6) and index_width(one) == 32
+
+
+def test_float16_rows_with_block_scales_keep_scores():
+    generator = torch.Generator().manual_seed(0)
+    sizes = [16, 9, 4]
+    rows = torch.randn(50, sum(sizes), generator=generator) * torch.tensor([1e-7] * 16 + [1e5] * 9 + [1.0] * 4)
+    rows[3, 16:25] = 0.0  # an all-zero block
+    q, scale = quantize(rows, sizes)
+    assert q.dtype == torch.float16 and scale.shape == (50, 3)
+    torch.testing.assert_close(dequantize(q, scale, sizes), rows, rtol=1e-3, atol=0)
+    queries = torch.randn(3, sum(sizes), generator=generator)
+    torch.testing.assert_close(scan(q, scale, sizes, queries), (rows.double() @ queries.double().t()), rtol=2e-3,
+                               atol=2e-3 * float((rows.abs() @ queries.abs().t()).max()))
+    assert layer_sizes(random_projections([LayerSpec("a", 3, 2, False)], 2, 0), ["a"]) == [4]
+
+
+# --------------------------------------------------------------------------- the pipeline in index mode
+
+
+def run(world, run_dir, log=None, **overrides):
+    import pyarrow.parquet as pq
+
+    from msif_ray.config import config_from_dict
+    from msif_ray.pipeline import TOPK, Pipeline
+
+    config = config_from_dict(world.config(run_dir, **overrides), base_dir=world.root)
+    Pipeline(config, log=log or (lambda line: None)).run()
+    return pq.read_table(run_dir / TOPK).to_pydict()
+
+
+def manifest(run_dir):
+    from msif_ray.pipeline import MANIFEST
+    from msif_ray.storage import RunDir
+
+    return RunDir(str(run_dir)).read_json(MANIFEST)
+
+
+def pairs(table: dict) -> dict:
+    return {(q, d): s for q, d, s in zip(table["query_id"], table["doc_id"], table["score"])}
+
+
+ALL = {"scoring.top_k": 1000, "factors.fisher": "empirical"}
+
+
+def test_rerank_of_every_document_equals_exact_mode(world, ray_session, tmp_path):
+    """With every document a candidate, index mode returns exact mode's table (rtol 1e-4: factor
+    sums in another float32 order, see test_pipeline.py)."""
+    exact = run(world, tmp_path / "exact", **ALL)
+    indexed = run(world, tmp_path / "index", **ALL, **{"scoring.mode": "index", "scoring.rerank": 1000})
+    assert indexed["query_id"] == exact["query_id"] and indexed["doc_id"] == exact["doc_id"]
+    assert indexed["rank"] == exact["rank"]
+    assert indexed["score"] == pytest.approx(exact["score"], rel=1e-4, abs=1e-6)
+    stages = manifest(tmp_path / "index")["stages"]
+    assert stages["index"]["passes"]["index"]["computed"] == stages["index"]["passes"]["index"]["shards_total"]
+    from world import corpus_documents
+
+    assert stages["scores"]["passes"]["rerank"]["documents"] == len(corpus_documents())  # each re-scored once
+
+
+def test_reranked_scores_are_exact(world, ray_session, tmp_path):
+    exact = pairs(run(world, tmp_path / "exact", **ALL))
+    table = run(world, tmp_path / "index", **{**ALL, "scoring.top_k": 2, "scoring.mode": "index", "scoring.rerank": 4,
+                                              "index.dim": 4})
+    assert len(table["doc_id"]) == 4  # 2 queries x top 2
+    for pair, score in pairs(table).items():
+        assert score == pytest.approx(exact[pair], rel=1e-4, abs=1e-6)
+    rerank = manifest(tmp_path / "index")["stages"]["scores"]["passes"]["rerank"]
+    assert rerank["documents"] <= 2 * 2 * 4  # (top + bottom) x queries x candidates, at most
+
+
+def test_index_is_shared_appended_and_reused(world, ray_session, tmp_path):
+    """A second run on the same index with another fine-tuned model indexes nothing; appending a
+    corpus file indexes only its shards and equals building from scratch."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(pa.table({"id": [f"extra-{i}" for i in range(5)],
+                             "text": [f"Extra document number {i} about the town of Elsk." for i in range(5)]}), extra)
+    settings = {**ALL, "scoring.mode": "index", "scoring.rerank": 1000, "index.path": str(tmp_path / "index")}
+    run(world, tmp_path / "a", **settings)
+    first = manifest(tmp_path / "a")["stages"]["index"]["passes"]["index"]
+    assert first["computed"] == first["shards_total"] == 4
+
+    run(world, tmp_path / "b", **settings, **{"models.finetuned": str(world.pretrained)})  # another "fine-tune"
+    assert manifest(tmp_path / "b")["stages"]["index"]["passes"]["index"]["computed"] == 0
+
+    corpus = {"data.corpus.paths": [str(world.corpus), str(extra)]}
+    appended = run(world, tmp_path / "c", **settings, **corpus)
+    index = manifest(tmp_path / "c")["stages"]["index"]["passes"]["index"]
+    assert (index["computed"], index["reused"]) == (2, 4)
+    fresh = run(world, tmp_path / "d", **{**settings, "index.path": str(tmp_path / "fresh")}, **corpus)
+    assert appended == fresh
+
+
+@pytest.mark.parametrize("override, named", [
+    ({"index.dim": 8}, "index.dim"),
+    ({"index.seed": 1}, "index.seed"),
+    ({"data.max_length": 24}, "data.max_length"),
+    ({"modules.include": "mlp"}, "modules"),
+])
+def test_an_index_built_for_other_settings_is_refused(override, named, world, ray_session, tmp_path):
+    from msif_ray.config import ConfigError
+
+    settings = {"method": "grad_dot", "scoring.mode": "index", "index.path": str(tmp_path / "index"), "index.dim": 4}
+    run(world, tmp_path / "a", **settings)
+    with pytest.raises(ConfigError, match=named) as err:
+        run(world, tmp_path / "b", **{**settings, **override})
+    assert "index.path" in str(err.value)
