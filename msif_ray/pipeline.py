@@ -45,6 +45,7 @@ from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config
 from msif_ray.modules import LayerSpec, layer_spec, select_modules
 from msif_ray.plan import ResourcePlan, WorkerMemoryError, make_plan
 from msif_ray.progress import Progress
+from msif_ray.scoring import rank_within_groups
 from msif_ray.storage import RunDir
 
 FAULT_ENV = "MSIF_FAULT_INJECT"  # tests: a pass name whose worker is killed once
@@ -337,7 +338,10 @@ class Pipeline:
         self._finish_stage("scores", key, started, _combine_groups(stats))
 
     def _rerank(self, inputs: Inputs, key: str, groups: list[tuple[str, ...]], candidates) -> dict[str, dict]:
-        """Exact scores of every candidate pair, shard by shard, merged into the top and bottom k."""
+        """Exact scores of the candidate pairs, shard by shard, merged into the top and bottom k.
+
+        Every top candidate is re-scored; of the bottom (opponent) candidates only the first k,
+        since only ``topk.parquet`` is the ranking asked for."""
         cfg = self.config
         corpus = cfg.data.corpus
         by_shard = {s.shard_id: s for s in inputs.corpus_shards}
@@ -345,8 +349,9 @@ class Pipeline:
         for g, files in enumerate(groups):
             group_ids = {q for name in files for q in query_ids(self.store, name)}
             pairs: dict[str, list[tuple[str, str, str]]] = {}
-            for query, doc, side, shard in zip(*(candidates[c].to_pylist() for c in ("query_id", "doc_id", "side", "shard"))):
-                if query in group_ids:
+            columns = (candidates[c].to_pylist() for c in ("query_id", "doc_id", "side", "shard"))
+            for (query, doc, side, shard), rank in zip(zip(*columns), rank_within_groups(candidates)):
+                if query in group_ids and (side == "top" or rank < cfg.scoring.top_k):
                     pairs.setdefault(shard, []).append((query, doc, side))
             jobs = [ShardJob("rerank", by_shard[shard], layout.rerank_partial(key, g, shard), cfg.corpus_model,
                              "documents", (corpus.id_column, corpus.text_column), pairs=tuple(sorted(found)))

@@ -226,11 +226,11 @@ def merge_extremes(tables: list[pa.Table], k: int) -> pa.Table:
     key = pc.if_else(pc.equal(rows["side"], "top"), pc.negate(rows["score"]), rows["score"])
     rows = rows.append_column("_key", key).sort_by(
         [("query_id", "ascending"), ("side", "ascending"), ("_key", "ascending"), ("doc_id", "ascending")])
-    rank = _rank_within_groups(rows)
+    rank = rank_within_groups(rows)
     return rows.filter(pa.array(rank < k)).drop_columns(["_key"])
 
 
-def _rank_within_groups(rows: pa.Table) -> np.ndarray:
+def rank_within_groups(rows: pa.Table) -> np.ndarray:
     """0-based position of each row within its run of equal (query_id, side), rows being sorted by them."""
     n = rows.num_rows
     if n == 0:
@@ -246,6 +246,6 @@ def _rank_within_groups(rows: pa.Table) -> np.ndarray:
 def final_table(merged: pa.Table, side: str) -> pa.Table:
     """The result schema of DESIGN.md §2 for one side: query_id, rank (1-based int32), doc_id, score."""
     rows = merged.filter(pc.equal(merged["side"], side))
-    rank = _rank_within_groups(rows) + 1
+    rank = rank_within_groups(rows) + 1
     return pa.table({"query_id": rows["query_id"], "rank": pa.array(rank, pa.int32()), "doc_id": rows["doc_id"],
                      "score": rows["score"]})
