@@ -11,8 +11,13 @@
     scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
     scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
     scores/topk.parquet  scores/bottomk.parquet         the result
+    nights/<date>/topk.parquet, bottomk.parquet         msif nightly: copies of the result of the night <date>
+    nights/<date>/night.json                            that night: times, per stage recomputed or reused, fingerprints
+    nights/history/<start>-<date>-<id>.json             one record per night attempt, good or failed (never rewritten)
+    nights/latest.json                                  the pointer to the last good night (written after its files)
 
-``<key>`` is the stage's fingerprint: outputs of another configuration never mix in.
+``<key>`` is the stage's fingerprint: outputs of another configuration never mix in. ``<date>``
+is YYYY-MM-DD; ``<start>`` the attempt's start, UTC, as YYYYMMDDTHHMMSSZ (names sort by start).
 """
 
 from __future__ import annotations
@@ -57,3 +62,29 @@ def merge_step(key: str, level: int, index: int) -> str:
 def done_marker(output: str) -> str:
     """A shard's output is complete once this small JSON exists (it is written after the output)."""
     return output + ".done.json"
+
+
+NIGHTS = "nights"
+NIGHTS_LATEST = "nights/latest.json"
+NIGHTS_HISTORY = "nights/history"
+
+
+def night_dir(date: str) -> str:
+    return f"{NIGHTS}/{date}"
+
+
+def night_topk(date: str) -> str:
+    return f"{night_dir(date)}/topk.parquet"
+
+
+def night_bottomk(date: str) -> str:
+    return f"{night_dir(date)}/bottomk.parquet"
+
+
+def night_record(date: str) -> str:
+    return f"{night_dir(date)}/night.json"
+
+
+def history_record(start: str, date: str, attempt: str) -> str:
+    """One night attempt's record; ``start`` (YYYYMMDDTHHMMSSZ) first, so that names sort by start."""
+    return f"{NIGHTS_HISTORY}/{start}-{date}-{attempt}.json"
