@@ -17,7 +17,7 @@
     nights/latest.json                                  the pointer to the last good night (written after its files)
 
 ``<key>`` is the stage's fingerprint: outputs of another configuration never mix in. ``<date>``
-is YYYY-MM-DD; ``<start>`` the attempt's start, UTC, as YYYYMMDDTHHMMSSZ (names sort by start).
+is YYYY-MM-DD; ``<start>`` the attempt's start, UTC, as YYYYMMDDTHHMMSS.mmmZ (names sort by start).
 """
 
 from __future__ import annotations
@@ -86,5 +86,5 @@ def night_record(date: str) -> str:
 
 
 def history_record(start: str, date: str, attempt: str) -> str:
-    """One night attempt's record; ``start`` (YYYYMMDDTHHMMSSZ) first, so that names sort by start."""
+    """One night attempt's record; ``start`` (YYYYMMDDTHHMMSS.mmmZ) first, so that names sort by start."""
     return f"{NIGHTS_HISTORY}/{start}-{date}-{attempt}.json"

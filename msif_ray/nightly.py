@@ -111,11 +111,12 @@ class Night:
         self.date = date
         self.started = _now()
         self.attempt = uuid.uuid4().hex[:8]
-        self.record_name = layout.history_record(self.started.strftime("%Y%m%dT%H%M%SZ"), date, self.attempt)
+        start = self.started.strftime("%Y%m%dT%H%M%S.") + f"{self.started.microsecond // 1000:03d}Z"
+        self.record_name = layout.history_record(start, date, self.attempt)
         self.published = False
 
-    def _record(self, status: str, **fields) -> dict:
-        finished = _now()
+    def _record(self, status: str, finished: dt.datetime | None = None, **fields) -> dict:
+        finished = finished or _now()
         return {"date": self.date, "status": status, "started": _iso(self.started), "finished": _iso(finished),
                 "seconds": round((finished - self.started).total_seconds(), 3), "attempt": self.attempt, **fields}
 
@@ -139,7 +140,8 @@ class Night:
         """Record this attempt as failed (best effort: a run directory that cannot be written stays as it is)."""
         if self.published:  # e.g. the lease was lost after the night was complete: its files and pointer stand
             return None
-        record = self._record("failed", error=one_line(err))
+        finished = _now()
+        record = self._record("failed", finished, error=one_line(err))
         try:
             self.store.write_json(self.record_name, record)
         except Exception:  # noqa: BLE001 - the night's own error is the one to report
@@ -171,11 +173,9 @@ def describe_night(record: dict) -> str:
     shards = []
     for name in recomputed:
         passes = stages[name]["passes"].values()
-        if passes:
-            shards.append(f"{name} {sum(p['computed'] for p in passes)}/{sum(p['shards_total'] for p in passes)}")
-        else:
-            shards.append(name)
-    return f"{head}  recomputed: {', '.join(shards)} shards"
+        computed, total = sum(p["computed"] for p in passes), sum(p["shards_total"] for p in passes)
+        shards.append(f"{name} ({computed}/{total} shards)" if passes else name)
+    return f"{head}  recomputed: {', '.join(shards)}"
 
 
 def status_lines(store: RunDir, limit: int = STATUS_LIMIT) -> list[str]:

@@ -37,7 +37,7 @@ def night(config: Path, date: str, capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def night_record(run_dir: Path, date: str) -> dict:
+def night_record(run_dir: Path | str, date: str) -> dict:
     return RunDir(run_dir).read_json(layout.night_record(date))
 
 
@@ -156,3 +156,30 @@ def test_a_night_with_new_queries_recomputes_queries_and_scores_only(nights, wor
     fresh = table(fresh_dir / layout.TOPK)
     assert topk["query_id"] == fresh["query_id"] and topk["doc_id"] == fresh["doc_id"]
     assert topk["score"] == pytest.approx(fresh["score"], rel=1e-4, abs=1e-6)
+
+
+def test_publishing_on_s3_and_the_history_in_start_order(s3_bucket):
+    """On an object store (moto): the copies, night.json, history records and latest.json; a failed attempt
+    keeps latest; a date run again replaces its folder's files; the history lists attempts in start order."""
+    from msif_ray.nightly import Night, status_lines
+
+    store = RunDir(f"{s3_bucket}/run")
+    stages = {"queries": {"fingerprint": "q1", "state": "done", "seconds": 1.0,
+                          "passes": {"precondition": {"shards_total": 1, "computed": 1, "reused": 0}}},
+              "scores": {"fingerprint": "s1", "state": "done", "seconds": 2.0,
+                         "passes": {"scores": {"shards_total": 4, "computed": 4, "reused": 0}}}}
+    store.write_bytes(layout.TOPK, b"top-1")
+    store.write_bytes(layout.BOTTOMK, b"bottom-1")
+    Night(store.url(), FIRST).publish("grad_dot", {}, stages)
+    Night(store.url(), SECOND).fail(ValueError("data.queries: bad\nrow 3"))
+    store.write_bytes(layout.TOPK, b"top-2")
+    Night(store.url(), FIRST).publish("grad_dot", stages, stages)  # the same date again: nothing recomputed
+    assert store.read_bytes(layout.night_topk(FIRST)) == b"top-2"
+    assert store.read_bytes(layout.night_bottomk(FIRST)) == b"bottom-1"
+    assert not any(s["recomputed"] for s in night_record(store.url(), FIRST)["stages"].values())
+    assert [(r["date"], r["status"]) for r in history(store)] == [(FIRST, "ok"), (SECOND, "failed"), (FIRST, "ok")]
+    assert history(store)[1]["error"] == "ValueError: data.queries: bad row 3"
+    assert latest(store)["date"] == FIRST and latest(store)["url"] == store.url(layout.night_dir(FIRST))
+    lines = status_lines(store)
+    assert lines[0].strip().startswith(f"nights   latest {FIRST}") and len(lines) == 4
+    assert "recomputed: queries (1/1 shards), scores (4/4 shards)" in lines[1] and "recomputed: nothing" in lines[3]
