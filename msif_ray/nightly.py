@@ -70,12 +70,15 @@ def _iso(moment: dt.datetime) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message on one line: the input error behind it (as ``msif run`` prints it), else its type too."""
+    """The error's message on one line: the input error behind it (as ``msif run`` prints it), else its type
+    too; credentials in URLs masked (the history is read by others, like the manifest)."""
     from msif_ray.cli import user_error
+    from msif_ray.config import redact_secrets
 
     cause = user_error(err) if isinstance(err, Exception) else None
     text = str(cause) if cause is not None else f"{type(err).__name__}: {err}"
     text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    text = re.sub(r"[A-Za-z][\w+.-]*://\S+", lambda url: redact_secrets(url.group()), text)
     return text if len(text) <= 500 else text[:497] + "..."
 
 
@@ -152,9 +155,15 @@ class Night:
 # --------------------------------------------------------------------------- reading
 
 
-def history(store: RunDir) -> list[dict]:
-    """Every night attempt's record, oldest first."""
-    return [store.read_json(name) for name in store.list(layout.NIGHTS_HISTORY) if name.endswith(".json")]
+def history_names(store: RunDir) -> list[str]:
+    """The history records' names, oldest first (their names start with the attempt's start)."""
+    return [name for name in store.list(layout.NIGHTS_HISTORY) if name.endswith(".json")]
+
+
+def history(store: RunDir, last: int | None = None) -> list[dict]:
+    """The night attempts' records, oldest first; only the ``last`` ones when given (one read each)."""
+    names = history_names(store)
+    return [store.read_json(name) for name in (names[-last:] if last else names)]
 
 
 def latest(store: RunDir) -> dict | None:
@@ -180,14 +189,13 @@ def describe_night(record: dict) -> str:
 
 def status_lines(store: RunDir, limit: int = STATUS_LIMIT) -> list[str]:
     """The night history and the latest pointer, for ``msif status`` (empty when the run dir has no nights)."""
-    records = history(store)
+    names = history_names(store)
     pointer = latest(store)
-    if not records and pointer is None:
+    if not names and pointer is None:
         return []
     where = (f"latest {pointer['date']} -> {store.url(layout.night_dir(pointer['date']))}/" if pointer
              else "latest: none (no good night yet)")
     lines = [f"  nights   {where}"]
-    if len(records) > limit:
-        lines.append(f"    ... {len(records) - limit} earlier nights in {store.url(layout.NIGHTS_HISTORY)}/")
-    lines += [f"    {describe_night(r)}" for r in records[-limit:]]
-    return lines
+    if len(names) > limit:
+        lines.append(f"    ... {len(names) - limit} earlier nights in {store.url(layout.NIGHTS_HISTORY)}/")
+    return lines + [f"    {describe_night(store.read_json(name))}" for name in names[-limit:]]

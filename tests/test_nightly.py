@@ -171,14 +171,14 @@ def test_publishing_on_s3_and_the_history_in_start_order(s3_bucket):
     store.write_bytes(layout.TOPK, b"top-1")
     store.write_bytes(layout.BOTTOMK, b"bottom-1")
     Night(store.url(), FIRST).publish("grad_dot", {}, stages)
-    Night(store.url(), SECOND).fail(ValueError("data.queries: bad\nrow 3"))
+    Night(store.url(), SECOND).fail(ValueError("data.queries: https://h/q.jsonl?token=abc is bad\nat row 3"))
     store.write_bytes(layout.TOPK, b"top-2")
     Night(store.url(), FIRST).publish("grad_dot", stages, stages)  # the same date again: nothing recomputed
     assert store.read_bytes(layout.night_topk(FIRST)) == b"top-2"
     assert store.read_bytes(layout.night_bottomk(FIRST)) == b"bottom-1"
     assert not any(s["recomputed"] for s in night_record(store.url(), FIRST)["stages"].values())
     assert [(r["date"], r["status"]) for r in history(store)] == [(FIRST, "ok"), (SECOND, "failed"), (FIRST, "ok")]
-    assert history(store)[1]["error"] == "ValueError: data.queries: bad row 3"
+    assert history(store)[1]["error"] == "ValueError: data.queries: https://h/q.jsonl?token=REDACTED is bad at row 3"
     assert latest(store)["date"] == FIRST and latest(store)["url"] == store.url(layout.night_dir(FIRST))
     lines = status_lines(store)
     assert lines[0].strip().startswith(f"nights   latest {FIRST}") and len(lines) == 4
