@@ -1,4 +1,4 @@
-"""kronfluence 1.0.1 driven on msif's own tokenization, as in tests/test_kronfluence_parity.py.
+"""kronfluence 1.0.1 driven on msif's own tokenization; tests/test_kronfluence_parity.py checks this very code.
 
 Its task returns the summed cross-entropy (−log p) over the tokens msif scores, for both the
 training loss and the measurement: gradients flip sign on both sides, so kronfluence's pairwise
@@ -38,7 +38,9 @@ class PaddedTexts(Dataset):
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
 
 
-def _task(tracked: list[str]):
+def causal_lm_task(tracked: list[str]):
+    """kronfluence's Task for a causal LM: summed cross-entropy (= −log p) over tokens whose label is
+    not -100, for the training loss and the measurement; ``tracked``: the module names to track."""
     from kronfluence.task import Task
 
     class CausalLMTask(Task):
@@ -78,7 +80,7 @@ def kronfluence_single_stage(
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
-    task = _task(layers)
+    task = causal_lm_task(layers)
     kf_model = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer("bench", kf_model, task, cpu=True, disable_tqdm=True, log_level=logging.WARNING,
                         output_dir=str(workdir))

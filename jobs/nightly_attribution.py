@@ -1,9 +1,11 @@
-"""Ray job entrypoint for one night: ``python jobs/nightly_attribution.py CONFIG.yaml`` (jobs/submit.py --nightly).
+"""Ray job entrypoint for one night: ``python jobs/nightly_attribution.py CONFIG.yaml [--date YYYY-MM-DD]``.
 
-Runs ``msif nightly CONFIG``: only what is new since the last good night, under the run directory's
-lock. NOTE: the ``nightly`` subcommand is built separately (it needs the content-addressed index);
-until it exists, this entrypoint exits 2 with argparse's "invalid choice: 'nightly'". Nothing here
-needs to change once it does.
+Runs ``msif nightly CONFIG``: only what is new since the last good night, under the run
+directory's lock, then the night published under ``<run_dir>/nights/<date>/`` with
+``nights/latest.json`` pointing to it (see msif_ray/nightly.py). ``--date`` defaults to today
+(UTC); jobs/submit.py --nightly and the CronJob's RayJob pass their night's date, so that a
+retry after midnight still publishes the night it belongs to. Exit code 2 means bad input, 3 a
+run directory locked by another run (message on stderr); either is recorded in the history.
 """
 
 import sys

@@ -1,14 +1,15 @@
 """Submit an msif-ray run (or night) to a Ray cluster with ``ray job submit``, at most once per config and day.
 
     python jobs/submit.py jobs/configs/example.yaml                 # one run, today
-    python jobs/submit.py jobs/configs/nightly.yaml --nightly       # tonight's night (needs `msif nightly`)
+    python jobs/submit.py jobs/configs/nightly.yaml --nightly       # tonight's night (`msif nightly`)
     python jobs/submit.py CONFIG --address http://head:8265 --date 2026-11-30 --dry-run
 
 What it does:
 
 - Working dir: this repository (``--working-dir``), without ``.git``, virtualenvs, run directories
   and caches (``excludes`` of the runtime env); the job runs the uploaded code, not an installed one.
-- Entrypoint: ``python jobs/run_attribution.py CONFIG`` (``--nightly``: ``jobs/nightly_attribution.py``).
+- Entrypoint: ``python jobs/run_attribution.py CONFIG`` (``--nightly``: ``jobs/nightly_attribution.py
+  CONFIG --date DATE``: the night is the submission's date, even when it starts after midnight).
   CONFIG is the path *as the cluster sees it*: a file inside this repository travels with the
   working dir (its path is made relative to it); any other path must exist on the head node
   (e.g. a ConfigMap mounted at /config on KubeRay, see infra/).
@@ -64,7 +65,7 @@ def ray_command() -> list[str]:
 
 
 def submit_command(kind: str, config: Path, job_id: str, address: str | None, wait: bool,
-                   python: str = "python") -> list[str]:
+                   python: str = "python", date: str | None = None) -> list[str]:
     runtime_env = {"excludes": EXCLUDES}
     command = ray_command() + ["job", "submit", "--submission-id", job_id, "--working-dir", str(REPO),
                                "--runtime-env-json", json.dumps(runtime_env)]
@@ -72,7 +73,8 @@ def submit_command(kind: str, config: Path, job_id: str, address: str | None, wa
         command += ["--address", address]
     if not wait:
         command.append("--no-wait")
-    return command + ["--", python, ENTRYPOINTS[kind], cluster_path(config)]
+    night = ["--date", date] if kind == "nightly" and date else []
+    return command + ["--", python, ENTRYPOINTS[kind], cluster_path(config)] + night
 
 
 def existing_status(job_id: str, address: str | None) -> str | None:
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.config}: no such config file")
     kind = "nightly" if args.nightly else "run"
     job_id = submission_id(kind, args.config, args.date)
-    command = submit_command(kind, args.config, job_id, args.address, args.wait, args.python)
+    command = submit_command(kind, args.config, job_id, args.address, args.wait, args.python, args.date)
     if args.dry_run:
         print(" ".join(command))
         return 0

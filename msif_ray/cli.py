@@ -1,4 +1,4 @@
-"""``msif run | plan | status | report | demo``: the command line; each command ends with a one-screen summary.
+"""``msif run | plan | nightly | status | report | demo``: the command line; each command ends with a one-screen summary.
 
 Exit codes: 0 done; 2 bad input (a one-line message naming the culprit, no traceback: only the
 project's own input-error classes count, see ``user_error``); 3 the run directory is locked by
@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from msif_ray import layout
 from msif_ray.config import Config, load_config
 from msif_ray.lock import LockHeldError, RunDirLock
 from msif_ray.models import cache_root
@@ -110,6 +111,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """``msif run`` under the lock, then the night published under ``nights/`` (see ``nightly.py``).
+
+    A night that fails after its config loaded is recorded in the history as failed, and the error
+    is raised on, so the exit code is ``msif run``'s.
+    """
+    from msif_ray.nightly import Night, today
+    from msif_ray.report import build_report
+    from msif_ray.summary import summarize
+
+    started = time.monotonic()
+    date = args.date or today()
+    config = load_config(args.config)
+    night = Night(config.run_dir, date)
+    before: dict = {}
+
+    def work(pipeline, inputs) -> None:
+        before.update(copy.deepcopy(pipeline.manifest["stages"]))
+        pipeline.run(inputs)
+        build_report(config.run_dir, reuse=True)
+        night.publish(config.method, before, pipeline.manifest["stages"])
+
+    try:
+        run_locked(config, "nightly", work)
+    except BaseException as err:
+        night.fail(err)
+        raise
+    print(summarize(config.run_dir, f"nightly {date}", time.monotonic() - started, before))
+    print(f"  night    {night.store.url(layout.night_dir(date))}/  (nights/latest.json points to it)")
+    return 0
+
+
+def _night_date(text: str) -> str:
+    from msif_ray.nightly import parse_date
+
+    try:
+        return parse_date(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--date: ")) from None
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """Memory, storage and time per stage before anything heavy runs; exit 2 when it cannot fit."""
     from msif_ray.pipeline import Pipeline
@@ -168,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--device", choices=["h200", "h100"], default=None,
                       help="plan for this GPU (nominal figures) instead of measuring this machine")
     plan.set_defaults(handler=cmd_plan)
+    nightly = commands.add_parser("nightly", help="one night: only what is new since the last good night, "
+                                  "under the lock; published under RUN_DIR/nights/<date>/")
+    nightly.add_argument("config", help="path to the YAML config")
+    nightly.add_argument("--date", type=_night_date, default=None,
+                         help="the night's date, YYYY-MM-DD (default: today, UTC); a date run again is overwritten")
+    nightly.set_defaults(handler=cmd_nightly)
     status = commands.add_parser("status", help="stages, shards done / total, timings of a run directory")
     status.add_argument("run_dir")
     status.set_defaults(handler=cmd_status)

@@ -14,6 +14,10 @@
     scores/<key>/candidates.parquet                     index mode: the merged candidates, with their shards
     scores/<key>/rerank/g<group>/<shard>.parquet        index mode: exact scores of a shard's candidates (+ .done.json)
     scores/topk.parquet  scores/bottomk.parquet         the result
+    nights/<date>/topk.parquet, bottomk.parquet         msif nightly: copies of the result of the night <date>
+    nights/<date>/night.json                            that night: times, per stage recomputed or reused, fingerprints
+    nights/history/<start>-<date>-<id>.json             one record per night attempt, good or failed (never rewritten)
+    nights/latest.json                                  the pointer to the last good night (written after its files)
 
 The corpus gradient index (``index.path``, default ``<run_dir>/index``) is a store of its own,
 shared by the runs of one base model:
@@ -21,7 +25,8 @@ shared by the runs of one base model:
     index.json                                          its identity: model, tokenizer, layers, max_length, dim, seed
     shards/<shard>.safetensors                          rows [N, D] float16, scale [N, L]; doc ids (+ .done.json)
 
-``<key>`` is the stage's fingerprint: outputs of another configuration never mix in.
+``<key>`` is the stage's fingerprint: outputs of another configuration never mix in. ``<date>``
+is YYYY-MM-DD; ``<start>`` the attempt's start, UTC, as YYYYMMDDTHHMMSS.mmmZ (names sort by start).
 """
 
 from __future__ import annotations
@@ -85,3 +90,28 @@ def candidates(key: str) -> str:
 
 def rerank_partial(key: str, group: int, shard_id: str) -> str:
     return f"scores/{key}/rerank/g{group}/{shard_id}.parquet"
+
+NIGHTS = "nights"
+NIGHTS_LATEST = "nights/latest.json"
+NIGHTS_HISTORY = "nights/history"
+
+
+def night_dir(date: str) -> str:
+    return f"{NIGHTS}/{date}"
+
+
+def night_topk(date: str) -> str:
+    return f"{night_dir(date)}/topk.parquet"
+
+
+def night_bottomk(date: str) -> str:
+    return f"{night_dir(date)}/bottomk.parquet"
+
+
+def night_record(date: str) -> str:
+    return f"{night_dir(date)}/night.json"
+
+
+def history_record(start: str, date: str, attempt: str) -> str:
+    """One night attempt's record; ``start`` (YYYYMMDDTHHMMSS.mmmZ) first, so that names sort by start."""
+    return f"{NIGHTS_HISTORY}/{start}-{date}-{attempt}.json"

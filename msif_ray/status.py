@@ -1,9 +1,11 @@
-"""``msif status RUN_DIR``: what a run has done, read from its manifest and its shard markers."""
+"""``msif status RUN_DIR``: what a run has done, read from its manifest and its shard markers; the
+history of its nights (``msif nightly``) and which one ``nights/latest.json`` points to."""
 
 from __future__ import annotations
 
 from msif_ray.layout import MANIFEST
 from msif_ray.lock import LOCK_NAME, Holder
+from msif_ray.nightly import status_lines
 from msif_ray.progress import format_duration
 from msif_ray.storage import RunDir
 from msif_ray.summary import locations
@@ -12,7 +14,7 @@ from msif_ray.summary import locations
 def describe(run_dir: str) -> str:
     store = RunDir(run_dir)
     if not store.exists(MANIFEST):
-        return f"{run_dir}: no run here yet (no {MANIFEST})"
+        return "\n".join([f"{run_dir}: no run here yet (no {MANIFEST})"] + status_lines(store))
     manifest = store.read_json(MANIFEST)
     lines = [f"run {run_dir}  method {manifest.get('config', {}).get('method', '?')}"]
     for stage, record in manifest.get("stages", {}).items():
@@ -31,7 +33,7 @@ def describe(run_dir: str) -> str:
         holder = Holder.parse(store.read_bytes(LOCK_NAME))
         lines.append(f"  locked by {holder.describe() if holder else 'an unreadable lock'} "
                      "(or left by a run that died; the next run takes it over)")
-    return "\n".join(lines + locations(store))
+    return "\n".join(lines + locations(store) + status_lines(store))
 
 
 def _running_passes(store: RunDir, stage: str, key: str) -> list[str]:

@@ -104,6 +104,15 @@ class RunDir:
         else:
             with_retries(lambda: self.fs.pipe_file(path, data), f"write {self.url(name)}")
 
+    def copy(self, source: str, target: str) -> None:
+        """Copy one artifact to another name: atomically (local), or as one server-side object copy."""
+        if self.is_local:
+            with open(self.path(source), "rb") as f:
+                _write_local_atomically(self.path(target), f.read())
+        else:
+            with_retries(lambda: self.fs.copy(self.path(source), self.path(target)),
+                         f"copy {self.url(source)} to {self.url(target)}")
+
     def size(self, name: str) -> int:
         """Bytes of an artifact."""
         return int(with_retries(lambda: self.fs.size(self.path(name)), f"size {self.url(name)}"))

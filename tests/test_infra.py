@@ -30,8 +30,7 @@ INFRA = REPO / "infra"
 SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
 CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml", "RayCronJob": "ray.io_raycronjobs.yaml"}
 NAME_LIMITS = {"RayJob": 47, "RayCronJob": 36, "RayCluster": 63}  # KubeRay's validation in Go, not in the CRDs
-# The nightly subcommand is built with the content-addressed index (issue 7/8); its entrypoint is ready for it.
-SUBCOMMANDS = set(build_parser()._subparsers._group_actions[0].choices) | {"nightly"}
+SUBCOMMANDS = set(build_parser()._subparsers._group_actions[0].choices)
 NIGHT = "20261130"
 
 
@@ -168,14 +167,19 @@ def test_operator_and_project_rules(where, doc):
 
 
 def check_entrypoint(where: str, name: str, job: dict) -> None:
-    """``python /app/jobs/<script>.py /config/<file>``: a script of jobs/ in the image, a mounted config."""
-    python, script, config = shlex.split(job["entrypoint"])
+    """``python /app/jobs/<script>.py /config/<file> [options]``: a script of jobs/ in the image, a mounted
+    config, options its subcommand accepts."""
+    python, script, config, *options = shlex.split(job["entrypoint"])
     assert python == "python" and script.startswith(WORKDIR + "/"), f"{where}: {script} not under {WORKDIR}"
     local = REPO / script.removeprefix(WORKDIR + "/")
     assert local.is_file() and local.parent.name == "jobs", f"{where}: no entrypoint {local}"
     [subcommand] = re.findall(r'main\(\["(\w+)"', local.read_text())
     assert subcommand in SUBCOMMANDS, f"{where}: {local.name} runs `msif {subcommand}`, not a CLI subcommand"
     assert name.startswith(f"msif-{subcommand}"), f"{where}: {name!r} should name its subcommand ({subcommand})"
+    try:
+        build_parser().parse_args([subcommand, config, *options])
+    except SystemExit:
+        pytest.fail(f"{where}: `msif {subcommand}` does not accept {options}")
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"]: m["name"] for c in head["containers"] for m in c.get("volumeMounts", [])}
     directory = str(Path(config).parent)
@@ -205,7 +209,8 @@ def test_nightly_cronjob_creates_one_rayjob_per_night_with_just_enough_rights():
     script = container["args"][0]
     assert "/apis/ray.io/v1/namespaces/" in script and "rayjobs" in script and "409)" in script
     template = objects[("ConfigMap", pod["volumes"][0]["configMap"]["name"])]["data"]["rayjob.yaml"]
-    assert "name: msif-nightly-__DATE__" in template and 's/__DATE__/${night}/' in script
+    assert "name: msif-nightly-__DATE__" in template and 's/__DATE__/${night}/g' in script
+    assert "nightly_attribution.py /config/nightly.yaml --date __DATE__" in template  # a retry keeps its night
 
 
 def test_raycronjob_says_it_is_alpha_behind_a_feature_gate():

@@ -15,10 +15,11 @@ kronfluence as pre-padded tensors), the empirical Fisher and the same fixed damp
 Conventions compared (and why they do or do not matter):
 
 - Sign. msif differentiates log p (documents: every token after the first; queries: completion
-  tokens only); the kronfluence Task below returns the summed cross-entropy, i.e. −log p, for
-  both ``compute_train_loss`` and ``compute_measurement``. Every gradient flips sign, the Fisher
-  (an outer product) does not, and the score, bilinear in (query, document) gradients, flips
-  twice: the scores must be *equal*, not opposite, and the test asserts exactly that.
+  tokens only); the kronfluence Task (``benchmarks/kf.py``'s, the one the benchmarks run)
+  returns the summed cross-entropy, i.e. −log p, for both ``compute_train_loss`` and
+  ``compute_measurement``. Every gradient flips sign, the Fisher (an outer product) does not, and
+  the score, bilinear in (query, document) gradients, flips twice: the scores must be *equal*,
+  not opposite, and the test asserts exactly that.
 - Covariance normalisation. Both divide Σ_t a aᵀ and Σ_t s sᵀ by the number of real tokens
   (kronfluence: ``attention_mask.sum()``; msif: ``Batch.num_tokens``). Only eigenvectors of A
   and S are used by EK-FAC, so this normalisation could not change a score anyway.
@@ -44,11 +45,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 # kronfluence 1.0.1 builds torch.cuda.amp.GradScaler, deprecated in recent torch; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.cuda.amp.GradScaler:FutureWarning")
@@ -56,7 +57,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.cuda.amp.GradScaler:Futur
 from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
 from kronfluence.factor.config import FactorConfig  # noqa: E402
-from kronfluence.task import Task  # noqa: E402
 from kronfluence.utils.constants import (  # noqa: E402
     ACTIVATION_COVARIANCE_MATRIX_NAME,
     ACTIVATION_EIGENVECTORS_NAME,
@@ -74,6 +74,11 @@ from msif_ray.curvature import accumulate_covariances  # noqa: E402
 from msif_ray.influence import Examples, TrackedLM, precondition  # noqa: E402
 from tiny import SENTENCES, make_model, make_tokenizer  # noqa: E402
 
+# The benchmarks' kronfluence driver (benchmarks/ is scripts, not a package: on sys.path as in test_benchmarks.py),
+# so that the code the benchmarks run is the code checked here.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from kf import PaddedTexts, causal_lm_task  # noqa: E402
+
 DOCUMENTS = SENTENCES + [
     "Mira sailed from Elsk at dawn.",
     "The lighthouse of Elsk was painted white and red, and its lamp burned all night long.",
@@ -84,55 +89,6 @@ QUERY_PROMPTS = ["Q: Where was Mira Tolsen born? A:", "Rain fell on the", "Elsk 
 QUERY_COMPLETIONS = [" Elsk", " hills all night", " lighthouse"]
 DAMPING = 1e-3  # fixed λ on both sides (Λ here is O(1e-2 .. 1e2))
 BATCH_SIZE = 3  # not a divisor of the corpus size: the last batch is short
-
-
-class PaddedTexts(Dataset):
-    """Token ids and loss masks (msif's own encoding), right-padded to one common width."""
-
-    def __init__(self, encoded: list[tuple[list[int], list[bool]]], pad_id: int):
-        width = max(len(ids) for ids, _ in encoded)
-        n = len(encoded)
-        self.input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-        self.attention_mask = torch.zeros((n, width), dtype=torch.long)
-        self.labels = torch.full((n, width), -100, dtype=torch.long)
-        for row, (ids, mask) in enumerate(encoded):
-            self.input_ids[row, : len(ids)] = torch.tensor(ids)
-            self.attention_mask[row, : len(ids)] = 1
-            self.labels[row, : len(ids)] = torch.where(torch.tensor(mask), torch.tensor(ids), -100)
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
-
-
-class CausalLMTask(Task):
-    """Summed cross-entropy (= −log p) over tokens whose label is not -100, for loss and measurement."""
-
-    def __init__(self, tracked: list[str]):
-        self.tracked = tracked
-
-    def _summed_nll(self, batch, model, sample: bool) -> torch.Tensor:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
-        if sample:  # true Fisher (not used by this test): labels drawn from the model on loss tokens
-            with torch.no_grad():
-                drawn = torch.multinomial(torch.softmax(logits.detach(), -1).flatten(0, 1), 1).view(labels.shape)
-            labels = torch.where(labels == -100, labels, drawn)
-        return F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-
-    def compute_train_loss(self, batch, model, sample=False):
-        return self._summed_nll(batch, model, sample)
-
-    def compute_measurement(self, batch, model):
-        return self._summed_nll(batch, model, sample=False)
-
-    def get_influence_tracked_modules(self):
-        return self.tracked
-
-    def get_attention_mask(self, batch):
-        return batch["attention_mask"]
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +110,7 @@ def parity(tmp_path_factory):
     msif_scores = lm.score(documents, preconditioned).total  # [N, Q]
 
     # ---- kronfluence, on its own copy (prepare_model swaps nn.Linear for TrackedLinear in place)
-    task = CausalLMTask(lm.layers)
+    task = causal_lm_task(lm.layers)
     kf_model = prepare_model(copy.deepcopy(model), task)
     analyzer = Analyzer(
         "parity", kf_model, task, cpu=True, disable_tqdm=True, log_level=logging.WARNING, output_dir=str(root / "kf"),
