@@ -265,12 +265,29 @@ def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries
     stage("queries", base + query_batch * per_query_precondition + factor_cache, num_queries * vector_bytes, query_flops,
           note=f"batches of {query_batch}")
     group = min(num_queries, plan.query_group_size)
-    score_flops = num_groups * corpus_tokens * (pass_flops + sum(_scoring_flops_per_token(s, group, rank, window)
-                                                                 for s in layers))
-    stage("scores", base + group * vector_bytes + scoring_work(group),
-          math.ceil(corpus_rows / config.data.rows_per_shard) * num_groups * min(num_queries, plan.query_group_size)
-          * 2 * config.scoring.top_k * 48, score_flops,
-          note=f"{num_groups} query group(s) of up to {plan.query_group_size}" if num_groups > 1 else "")
+    shards = math.ceil(corpus_rows / config.data.rows_per_shard)
+    groups_note = f"{num_groups} query group(s) of up to {plan.query_group_size}" if num_groups > 1 else ""
+    score_flops_per_token = pass_flops + sum(_scoring_flops_per_token(s, group, rank, window) for s in layers)
+    if config.scoring.mode == "exact":
+        stage("scores", base + group * vector_bytes + scoring_work(group),
+              shards * num_groups * group * 2 * config.scoring.top_k * 48, num_groups * corpus_tokens * score_flops_per_token,
+              note=groups_note)
+        return plan
+    # Index mode: the index pass (once per corpus shard and base model), the scan, the exact re-scoring.
+    k, rows = config.index.dim, config.data.rows_per_shard
+    width = len(layers) * k * k
+    index_flops = corpus_tokens * (pass_flops + sum(2 * k * (s.out_features + s.in_dim) + 2 * k * k for s in layers))
+    stage("index", base + rows * width * F32, corpus_rows * (width * 2 + len(layers) * F32), index_flops,
+          note="reused for every shard already in index.path")
+    scan_work = rows * width * (2 + F32) + group * width * F32 + rows * group * 8
+    candidates = max(config.scoring.rerank, config.scoring.top_k)
+    stage("scan (index)", PROCESS_OVERHEAD + weights + scan_work, shards * num_groups * group * 2 * candidates * 56,
+          num_groups * corpus_rows * 2 * width * group, note=groups_note)
+    if config.scoring.rerank:
+        reranked = min(corpus_rows, num_queries * (candidates + config.scoring.top_k))
+        stage("rerank (exact)", base + group * vector_bytes + scoring_work(group), 0,
+              num_groups * reranked * tokens_per_document * score_flops_per_token,
+              note=f"at most {reranked} documents")
     return plan
 
 
