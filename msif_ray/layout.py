@@ -10,9 +10,10 @@
     queries/<key>/batch-<n>.safetensors                 Ṽ_q of one batch of queries (+ .done.json)
     scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
     scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
-    scores/<key>/candidates/g<group>/<shard>.parquet    index mode: a shard's best candidates per query (+ .done.json)
-    scores/<key>/candidates.parquet                     index mode: the merged candidates, with their shards
-    scores/<key>/rerank/g<group>/<shard>.parquet        index mode: exact scores of a shard's candidates (+ .done.json)
+    scores/scan/<scan key>/<batch>/<shard>.parquet      index mode: one query batch's best candidates in one index
+                                                        shard, by estimate, with the shard id (+ .done.json)
+    scores/scan/<scan key>/<batch>/candidates-<corpus key>.parquet   that batch's candidates over the corpus
+    scores/rerank/<scan key>/<batch>/<shard>-<pairs key>.parquet     exact scores of those candidates in one shard
     scores/topk.parquet  scores/bottomk.parquet         the result
     nights/<date>/topk.parquet, bottomk.parquet         msif nightly: copies of the result of the night <date>
     nights/<date>/night.json                            that night: times, per stage recomputed or reused, fingerprints
@@ -25,11 +26,15 @@ shared by the runs of one base model:
     index.json                                          its identity: model, tokenizer, layers, max_length, dim, seed
     shards/<shard>.safetensors                          rows [N, D] float16, scale [N, L]; doc ids (+ .done.json)
 
-``<key>`` is the stage's fingerprint: outputs of another configuration never mix in. ``<date>``
+``<key>`` is the stage's fingerprint: outputs of another configuration never mix in. In index
+mode the unit of reuse is the query batch: ``<scan key>`` covers the index and the candidate
+count, ``<batch>`` names the batch file, so new queries are scanned and re-scored alone. ``<date>``
 is YYYY-MM-DD; ``<start>`` the attempt's start, UTC, as YYYYMMDDTHHMMSS.mmmZ (names sort by start).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 MANIFEST = "manifest.json"
 TOPK = "scores/topk.parquet"
@@ -80,16 +85,22 @@ def index_shard(shard_id: str) -> str:
     return f"shards/{shard_id}.safetensors"
 
 
-def candidate_partial(key: str, group: int, shard_id: str) -> str:
-    return f"scores/{key}/candidates/g{group}/{shard_id}.parquet"
+def batch_id(batch_file: str) -> str:
+    """A query batch's name in the scoring outputs (its file is named by what it holds)."""
+    return hashlib.sha256(batch_file.encode()).hexdigest()[:16]
 
 
-def candidates(key: str) -> str:
-    return f"scores/{key}/candidates.parquet"
+def scan_partial(scan_key: str, batch_file: str, shard_id: str) -> str:
+    return f"scores/scan/{scan_key}/{batch_id(batch_file)}/{shard_id}.parquet"
 
 
-def rerank_partial(key: str, group: int, shard_id: str) -> str:
-    return f"scores/{key}/rerank/g{group}/{shard_id}.parquet"
+def batch_candidates(scan_key: str, batch_file: str, corpus_key: str) -> str:
+    return f"scores/scan/{scan_key}/{batch_id(batch_file)}/candidates-{corpus_key}.parquet"
+
+
+def rerank_partial(scan_key: str, batch_file: str, shard_id: str, pairs_key: str) -> str:
+    return f"scores/rerank/{scan_key}/{batch_id(batch_file)}/{shard_id}-{pairs_key}.parquet"
+
 
 NIGHTS = "nights"
 NIGHTS_LATEST = "nights/latest.json"

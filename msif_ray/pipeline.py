@@ -38,7 +38,7 @@ from msif_ray.distributed.checkpoints import committed_checkpoints
 from msif_ray.distributed.merge import tree_merge
 from msif_ray.distributed.pool import WorkerCrashError, WorkerPool
 from msif_ray.distributed.reduce import eigendecompose, finish_layer, reduce_memory_bytes, run_bounded
-from msif_ray.distributed.worker import ChainSpec, QueryJob, ScanJob, ShardJob, ShardWorker, WorkerSettings, query_ids
+from msif_ray.distributed.worker import ChainSpec, QueryJob, RerankJob, ScanJob, ShardJob, ShardWorker, WorkerSettings
 from msif_ray.gradients import encode_prompt_completions
 from msif_ray.layout import BOTTOMK, MANIFEST, TOPK, done_marker
 from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
@@ -311,56 +311,80 @@ class Pipeline:
 
     def _index_scores(self, inputs: Inputs, query_files: list[str], index: RunDir) -> None:
         """Scores by the index: each query's best candidates by a matrix product over the index, then
-        ``scoring.rerank`` of them re-scored exactly (a forward and backward pass over those documents)."""
+        ``scoring.rerank`` of them re-scored exactly (a forward and backward pass over those documents).
+
+        Every output is per (query batch, shard), so a batch already scanned and re-scored against
+        the same index and corpus shards is reused: new queries pay only for themselves.
+        """
         cfg = self.config
         top_k, rerank = cfg.scoring.top_k, cfg.scoring.rerank
         num_candidates = top_k if rerank == 0 else max(rerank, top_k)
-        key = fingerprint(self.manifest["stages"]["queries"]["fingerprint"], self.index_identity(inputs),
-                          [s.shard_id for s in inputs.corpus_shards], top_k, rerank, self.plan.query_group_batches)
+        scan_key = fingerprint(self.index_identity(inputs), num_candidates)
+        corpus_key = fingerprint([s.shard_id for s in inputs.corpus_shards])
+        key = fingerprint(query_files, scan_key, corpus_key, top_k, rerank)
         if self._is_done("scores", key, TOPK) and self.store.exists(BOTTOMK):
             return
         started = time.monotonic()
-        groups = self._query_groups(query_files)
-        stats, partials = {}, []
-        for g, files in enumerate(groups):
-            jobs = [ScanJob(s.shard_id, layout.index_shard(s.shard_id), layout.candidate_partial(key, g, s.shard_id))
-                    for s in inputs.corpus_shards]
-            stats[f"scan/g{g}"] = self._map("scan" if len(groups) == 1 else f"scan (query group {g + 1})", "scan", jobs,
-                                            index.url(), files, num_candidates, cfg.index.dim, cfg.index.seed,
-                                            tuple(inputs.layers))
-            partials += [j.output for j in jobs]
-        if rerank == 0:
-            tree_merge(self.store, partials, top_k, lambda level, i: layout.merge_step(key, level, i))
-        else:
-            tree_merge(self.store, partials, num_candidates, lambda level, i: layout.merge_step(f"{key}/candidates", level, i),
-                       output=layout.candidates(key))
-            stats |= self._rerank(inputs, key, groups, self.store.read_parquet(layout.candidates(key)))
-        self._finish_stage("scores", key, started, _combine_groups(stats))
+        per_job = self.plan.query_group_batches
+        jobs = []
+        for shard in inputs.corpus_shards:
+            outputs = {f: layout.scan_partial(scan_key, f, shard.shard_id) for f in query_files}
+            for files in self._pending_chunks(query_files, outputs, per_job):
+                jobs.append(ScanJob(shard.shard_id, layout.index_shard(shard.shard_id), files,
+                                    tuple(outputs[f] for f in files)))
+        stats = {"scan": self._map("scan", "scan", jobs, index.url(), num_candidates, cfg.index.dim, cfg.index.seed,
+                                   tuple(inputs.layers))}
+        candidates = {}
+        for f in query_files:
+            candidates[f] = layout.batch_candidates(scan_key, f, corpus_key)
+            if not self.store.exists(candidates[f]):
+                partials = [layout.scan_partial(scan_key, f, s.shard_id) for s in inputs.corpus_shards]
+                tree_merge(self.store, partials, num_candidates,
+                           lambda level, i: f"{candidates[f]}.merge/{level}-{i:05d}.parquet", output=candidates[f])
+        final = [candidates[f] for f in query_files]
+        if rerank:
+            reranked, stats["rerank"] = self._rerank(inputs, scan_key, query_files, candidates)
+            final = reranked
+        tree_merge(self.store, final, top_k, lambda level, i: layout.merge_step(key, level, i))
+        self._finish_stage("scores", key, started, stats)
 
-    def _rerank(self, inputs: Inputs, key: str, groups: list[tuple[str, ...]], candidates) -> dict[str, dict]:
-        """Exact scores of the candidate pairs, shard by shard, merged into the top and bottom k.
+    def _rerank(self, inputs: Inputs, scan_key: str, query_files: list[str], candidates: dict[str, str]
+                ) -> tuple[list[str], dict]:
+        """Exact scores of each batch's candidate pairs, shard by shard; returns the files and the pass's stats.
 
         Every top candidate is re-scored; of the bottom (opponent) candidates only the first k,
         since only ``topk.parquet`` is the ranking asked for."""
         cfg = self.config
         corpus = cfg.data.corpus
-        by_shard = {s.shard_id: s for s in inputs.corpus_shards}
-        stats, partials = {}, []
-        for g, files in enumerate(groups):
-            group_ids = {q for name in files for q in query_ids(self.store, name)}
-            pairs: dict[str, list[tuple[str, str, str]]] = {}
-            columns = (candidates[c].to_pylist() for c in ("query_id", "doc_id", "side", "shard"))
-            for (query, doc, side, shard), rank in zip(zip(*columns), rank_within_groups(candidates)):
-                if query in group_ids and (side == "top" or rank < cfg.scoring.top_k):
-                    pairs.setdefault(shard, []).append((query, doc, side))
-            jobs = [ShardJob("rerank", by_shard[shard], layout.rerank_partial(key, g, shard), cfg.corpus_model,
-                             "documents", (corpus.id_column, corpus.text_column), pairs=tuple(sorted(found)))
-                    for shard, found in sorted(pairs.items())]
-            stats[f"rerank/g{g}"] = self._map("rerank" if len(groups) == 1 else f"rerank (query group {g + 1})", "rescore",
-                                              jobs, files)
-            partials += [j.output for j in jobs]
-        tree_merge(self.store, partials, cfg.scoring.top_k, lambda level, i: layout.merge_step(f"{key}/rerank", level, i))
-        return stats
+        pairs: dict[str, dict[str, tuple]] = {}  # shard id -> batch file -> its candidate pairs in that shard
+        for f in query_files:
+            table = self.store.read_parquet(candidates[f])
+            found: dict[str, list] = {}
+            columns = (table[c].to_pylist() for c in ("query_id", "doc_id", "side", "shard"))
+            for (query, doc, side, shard), rank in zip(zip(*columns), rank_within_groups(table)):
+                if side == "top" or rank < cfg.scoring.top_k:
+                    found.setdefault(shard, []).append((query, doc, side))
+            for shard, items in found.items():
+                pairs.setdefault(shard, {})[f] = tuple(sorted(items))
+        jobs, files = [], []
+        for shard in inputs.corpus_shards:
+            here = pairs.get(shard.shard_id, {})
+            outputs = {f: layout.rerank_partial(scan_key, f, shard.shard_id, fingerprint(p)) for f, p in here.items()}
+            files += [outputs[f] for f in query_files if f in here]
+            for chunk in self._pending_chunks([f for f in query_files if f in here], outputs, self.plan.query_group_batches):
+                documents = frozenset(d for f in chunk for _, d, _ in here[f])
+                read = ShardJob("rerank", shard, "", cfg.corpus_model, "documents", (corpus.id_column, corpus.text_column),
+                                doc_ids=documents)
+                jobs.append(RerankJob(read, chunk, tuple(here[f] for f in chunk), tuple(outputs[f] for f in chunk)))
+        return files, self._map("rerank", "rescore", jobs)
+
+    def _pending_chunks(self, files: list[str], outputs: dict[str, str], size: int) -> list[tuple[str, ...]]:
+        """The query batches whose output is not done yet, in chunks of ``size`` (one job each); when
+        none is pending, all of them as one chunk, so that the pass counts the shard as reused."""
+        pending = [f for f in files if not self.store.exists(done_marker(outputs[f]))]
+        if not pending:
+            return [tuple(files)] if files else []
+        return [tuple(pending[i : i + size]) for i in range(0, len(pending), size)]
 
     # ----------------------------------------------------------------------- map passes
 

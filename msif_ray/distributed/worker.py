@@ -42,6 +42,9 @@ from msif_ray.scoring import EXTREMES_SCHEMA, QueryGroup, extremes_table, score_
 from msif_ray.storage import RunDir
 
 
+PROJECTED_BATCHES_KEPT = 64  # projected query batches a worker keeps between index shards
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """What every worker needs, whatever the stage."""
@@ -73,7 +76,7 @@ class ShardJob:
     columns: tuple[str, ...]  # (id, text) for documents; (prompt, completion) for pairs
     seed: int = 0
     sample: int | None = None  # this shard's quota of a seeded corpus sample (None: every document)
-    pairs: tuple[tuple[str, str, str], ...] | None = None  # re-scoring: (query_id, doc_id, side) to score exactly
+    doc_ids: frozenset[str] | None = None  # only these documents of the shard (None: every one)
 
     @property
     def job_id(self) -> str:
@@ -82,15 +85,39 @@ class ShardJob:
 
 @dataclass(frozen=True)
 class ScanJob:
-    """Score one index shard against a group of queries; keep each query's best ``candidates``."""
+    """Scan one index shard against query batches: each batch's best candidates go to its own output."""
 
     shard_id: str
     rows: str  # the index shard (in the index store)
-    output: str  # its candidates (in the run directory)
+    batches: tuple[str, ...]  # query batch files
+    outputs: tuple[str, ...]  # one candidates file per batch (in the run directory)
+    pass_name: str = "scan"
+
+    @property
+    def output(self) -> str:
+        return self.outputs[-1]  # written last: its marker means the job is done
 
     @property
     def job_id(self) -> str:
-        return self.shard_id
+        return f"{self.shard_id}:{self.outputs[0]}"
+
+
+@dataclass(frozen=True)
+class RerankJob:
+    """Exact scores of candidate pairs in one shard, for several query batches (one output each)."""
+
+    read: ShardJob  # the shard, restricted to the candidate documents
+    batches: tuple[str, ...]
+    pairs: tuple[tuple[tuple[str, str, str], ...], ...]  # per batch: (query_id, doc_id, side)
+    outputs: tuple[str, ...]
+
+    @property
+    def output(self) -> str:
+        return self.outputs[-1]
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.read.shard.shard_id}:{self.outputs[0]}"
 
 
 @dataclass(frozen=True)
@@ -135,6 +162,7 @@ class ShardWorker:
         self._lm: TrackedLM | None = None
         self._accumulation: Accumulation | None = None
         self._cached: dict[object, object] = {}
+        self._projected: OrderedDict[tuple, tuple[list[str], torch.Tensor, list[int]]] = OrderedDict()
         self._factors = StoredFactors(self.run_dir, settings.factor_cache_bytes)
 
     def ready(self) -> bool:
@@ -159,9 +187,8 @@ class ShardWorker:
             return [p.id for p in pairs], Examples.pairs([p.prompt for p in pairs], [p.completion for p in pairs]), 0
         docs, skipped = read_documents(job.shard, *job.columns)
         docs = sample_documents(docs, job.sample, job.seed, job.shard)
-        if job.pairs is not None:
-            wanted = {doc_id for _, doc_id, _ in job.pairs}
-            docs = [d for d in docs if d.doc_id in wanted]
+        if job.doc_ids is not None:
+            docs = [d for d in docs if d.doc_id in job.doc_ids]
         return [d.doc_id for d in docs], Examples.documents([d.text for d in docs]), skipped
 
     def _maybe_crash(self, pass_name: str) -> None:
@@ -252,24 +279,26 @@ class ShardWorker:
         self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, totals, top_k))
         return self._finish(job, job.output, start, doc_ids, skipped, tokens)
 
-    def rescore(self, job: ShardJob, query_files: tuple[str, ...]) -> dict:
-        """Exact scores of the candidate (query, document) pairs ``job.pairs`` of one shard."""
+    def rescore(self, job: RerankJob) -> dict:
+        """Exact scores of each batch's candidate (query, document) pairs in one shard."""
         start = _start()
-        group = self._query_group(query_files)
-        doc_ids, totals, skipped, tokens = self._exact_scores(job, group)
+        group = self._query_group(job.batches)
+        doc_ids, totals, skipped, tokens = self._exact_scores(job.read, group)
         row, column = {d: i for i, d in enumerate(doc_ids)}, {q: i for i, q in enumerate(group.ids)}
-        pairs = [p for p in job.pairs if p[1] in row]  # a document left out as empty has no score
-        table = pa.table({"query_id": [q for q, _, _ in pairs], "doc_id": [d for _, d, _ in pairs],
-                          "score": [float(totals[row[d], column[q]]) for q, d, _ in pairs],
-                          "side": [side for _, _, side in pairs]}, schema=EXTREMES_SCHEMA)
-        self.run_dir.write_parquet(job.output, table)
-        return self._finish(job, job.output, start, doc_ids, skipped, tokens)
+        for pairs, output in zip(job.pairs, job.outputs):
+            pairs = [p for p in pairs if p[1] in row]  # a document left out as empty has no score
+            table = pa.table({"query_id": [q for q, _, _ in pairs], "doc_id": [d for _, d, _ in pairs],
+                              "score": [float(totals[row[d], column[q]]) for q, d, _ in pairs],
+                              "side": [side for _, _, side in pairs]}, schema=EXTREMES_SCHEMA)
+            self.run_dir.write_parquet(output, table)
+            stats = self._finish(job, output, start, doc_ids, skipped, tokens)
+        return stats
 
     def index(self, job: ShardJob, index_url: str, dim: int, seed: int) -> dict:
         """The index pass: projected gradients of every document of the shard, into the index store."""
         start = _start()
         lm = self._load(job.model)
-        projections = self._projections(lm, dim, seed)
+        projections = self._projections(tuple(lm.taps.specs[n] for n in lm.layers), dim, seed)
         doc_ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
         batches = lm.batches(examples)
@@ -279,20 +308,21 @@ class ShardWorker:
         store.save_tensors(job.output, {"rows": rows.cpu(), "scale": scale.cpu()}, {"doc_ids": json.dumps(doc_ids)})
         return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
 
-    def scan(self, job: ScanJob, index_url: str, query_files: tuple[str, ...], candidates: int, dim: int,
-             seed: int, layers: tuple[LayerSpec, ...]) -> dict:
-        """Estimated scores of one index shard against a group of queries; the best ``candidates`` per
+    def scan(self, job: ScanJob, index_url: str, candidates: int, dim: int, seed: int,
+             layers: tuple[LayerSpec, ...]) -> dict:
+        """Estimated scores of one index shard against each query batch; the best ``candidates`` per
         query and side, with the shard id (for the exact re-scoring)."""
         start = _start()
-        store = RunDir(index_url)
-        tensors, metadata = store.load_tensors(job.rows)
+        tensors, metadata = RunDir(index_url).load_tensors(job.rows)
         doc_ids = json.loads(metadata["doc_ids"])
-        ids, projected, sizes = self._projected_queries(query_files, dim, seed, layers)
-        estimates = scan(tensors["rows"].to(self.device), tensors["scale"].to(self.device), sizes, projected)
-        table = extremes_table(ids, doc_ids, estimates, candidates)
-        table = table.append_column("shard", pa.array([job.shard_id] * table.num_rows, pa.string()))
-        self.run_dir.write_parquet(job.output, table)
-        return self._finish(job, job.output, start, doc_ids, 0, 0)
+        rows, scale = tensors["rows"].to(self.device), tensors["scale"].to(self.device)
+        for batch, output in zip(job.batches, job.outputs):
+            ids, projected, sizes = self._projected_queries(batch, dim, seed, layers)
+            table = extremes_table(ids, doc_ids, scan(rows, scale, sizes, projected), candidates)
+            self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
+                                                                                     pa.string())))
+            stats = self._finish(job, output, start, doc_ids, 0, 0)
+        return stats
 
     def _exact_scores(self, job: ShardJob, group: QueryGroup) -> tuple[list[str], torch.Tensor, int, int]:
         """The shard's document ids, their exact scores [N, Q] float64, empty rows skipped, tokens."""
@@ -306,28 +336,25 @@ class ShardWorker:
             tokens += batch.num_tokens
         return doc_ids, totals, skipped, tokens
 
-    def _projections(self, lm: TrackedLM, dim: int, seed: int) -> dict[str, Projection]:
-        key = ("projections", self._model_path, dim, seed)
+    def _projections(self, layers: tuple[LayerSpec, ...], dim: int, seed: int) -> dict[str, Projection]:
+        key = ("projections", dim, seed, layers)
         if key not in self._cached:
             self._cached.clear()
-            self._cached[key] = random_projections([lm.taps.specs[n] for n in lm.layers], dim, seed, self.device)
+            self._cached[key] = random_projections(list(layers), dim, seed, self.device)
         return self._cached[key]
 
-    def _projected_queries(self, files: tuple[str, ...], dim: int, seed: int, layers: tuple[LayerSpec, ...]
+    def _projected_queries(self, batch: str, dim: int, seed: int, layers: tuple[LayerSpec, ...]
                            ) -> tuple[list[str], torch.Tensor, list[int]]:
-        """Query ids, their projections [Q, D] (cached per group) and the index's layer block sizes."""
-        key = ("projected", files, dim, seed, layers)
-        if key not in self._cached:
-            self._cached.clear()
-            projections = random_projections(list(layers), dim, seed, self.device)
-            names = [spec.name for spec in layers]
-            ids, blocks = [], []
-            for name in files:  # one batch file in memory at a time
-                vectors = load_query_vectors(self.run_dir, [name])
-                ids += vectors.ids
-                blocks.append(project_queries(vectors, projections, names))
-            self._cached[key] = ids, torch.cat(blocks), layer_sizes(projections, names)
-        return self._cached[key]
+        """A query batch's ids, its projections [Q, D] and the index's layer block sizes (the projections
+        and the most recent batches are kept: a worker scans shard after shard against the same batches)."""
+        projections, names = self._projections(layers, dim, seed), [spec.name for spec in layers]
+        key = (batch, dim, seed, layers)
+        if key not in self._projected:
+            vectors = load_query_vectors(self.run_dir, [batch])
+            self._projected[key] = vectors.ids, project_queries(vectors, projections, names), layer_sizes(projections, names)
+            while len(self._projected) > PROJECTED_BATCHES_KEPT:
+                self._projected.popitem(last=False)
+        return self._projected[key]
 
     def _bases(self, factors: str, layers: tuple[str, ...]) -> dict[str, Eigenbasis]:
         key = ("bases", factors, layers)
