@@ -108,12 +108,18 @@ class Data:
 
 @dataclass(frozen=True)
 class Factors:
-    """EK-FAC settings. A damping is a positive float or ``"auto"`` (0.1 × mean eigenvalue of the layer)."""
+    """EK-FAC settings. A damping is a positive float or ``"auto"`` (0.1 × mean eigenvalue of the layer).
+
+    Pre-training factors are fitted once per base model (on ``max_examples`` documents, or all) and
+    kept when corpus shards are appended; ``refit: true`` fits them again on the current corpus
+    whenever its shards differ from those they were fitted on.
+    """
 
     fisher: Fisher = "sampled"
     damping_pretrain: Damping = "auto"
     damping_finetune: Damping = "auto"
     max_examples: int | None = None
+    refit: bool = False
 
 
 @dataclass(frozen=True)
@@ -295,6 +301,7 @@ def _factors(s: _Section) -> Factors:
         damping_pretrain=s.damping("damping_pretrain"),
         damping_finetune=s.damping("damping_finetune"),
         max_examples=s.positive_integer("max_examples", None),
+        refit=s.boolean("refit", False),
     )
     s.finish()
     return factors
