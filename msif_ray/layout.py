@@ -1,6 +1,9 @@
 """Where every artifact lives in a run directory: the one place that names them.
 
-    manifest.json                                       config, shards, per stage: key, state, timings, stats
+    manifest.json                                       config, shards, per stage: key, named inputs, state,
+                                                        outcome (computed | reused | ...), timings, stats
+    <stage>/<key>/stage.json                            the stage's done record (its manifest record), written
+                                                        last: the stage is done for that key when it exists
     factors/<pretrain|finetune>/<key>/
         factors.json                                    the fitted factors' index: layers, counts, fisher
         layers/<layer>.safetensors                      Q_A [in, in], Q_S [out, out], lambda [out, in] of one layer
@@ -10,9 +13,13 @@
     queries/<key>/batch-<n>.safetensors                 Ṽ_q of one batch of queries (+ .done.json)
     scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
     scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
-    scores/topk.parquet  scores/bottomk.parquet         the result
+    scores/<key>/topk.parquet  scores/<key>/bottomk.parquet    the merged result of that key
+    scores/topk.parquet  scores/bottomk.parquet         the result: a copy of the last run's key's tables
 
-``<key>`` is the stage's fingerprint: outputs of another configuration never mix in.
+``<key>`` is the stage's key: a digest of its named inputs (content digests of the models, the
+tokenizer and the data, the settings, the upstream stages' keys; ``digests.py``), never of a path.
+Outputs of other inputs never mix in, and the folders of earlier keys stay: going back to earlier
+inputs (another fine-tuned model, say) reuses their outputs.
 """
 
 from __future__ import annotations
@@ -22,8 +29,18 @@ TOPK = "scores/topk.parquet"
 BOTTOMK = "scores/bottomk.parquet"
 
 
-def factors_dir(stage: str, key: str) -> str:
+def stage_dir(stage: str, key: str) -> str:
+    """The folder of one stage's outputs for one key (``factors/pretrain/<key>``, ``queries/<key>``...)."""
     return f"{stage}/{key}"
+
+
+def stage_record(stage: str, key: str) -> str:
+    """The stage's done record for ``key``, written after every other output of it."""
+    return f"{stage_dir(stage, key)}/stage.json"
+
+
+def factors_dir(stage: str, key: str) -> str:
+    return stage_dir(stage, key)
 
 
 def factors_index(factors: str) -> str:
@@ -48,6 +65,11 @@ def query_batch(key: str, index: int) -> str:
 
 def score_partial(key: str, group: int, shard_id: str) -> str:
     return f"scores/{key}/g{group}/{shard_id}.parquet"
+
+
+def scores_result(key: str, side: str) -> str:
+    """The merged ``topk`` or ``bottomk`` table of one scores key (published as ``scores/<side>.parquet``)."""
+    return f"scores/{key}/{side}.parquet"
 
 
 def merge_step(key: str, level: int, index: int) -> str:
