@@ -119,6 +119,8 @@ def tree_digest(url: str, include: Iterable[str] | None = None) -> str:
         files = {name[len(root):].lstrip("/"): remote_file_digest(info) for name, info in listing.items()}
     else:
         root = url.removeprefix("file://")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{url}: not a directory")
         files = {}
         for folder, dirs, names in os.walk(root):
             dirs[:] = [d for d in dirs if not d.startswith(".")]

@@ -205,3 +205,19 @@ def test_moved_inputs_recompute_nothing_and_give_identical_results(world, ray_se
     fresh = RunDir(str(tmp_path / "fresh")).read_json(MANIFEST)
     assert {s: r["fingerprint"] for s, r in fresh["stages"].items()} == \
         {s: r["fingerprint"] for s, r in manifest["stages"].items()}
+
+
+def test_demo_in_two_directories_gives_identical_results(ray_session, tmp_path, cache, capsys):
+    """``msif demo`` in two home directories: the same world files, so the same keys, seeds and results."""
+    from msif_ray.demo import demo_run_dir, run_demo
+    from msif_ray.toy import ToySpec
+
+    workdirs = [tmp_path / "home-a" / "demo", tmp_path / "elsewhere" / "home-b" / "demo"]
+    metrics = [run_demo(w, num_workers=1, spec=ToySpec.small()) for w in workdirs]
+    assert metrics[0] == metrics[1]
+    runs = [demo_run_dir(w) for w in workdirs]
+    manifests = [RunDir(str(r)).read_json(MANIFEST) for r in runs]
+    assert manifests[0]["digests"] == manifests[1]["digests"]
+    assert [{s: r["fingerprint"] for s, r in m["stages"].items()} for m in manifests][0] == \
+        {s: r["fingerprint"] for s, r in manifests[1]["stages"].items()}
+    assert (runs[0] / TOPK).read_bytes() == (runs[1] / TOPK).read_bytes()
