@@ -43,7 +43,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Iterable
+from collections.abc import Iterable
 
 import fsspec
 from filelock import FileLock
