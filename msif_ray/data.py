@@ -22,7 +22,6 @@ import itertools
 import json
 import os
 import random
-import re
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from msif_ray.digests import file_digests
 from msif_ray.storage import with_retries
 
 PARQUET_SUFFIXES = (".parquet",)
@@ -49,7 +49,9 @@ class DataError(ValueError):
 class Shard:
     """Rows ``[row_start, row_stop)`` of one file: the unit of work and of resumption.
 
-    ``shard_id`` is stable for the same file path and rows, and safe as a file name.
+    ``shard_id`` follows the file's content and the rows, never its path (``shard_id``): the same
+    file anywhere (another folder, another machine) has the same shard ids, a file rewritten in
+    place new ones. ``path`` is where the rows are read from, and what messages name.
     ``byte_offset`` is where row ``row_start`` begins in a JSON Lines file (0 for Parquet),
     so that reading a shard does not re-read the lines before it.
     """
@@ -153,28 +155,36 @@ def _require_columns(path: str, available: Sequence[str], columns: Sequence[str]
 def plan_shards(paths: Sequence[str], rows_per_shard: int) -> list[Shard]:
     """Cut the files into shards of ``rows_per_shard`` rows (the last of each file may be shorter).
 
-    Deterministic: the same files and size give the same shards and ids. Raises ``DataError``
-    when the files hold no row at all.
+    Deterministic: the same file contents and size give the same shards and ids, wherever the
+    files are. Raises ``DataError`` when the files hold no row at all, or when two of them have the
+    same content (their rows would be counted twice, and their shards would share ids).
     """
     if rows_per_shard <= 0:
         raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
     shards = []
-    for path in paths:
+    first: dict[str, str] = {}  # file digest -> the first path with that content
+    for path, content in zip(paths, file_digests(paths)):
+        if content in first:
+            raise DataError(f"{path}: the same content as {first[content]} (a copy of one file); its rows would be "
+                            "counted twice: list only one of them")
+        first[content] = path
         num_rows, byte_offsets = with_retries(lambda: _count_rows(path, rows_per_shard), f"read {path}")
         for start in range(0, num_rows, rows_per_shard):
             stop = min(start + rows_per_shard, num_rows)
-            shards.append(Shard(path, start, stop, shard_id(path, start, stop), byte_offsets.get(start, 0)))
+            shards.append(Shard(path, start, stop, shard_id(content, start, stop), byte_offsets.get(start, 0)))
     if not shards:
         listed = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
         raise DataError(f"{listed}: no rows at all; an empty corpus or data set cannot be used")
     return shards
 
 
-def shard_id(path: str, row_start: int, row_stop: int) -> str:
-    """``<file name>-<hash of the path>-<row_start>-<row_stop>``: stable, unique, safe as a file name."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.rstrip("/").rsplit("/", 1)[-1]).lstrip(".")[:40]
-    digest = hashlib.sha256(path.encode("utf-8")).hexdigest()[:8]
-    return f"{stem}-{digest}-{row_start}-{row_stop}"
+def shard_id(content: str, row_start: int, row_stop: int) -> str:
+    """``<first 12 hex digits of the file's digest>-<row_start>-<row_stop>``: safe as a file name.
+
+    ``content`` is the file's ``digests.file_digest``; no path or file name enters the id, so the
+    id (and the seed of the shard's sampled labels) follows the content.
+    """
+    return f"{content[:12]}-{row_start}-{row_stop}"
 
 
 def _count_rows(path: str, rows_per_shard: int) -> tuple[int, dict[int, int]]:

@@ -1,6 +1,11 @@
 """Where every artifact lives in a run directory: the one place that names them.
 
-    manifest.json                                       config, shards, per stage: key, state, timings, stats
+    manifest.json                                       config, shards, per stage: key, named inputs, state,
+                                                        outcome (computed | reused | ...), timings, stats
+    <stage>/<key>/stage.json                            the stage's done record (its manifest record), written
+                                                        last: the stage is done for that key when it exists
+    factors/pretrain/base-<base key>.json               the pre-training factors last fitted for a base model and
+                                                        settings: kept when corpus shards are appended
     factors/<pretrain|finetune>/<key>/
         factors.json                                    the fitted factors' index: layers, counts, fisher
         layers/<layer>.safetensors                      Q_A [in, in], Q_S [out, out], lambda [out, in] of one layer
@@ -14,7 +19,8 @@
                                                         shard, by estimate, with the shard id (+ .done.json)
     scores/scan/<scan key>/<batch>/candidates-<corpus key>.parquet   that batch's candidates over the corpus
     scores/rerank/<scan key>/<batch>/<shard>-<pairs key>.parquet     exact scores of those candidates in one shard
-    scores/topk.parquet  scores/bottomk.parquet         the result
+    scores/<key>/topk.parquet  scores/<key>/bottomk.parquet    the merged result of that key
+    scores/topk.parquet  scores/bottomk.parquet         the result: a copy of the last run's key's tables
     nights/<date>/topk.parquet, bottomk.parquet         msif nightly: copies of the result of the night <date>
     nights/<date>/night.json                            that night: times, per stage recomputed or reused, fingerprints
     nights/history/<start>-<date>-<id>.json             one record per night attempt, good or failed (never rewritten)
@@ -26,10 +32,13 @@ shared by the runs of one base model:
     index.json                                          its identity: model, tokenizer, layers, max_length, dim, seed
     shards/<shard>.safetensors                          rows [N, D] float16, scale [N, L]; doc ids (+ .done.json)
 
-``<key>`` is the stage's fingerprint: outputs of another configuration never mix in. In index
-mode the unit of reuse is the query batch: ``<scan key>`` covers the index and the candidate
-count, ``<batch>`` names the batch file, so new queries are scanned and re-scored alone. ``<date>``
-is YYYY-MM-DD; ``<start>`` the attempt's start, UTC, as YYYYMMDDTHHMMSS.mmmZ (names sort by start).
+``<key>`` is the stage's key: a digest of its named inputs (content digests of the models, the
+tokenizer and the data, the settings, the upstream stages' keys; ``digests.py``), never of a path.
+Outputs of other inputs never mix in, and the folders of earlier keys stay: going back to earlier
+inputs (another fine-tuned model, say) reuses their outputs. In index mode the unit of reuse is
+the query batch: ``<scan key>`` covers the index and the candidate count, ``<batch>`` names the
+batch file, so new queries are scanned and re-scored alone. ``<date>`` is YYYY-MM-DD; ``<start>``
+the attempt's start, UTC, as YYYYMMDDTHHMMSS.mmmZ (names sort by start).
 """
 
 from __future__ import annotations
@@ -41,8 +50,23 @@ TOPK = "scores/topk.parquet"
 BOTTOMK = "scores/bottomk.parquet"
 
 
-def factors_dir(stage: str, key: str) -> str:
+def stage_dir(stage: str, key: str) -> str:
+    """The folder of one stage's outputs for one key (``factors/pretrain/<key>``, ``queries/<key>``...)."""
     return f"{stage}/{key}"
+
+
+def stage_record(stage: str, key: str) -> str:
+    """The stage's done record for ``key``, written after every other output of it."""
+    return f"{stage_dir(stage, key)}/stage.json"
+
+
+def factors_dir(stage: str, key: str) -> str:
+    return stage_dir(stage, key)
+
+
+def base_factors(base_key: str) -> str:
+    """The pre-training factors last fitted for a base model and settings (any corpus): their named inputs, shards."""
+    return f"factors/pretrain/base-{base_key}.json"
 
 
 def factors_index(factors: str) -> str:
@@ -67,6 +91,11 @@ def query_batch(key: str, index: int) -> str:
 
 def score_partial(key: str, group: int, shard_id: str) -> str:
     return f"scores/{key}/g{group}/{shard_id}.parquet"
+
+
+def scores_result(key: str, side: str) -> str:
+    """The merged ``topk`` or ``bottomk`` table of one scores key (published as ``scores/<side>.parquet``)."""
+    return f"scores/{key}/{side}.parquet"
 
 
 def merge_step(key: str, level: int, index: int) -> str:

@@ -9,19 +9,29 @@
     scores            every corpus document against each group of queries; top/bottom k per
                       shard; a tree of bounded merges
 
-A stage is skipped when the manifest records it done with the same fingerprint (a hash of every
-setting and upstream result it depends on). Inside a stage, map passes write under a folder named
-by the fingerprint (``layout.py``): the query and scoring passes one output per job plus a
-``.done.json`` once it is complete; the factor passes worker-level checkpoints that list the
-shards they hold (``distributed/checkpoints.py``). A rerun hands out only the jobs not yet done,
-so a crashed run resumes where it stopped, every shard is counted once, and outputs of an older
-configuration never mix into a newer one.
+Every stage has a key: ``digests.digest`` of its *named inputs* (``Pipeline.stage_inputs``), the
+content digests of the models, the tokenizer and the data it reads (computed once per run by
+``validate``, ``Inputs.digests``; corpus and fine-tuning data by their content shard ids), its
+settings, and the keys of the stages upstream of it. No path enters a key: a file rewritten in
+place changes the keys that read it, and unchanged inputs moved elsewhere change none.
+
+Skip rule: a stage is done for a key when its done record ``<stage>/<key>/stage.json`` exists
+(``layout.stage_record``; written after every other output of the stage), whatever the manifest's
+single record per stage says; so going back to earlier inputs (two fine-tuned models in turn on
+one run directory, say) reuses their outputs. ``scores/topk.parquet`` and ``bottomk.parquet`` are
+copies of the current key's ``scores/<key>/`` tables, published again when another key wrote them.
+The manifest records, per stage, the key, the named inputs and the outcome, and the log says why:
+``reused (key …)``, ``recomputed because <input> changed``, ``computed (no earlier run)``.
+
+Inside a stage, map passes write under the key's folder (``layout.py``): the query and scoring
+passes one output per job plus a ``.done.json`` once it is complete; the factor passes
+worker-level checkpoints that list the shards they hold (``distributed/checkpoints.py``). A rerun
+hands out only the jobs not yet done, so a crashed run resumes where it stopped, every shard is
+counted once, and outputs of other inputs never mix in.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,6 +44,7 @@ from msif_ray.data import (
     PARQUET_SUFFIXES, DataError, Shard, check_columns, check_unique_ids, expand_paths, plan_shards, read_documents, read_pairs,
     sample_quotas,
 )
+from msif_ray.digests import TOKENIZER_FILES, digest, file_digests, tree_digest
 from msif_ray.distributed.checkpoints import committed_checkpoints
 from msif_ray.distributed.merge import tree_merge
 from msif_ray.distributed.pool import WorkerCrashError, WorkerPool
@@ -55,8 +66,6 @@ MAX_ROUNDS = 5  # rounds of an accumulating pass (a round re-runs shards lost wi
 __all__ = ["Pipeline", "Inputs", "MANIFEST", "TOPK", "BOTTOMK", "FAULT_ENV"]
 
 
-def fingerprint(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -71,7 +80,10 @@ class Inputs:
     num_queries: int
     tokens_per_query: float
     finetune_shards: list[Shard] = field(default_factory=list)
-    digests: dict[str, str] = field(default_factory=dict)  # named inputs (models, tokenizer) -> content digest
+    # Content digests of the named inputs, computed once per run: "models.pretrained",
+    # "models.finetuned" (when given), "tokenizer" (its files only), "data.corpus" and
+    # "data.finetune" (of their content shard ids), "data.queries" (of the query files).
+    digests: dict[str, str] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -97,23 +109,25 @@ class Pipeline:
         self.plan.check()
         for line in self.plan.summary_lines():
             self.log(f"[plan] {line}")
-        self._save_manifest(config=redact_secrets(cfg.to_dict()),
+        self._save_manifest(config=redact_secrets(cfg.to_dict()), digests=inputs.digests,
                             shards={"corpus": [s.shard_id for s in inputs.corpus_shards]}, plan=self.plan.to_dict())
+        named = self.stage_inputs(inputs)
         try:
             pretrain = finetune = None
             if cfg.method == "multi_stage":
                 ft = cfg.data.finetune
-                finetune = self._factors("factors/finetune", cfg.models.finetuned, inputs.finetune_shards, "pairs",
-                                         (ft.prompt_column, ft.completion_column), None)
+                finetune = self._factors("factors/finetune", named["factors/finetune"], cfg.models.finetuned,
+                                         inputs.finetune_shards, "pairs", (ft.prompt_column, ft.completion_column), None)
             if cfg.method in ("multi_stage", "single_stage"):
                 corpus = cfg.data.corpus
-                pretrain = self._factors("factors/pretrain", cfg.corpus_model, inputs.corpus_shards, "documents",
-                                         (corpus.id_column, corpus.text_column), cfg.factors.max_examples)
-            queries = self._queries(inputs, pretrain, finetune)
+                pretrain = self._factors("factors/pretrain", named["factors/pretrain"], cfg.corpus_model,
+                                         inputs.corpus_shards, "documents", (corpus.id_column, corpus.text_column),
+                                         cfg.factors.max_examples)
+            queries = self._queries(inputs, named["queries"], pretrain, finetune)
             if cfg.scoring.mode == "index":
-                self._index_scores(inputs, queries, self._index(inputs))
+                self._index_scores(inputs, named["scores"], queries, self._index(inputs))
             else:
-                self._scores(inputs, queries)
+                self._scores(inputs, named["scores"], queries)
         finally:
             if self.pool is not None:
                 self.pool.shutdown()
@@ -145,17 +159,24 @@ class Pipeline:
                 read_documents(shard, corpus.id_column, corpus.text_column)
         check_unique_ids(shards, corpus.id_column)
         q = cfg.data.queries
-        num_queries, query_tokens = _check_pairs(tokenizer, expand_paths(q.paths), q.prompt_column, q.completion_column,
+        query_paths = expand_paths(q.paths)
+        num_queries, query_tokens = _check_pairs(tokenizer, query_paths, q.prompt_column, q.completion_column,
                                                  q.id_column)
         inputs = Inputs(shards, [layer_spec(n, m) for n, m in modules.items()], pretrained,
                         sum(p.numel() for p in skeleton.parameters()), tokenizer, num_queries, query_tokens)
+        digests = inputs.digests
+        digests["models.pretrained"] = tree_digest(cfg.models.pretrained)
+        if cfg.models.finetuned:
+            digests["models.finetuned"] = tree_digest(cfg.models.finetuned)
+        digests["tokenizer"] = tree_digest(cfg.tokenizer, TOKENIZER_FILES)
+        digests["data.corpus"] = digest(*[s.shard_id for s in shards])
+        digests["data.queries"] = digest(*file_digests(query_paths))
         if cfg.method == "multi_stage":
             ft = cfg.data.finetune
             ft_paths = expand_paths(ft.paths)
             _check_pairs(tokenizer, ft_paths, ft.prompt_column, ft.completion_column)
             inputs.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
-        inputs.digests = {"models.pretrained": cfg.models.pretrained, "models.finetuned": str(cfg.models.finetuned),
-                          "tokenizer": cfg.tokenizer}  # INTERIM until content digests land
+            digests["data.finetune"] = digest(*[s.shard_id for s in inputs.finetune_shards])
         if cfg.scoring.mode == "index":
             check_identity(self.index_store(), self.index_identity(inputs), "index.path")
         self.log(f"validated: {len(shards)} corpus shards, {num_queries} queries, method {cfg.method}")
@@ -168,16 +189,83 @@ class Pipeline:
                          profile, inputs.num_params, sum(s.num_rows for s in inputs.finetune_shards),
                          inputs.tokens_per_query)
 
+    def stage_inputs(self, inputs: Inputs) -> dict[str, dict]:
+        """The named inputs of every stage of this run's method, each stage's key (``"key"``) among them.
+
+        Names are the config's dotted keys (``models.finetuned``, ``data.queries``, ``factors.fisher``),
+        ``tokenizer``, and the upstream stages (``factors/pretrain``: its key). Models, tokenizer and
+        data enter by content digest (``Inputs.digests``), never by path; the key of a stage is
+        ``digest(stage, its named inputs)``.
+        """
+        cfg, d = self.config, inputs.digests
+        query_model = "models.finetuned" if cfg.models.finetuned else "models.pretrained"
+        corpus_model = "models.pretrained" if cfg.method == "multi_stage" else query_model
+        corpus, ft, q = cfg.data.corpus, cfg.data.finetune, cfg.data.queries
+        common = {"tokenizer": d["tokenizer"], "data.max_length": cfg.data.max_length,
+                  "modules": [cfg.modules.include, cfg.modules.exclude]}
+        fitting = {"factors.fisher": cfg.factors.fisher, "ray.batch_size": cfg.ray.batch_size, "seed": cfg.seed}
+        stages: dict[str, dict] = {}
+
+        def add(stage: str, named: dict) -> str:
+            key = digest(stage, named)
+            stages[stage] = named | {"key": key}
+            return key
+
+        upstream = {}
+        if cfg.method == "multi_stage":
+            upstream["factors/finetune"] = add("factors/finetune", common | fitting | {
+                query_model: d[query_model], "data.finetune": d["data.finetune"],
+                "data.finetune.columns": [ft.prompt_column, ft.completion_column]})
+        if cfg.method in ("multi_stage", "single_stage"):
+            named = common | fitting | {
+                corpus_model: d[corpus_model], "data.corpus": d["data.corpus"],
+                "data.corpus.columns": [corpus.id_column, corpus.text_column],
+                "factors.max_examples": cfg.factors.max_examples}
+            if not cfg.factors.refit:
+                named = self._kept_factors(named, [s.shard_id for s in inputs.corpus_shards]) or named
+            upstream["factors/pretrain"] = add("factors/pretrain", named)
+        queries = add("queries", common | upstream | {
+            query_model: d[query_model], "data.queries": d["data.queries"],
+            "data.queries.columns": [q.id_column, q.prompt_column, q.completion_column], "method": cfg.method,
+            "factors.damping_pretrain": cfg.factors.damping_pretrain,
+            "factors.damping_finetune": cfg.factors.damping_finetune,
+            "scoring.query_rank": cfg.scoring.query_rank, "budget.query_batch_size": self.plan.query_batch_size})
+        scores = {"queries": queries, "data.corpus": d["data.corpus"], "scoring.top_k": cfg.scoring.top_k}
+        if cfg.scoring.mode == "index":
+            add("scores", scores | {"scoring.mode": "index", "index": digest(self.index_identity(inputs)),
+                                    "scoring.rerank": cfg.scoring.rerank})
+        else:
+            add("scores", common | scores | {
+                corpus_model: d[corpus_model], "data.corpus.columns": [corpus.id_column, corpus.text_column],
+                "budget.query_group_size": self.plan.query_group_batches})
+        return stages
+
+    def _kept_factors(self, named: dict, shard_ids: list[str]) -> dict | None:
+        """The named inputs of pre-training factors fitted earlier for the same base model and settings
+        on shards that are all still in the corpus (it may have grown since): kept unless
+        ``factors.refit``. None when there are none."""
+        pointer = layout.base_factors(digest({n: v for n, v in named.items() if n != "data.corpus"}))
+        if not self.store.exists(pointer):
+            return None
+        kept = self.store.read_json(pointer)
+        fitted_on = set(kept["shards"])
+        if not fitted_on <= set(shard_ids) or fitted_on == set(shard_ids):
+            return None
+        if not self.store.exists(layout.stage_record("factors/pretrain", digest("factors/pretrain", kept["named"]))):
+            return None
+        self.log(f"[factors/pretrain] kept: fitted on {len(fitted_on)} of the {len(shard_ids)} corpus shards now "
+                 "(shards were appended since); factors.refit: true fits them again on the whole corpus")
+        return kept["named"]
+
     # ----------------------------------------------------------------------- stages
 
-    def _factors(self, stage: str, model: str, shards: list[Shard], kind: str, columns: tuple[str, ...],
+    def _factors(self, stage: str, named: dict, model: str, shards: list[Shard], kind: str, columns: tuple[str, ...],
                  max_examples: int | None) -> str:
         """EK-FAC factors of ``model`` on ``shards``; returns their folder (per-layer files, see layout.py)."""
         cfg = self.config
-        key = fingerprint(stage, model, [s.shard_id for s in shards], kind, columns, max_examples, cfg.factors.fisher,
-                          cfg.modules, cfg.data.max_length, cfg.ray.batch_size, cfg.seed)
+        key = named["key"]
         factors = layout.factors_dir(stage, key)
-        if self._is_done(stage, key, layout.factors_index(factors)):
+        if self._is_done(stage, key, layout.factors_index(factors), named):
             return factors
         started = time.monotonic()
         sample = sample_quotas(shards, max_examples)
@@ -215,25 +303,28 @@ class Pipeline:
             "tasks": len(reduces), "seconds": round(reduce_seconds, 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in reduces),
             "checkpoints": len(checkpoints), "checkpoint_bytes": sum(self.store.size(n) for n in checkpoints)}}
         self._finish_stage(stage, key, started, passes)
+        if stage == "factors/pretrain":  # what a later run on a grown corpus keeps (see _kept_factors)
+            fitted = {n: v for n, v in named.items() if n != "key"}
+            base = {n: v for n, v in fitted.items() if n != "data.corpus"}
+            self.store.write_json(layout.base_factors(digest(base)),
+                                  {"named": fitted, "shards": [s.shard_id for s in shards]})
         for name in checkpoints:  # large partial sums, removed once the stage is done; the manifest keeps their stats
             self.store.remove(name + ".json")
             self.store.remove(name)
         return factors
 
-    def _queries(self, inputs: Inputs, pretrain: str | None, finetune: str | None) -> list[str]:
+    def _queries(self, inputs: Inputs, named: dict, pretrain: str | None, finetune: str | None) -> list[str]:
         """Ṽ_q of every query, in batches; returns the batch files in query order."""
         cfg = self.config
         q = cfg.data.queries
-        upstream = [self.manifest["stages"].get(s, {}).get("fingerprint") for s in ("factors/pretrain", "factors/finetune")]
         size = self.plan.query_batch_size
-        key = fingerprint(cfg.query_model, q, cfg.method, cfg.factors.damping_pretrain, cfg.factors.damping_finetune,
-                          cfg.modules, cfg.data.max_length, cfg.scoring.query_rank, size, upstream)
+        key = named["key"]
         paths = tuple(expand_paths(q.paths))
         jobs = [QueryJob(i, cfg.query_model, paths, (q.id_column, q.prompt_column, q.completion_column), lo,
                          min(lo + size, inputs.num_queries), layout.query_batch(key, i))
                 for i, lo in enumerate(range(0, inputs.num_queries, size))]
         files = [j.output for j in jobs]
-        if self._is_done("queries", key, done_marker(files[-1])):
+        if self._is_done("queries", key, done_marker(files[-1]), named):
             return files
         started = time.monotonic()
         spec = ChainSpec(cfg.method, pretrain, finetune, cfg.factors.damping_pretrain, cfg.factors.damping_finetune,
@@ -245,13 +336,20 @@ class Pipeline:
         self._finish_stage("queries", key, started, {"precondition": stats})
         return files
 
-    def _scores(self, inputs: Inputs, query_files: list[str]) -> None:
+    def _scores_done(self, key: str, named: dict) -> bool:
+        """Whether the scores of ``key`` are done; they are then (re)published to ``scores/``."""
+        previous = self.manifest["stages"].get("scores", {})
+        published = (previous.get("fingerprint") == key and previous.get("state") == "done"
+                     and self.store.exists(TOPK) and self.store.exists(BOTTOMK))
+        if not published and self.store.exists(layout.stage_record("scores", key)):
+            self._publish(key)  # done for this key, but the result in scores/ is another key's
+        return self._is_done("scores", key, TOPK, named)
+
+    def _scores(self, inputs: Inputs, named: dict, query_files: list[str]) -> None:
         cfg = self.config
         corpus = cfg.data.corpus
-        key = fingerprint(self.manifest["stages"]["queries"]["fingerprint"], cfg.corpus_model,
-                          [s.shard_id for s in inputs.corpus_shards], corpus, cfg.data.max_length, cfg.scoring.top_k,
-                          self.plan.query_group_batches)
-        if self._is_done("scores", key, TOPK) and self.store.exists(BOTTOMK):
+        key = named["key"]
+        if self._scores_done(key, named):
             return
         started = time.monotonic()
         groups = self._query_groups(query_files)
@@ -265,8 +363,15 @@ class Pipeline:
         if sum(s["documents"] for s in stats.values()) == 0:
             skipped = next(iter(stats.values()))["skipped_empty"]
             raise DataError(f"data.corpus: every document is empty ({skipped} rows skipped)")
-        tree_merge(self.store, partials, cfg.scoring.top_k, lambda level, i: layout.merge_step(key, level, i))
-        self._finish_stage("scores", key, started, _combine_groups(stats) if len(groups) > 1 else stats)
+        tree_merge(self.store, partials, cfg.scoring.top_k, lambda level, i: layout.merge_step(key, level, i),
+                   final=(layout.scores_result(key, "topk"), layout.scores_result(key, "bottomk")))
+        self._finish_stage("scores", key, started, _combine_groups(stats) if len(groups) > 1 else stats,
+                           publish=lambda: self._publish(key))
+
+    def _publish(self, key: str) -> None:
+        """Copy the merged tables of ``key`` to ``scores/topk.parquet`` and ``scores/bottomk.parquet``."""
+        for side, name in (("topk", TOPK), ("bottomk", BOTTOMK)):
+            self.store.write_bytes(name, self.store.read_bytes(layout.scores_result(key, side)))
 
     def _query_groups(self, query_files: list[str]) -> list[tuple[str, ...]]:
         """The query batch files cut into the groups that fit the budget at once (one corpus pass each)."""
@@ -306,10 +411,10 @@ class Pipeline:
         stats = self._map("index", "index", jobs, store.url(), cfg.index.dim, cfg.index.seed, store=store)
         self.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
                  f"(k = {cfg.index.dim}, {stats['seconds']:.1f}s)")
-        self._finish_stage("index", fingerprint(identity, [j.job_id for j in jobs]), started, {"index": stats})
+        self._finish_stage("index", digest(identity, [j.job_id for j in jobs]), started, {"index": stats})
         return store
 
-    def _index_scores(self, inputs: Inputs, query_files: list[str], index: RunDir) -> None:
+    def _index_scores(self, inputs: Inputs, named: dict, query_files: list[str], index: RunDir) -> None:
         """Scores by the index: each query's best candidates by a matrix product over the index, then
         ``scoring.rerank`` of them re-scored exactly (a forward and backward pass over those documents).
 
@@ -319,10 +424,10 @@ class Pipeline:
         cfg = self.config
         top_k, rerank = cfg.scoring.top_k, cfg.scoring.rerank
         num_candidates = top_k if rerank == 0 else max(rerank, top_k)
-        scan_key = fingerprint(self.index_identity(inputs), num_candidates)
-        corpus_key = fingerprint([s.shard_id for s in inputs.corpus_shards])
-        key = fingerprint(query_files, scan_key, corpus_key, top_k, rerank)
-        if self._is_done("scores", key, TOPK) and self.store.exists(BOTTOMK):
+        scan_key = digest(self.index_identity(inputs), num_candidates)
+        corpus_key = inputs.digests["data.corpus"]
+        key = named["key"]
+        if self._scores_done(key, named):
             return
         started = time.monotonic()
         per_job = self.plan.query_group_batches
@@ -345,8 +450,9 @@ class Pipeline:
         if rerank:
             reranked, stats["rerank"] = self._rerank(inputs, scan_key, query_files, candidates)
             final = reranked
-        tree_merge(self.store, final, top_k, lambda level, i: layout.merge_step(key, level, i))
-        self._finish_stage("scores", key, started, stats)
+        tree_merge(self.store, final, top_k, lambda level, i: layout.merge_step(key, level, i),
+                   final=(layout.scores_result(key, "topk"), layout.scores_result(key, "bottomk")))
+        self._finish_stage("scores", key, started, stats, publish=lambda: self._publish(key))
 
     def _rerank(self, inputs: Inputs, scan_key: str, query_files: list[str], candidates: dict[str, str]
                 ) -> tuple[list[str], dict]:
@@ -369,7 +475,7 @@ class Pipeline:
         jobs, files = [], []
         for shard in inputs.corpus_shards:
             here = pairs.get(shard.shard_id, {})
-            outputs = {f: layout.rerank_partial(scan_key, f, shard.shard_id, fingerprint(p)) for f, p in here.items()}
+            outputs = {f: layout.rerank_partial(scan_key, f, shard.shard_id, digest(p)) for f, p in here.items()}
             files += [outputs[f] for f in query_files if f in here]
             for chunk in self._pending_chunks([f for f in query_files if f in here], outputs, self.plan.query_group_batches):
                 documents = frozenset(d for f in chunk for _, d, _ in here[f])
@@ -466,18 +572,44 @@ class Pipeline:
 
     # ----------------------------------------------------------------------- manifest
 
-    def _is_done(self, stage: str, key: str, output: str) -> bool:
-        record = self.manifest["stages"].get(stage, {})
-        if record.get("fingerprint") == key and record.get("state") == "done" and self.store.exists(output):
-            self.log(f"[{stage}] up to date, skipped")
+    def _is_done(self, stage: str, key: str, output: str, named: dict | None = None) -> bool:
+        """Whether ``stage`` is done for ``key`` (then its record is the manifest's again), else start it.
+
+        Done: its done record ``<stage>/<key>/stage.json`` exists; a stage that names no inputs
+        (``named`` None) is also done when the manifest records ``key`` done and ``output`` exists.
+        Logs why the stage is reused or (re)computed, comparing ``named`` with the inputs of its
+        last manifest record.
+        """
+        last = self.manifest["stages"].get(stage)
+        record_name = layout.stage_record(stage, key)
+        if self.store.exists(record_name):
+            self.manifest["stages"][stage] = self.store.read_json(record_name) | {"outcome": "reused"}
+            self.log(f"[{stage}] up to date, skipped: reused (key {key})")
+            self._save_manifest()
             return True
-        self.manifest["stages"][stage] = {"fingerprint": key, "state": "running"}
+        if (named is None and last and last.get("fingerprint") == key and last.get("state") == "done"
+                and self.store.exists(output)):
+            self.log(f"[{stage}] up to date, skipped: reused (key {key})")
+            return True
+        named = {n: v for n, v in (named or {}).items() if n != "key"}
+        outcome, reason = _why(key, named, last)
+        self.log(f"[{stage}] {reason} (key {key})")
+        self.manifest["stages"][stage] = {"fingerprint": key, "state": "running", "inputs": named,
+                                          "outcome": outcome, "reason": reason}
         self._save_manifest()
         return False
 
-    def _finish_stage(self, stage: str, key: str, started: float, passes: dict) -> None:
-        self.manifest["stages"][stage] = {"fingerprint": key, "state": "done",
-                                          "seconds": round(time.monotonic() - started, 3), "passes": passes}
+    def _finish_stage(self, stage: str, key: str, started: float, passes: dict,
+                      publish: Callable[[], None] | None = None) -> None:
+        """Record ``stage`` done for ``key``: its done record in the key's folder, then (after
+        ``publish``, if any) the manifest."""
+        running = self.manifest["stages"].get(stage, {})
+        record = {"fingerprint": key, "state": "done", "seconds": round(time.monotonic() - started, 3),
+                  "passes": passes, "inputs": running.get("inputs", {})}
+        self.store.write_json(layout.stage_record(stage, key), record)
+        if publish is not None:
+            publish()
+        self.manifest["stages"][stage] = record | {k: running[k] for k in ("outcome", "reason") if k in running}
         self._save_manifest()
 
     def _save_manifest(self, **fields) -> None:
@@ -511,6 +643,21 @@ def check_identity(store: RunDir, identity: dict, key: str) -> None:
 def _short(value: object) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _why(key: str, named: dict, last: dict | None) -> tuple[str, str]:
+    """(outcome, reason) of a stage about to run: what changed since its last manifest record."""
+    if not last:
+        return "computed", "computed (no earlier run)"
+    if last.get("fingerprint") == key:
+        if last.get("state") == "done":
+            return "recomputed", "recomputed because its outputs are gone"
+        return "resumed", "resuming (an earlier run stopped before the end of this stage)"
+    before = last.get("inputs")
+    if before is None:
+        return "recomputed", "recomputed (the earlier run did not record its inputs)"
+    changed = sorted(n for n in named.keys() | before.keys() if named.get(n) != before.get(n))
+    return "recomputed", f"recomputed because {', '.join(changed) or 'its key'} changed"
 
 
 def _pass_stats(per_job: list[dict], computed: int, retries: list[str], seconds: float) -> dict:

@@ -13,7 +13,7 @@
 Proponents and opponents come from the scoring pass (``scores/topk.parquet`` and
 ``scores/bottomk.parquet``). The breakdowns are recomputed for the shown documents only, by a
 small Ray pass (``msif_ray.distributed.report_pass``) that reads just the corpus shards holding
-them (found through the scoring pass's per-shard top/bottom k files, ``scores/<fingerprint>/
+them (found through the scoring pass's per-shard top/bottom k files, ``scores/<key>/g<group>/
 <shard>.parquet``; a shard whose file is gone has its ids read instead), so a report costs
 seconds to minutes, never another pass over the corpus. The histogram
 shows the scores the scoring pass kept: every document's when ``top_k`` covers the corpus, else
@@ -35,7 +35,8 @@ from msif_ray.config import Config, config_from_dict
 from msif_ray.data import expand_paths, plan_shards, read_documents, read_pairs
 from msif_ray.distributed.pool import WorkerPool
 from msif_ray.distributed.report_pass import ExplainJob, ReportError, ReportSettings, ReportWorker
-from msif_ray.pipeline import BOTTOMK, MANIFEST, TOPK, fingerprint
+from msif_ray.digests import digest
+from msif_ray.pipeline import BOTTOMK, MANIFEST, TOPK
 from msif_ray.progress import Progress, format_duration
 from msif_ray.report_html import QueryView, RunView, ShownDocument, index_page, query_page
 from msif_ray.storage import RunDir
@@ -57,7 +58,7 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
     started = time.monotonic()
     store = RunDir(run_dir)
     manifest = _finished_manifest(store)
-    key = fingerprint(manifest["stages"]["scores"]["fingerprint"], show, REPORT_VERSION)
+    key = digest(manifest["stages"]["scores"]["fingerprint"], show, REPORT_VERSION)
     if reuse and store.exists(REPORT_STATS) and store.read_json(REPORT_STATS).get("fingerprint") == key:
         log("[report] up to date, skipped")
         return store.url(REPORT_INDEX)
@@ -186,7 +187,7 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
                          "(their shards differ); rerun msif run before the report")
     partials: dict[str, list[str]] = {}  # shard id -> its partial top/bottom k files (one per query group)
     for name in store.list(f"scores/{manifest['stages']['scores']['fingerprint']}"):
-        if name.endswith(".parquet") and "/merge/" not in name:
+        if name.endswith(".parquet") and re.search(r"/g\d+/[^/]+\.parquet$", name):  # not merges, not results
             partials.setdefault(name.rsplit("/", 1)[1][: -len(".parquet")], []).append(name)
     jobs, remaining = [], set(wanted)
     for shard in shards:

@@ -20,7 +20,9 @@ def describe(run_dir: str) -> str:
     for stage, record in manifest.get("stages", {}).items():
         state = record.get("state", "?")
         took = f"  {format_duration(record['seconds'])}" if "seconds" in record else ""
-        lines.append(f"  {stage:<18} {state}{took}")
+        why = f"  ({record['reason']})" if record.get("reason") else ""
+        why = "  (reused: up to date)" if record.get("outcome") == "reused" else why
+        lines.append(f"  {stage:<18} {state}{took}{why}")
         if state != "done":
             lines += _running_passes(store, stage, record["fingerprint"])
         for name, p in record.get("passes", {}).items():

@@ -2,7 +2,8 @@
 
 Everything comes from the run directory: the manifest's stages (state, seconds, and per pass the
 shards computed and reused) and the report's ``report/report.json``. A stage whose manifest
-record did not change during the command was reused whole (it was up to date).
+record did not change during the command, or says it was reused (``outcome``), was reused whole:
+its outputs for its key were there (``pipeline.py``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def stage_rows(manifest: dict, before: dict | None = None) -> list[dict]:
     for name, record in manifest.get("stages", {}).items():
         passes = record.get("passes", {})
         sharded = [p for p in passes.values() if "shards_total" in p]
-        if before is not None and before.get(name) == record and record.get("state") == "done":
+        unchanged = before is not None and before.get(name) == record
+        if record.get("state") == "done" and (unchanged or record.get("outcome") == "reused"):
             reused = REUSED_WHOLE
         elif sharded:
             reused = f"{sum(p['reused'] for p in sharded)} of {sum(p['shards_total'] for p in sharded)} shards"

@@ -222,7 +222,8 @@ def test_corpus_and_run_dir_on_s3(world, ray_session, s3_bucket, tmp_path):
 
     fs = s3fs.S3FileSystem()
     fs.put(str(world.corpus), f"{s3_bucket}/corpus/part-0.parquet")
-    # The empirical Fisher: sampled labels are seeded by shard id, which names the file's location.
+    # The empirical Fisher: sampled labels are seeded by shard id, which follows a remote file's ETag (and a
+    # local one's bytes), so a local and a remote copy of one file get different labels.
     settings = {"method": "single_stage", "factors.fisher": "empirical"}
     local = run(world, tmp_path / "local", **settings)
     config = config_from_dict(world.config(f"{s3_bucket}/run", **settings,

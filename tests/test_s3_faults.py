@@ -35,7 +35,7 @@ def pass_counts(manifest: dict) -> dict:
 
 def test_pipeline_on_s3_survives_bursts_of_transient_errors(world, ray_session, s3_bucket, s3_faults, tmp_path):
     s3fs.S3FileSystem().put(str(world.corpus), f"{s3_bucket}/corpus/part-0.parquet")
-    # The empirical Fisher: sampled labels are seeded by shard id, which names the file's location.
+    # The empirical Fisher: sampled labels are seeded by shard id, which follows a remote file's ETag, not its bytes.
     # single_stage: factor sums over shard partials, then scores; a partial summed twice would show.
     settings = {"method": "single_stage", "factors.fisher": "empirical"}
     Pipeline(config_from_dict(world.config(tmp_path / "local", **settings), world.root), log=lambda _: None).run()
