@@ -190,3 +190,9 @@ def _remember(entries: dict[str, list]) -> None:
         cached = entries
     with _memo_lock:
         _memo.update(cached)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """A loaded fast tokenizer's content (vocabulary, merges, normalisation, special tokens), whatever
+    files it came from: what the corpus gradient index's rows depend on."""
+    return digest(tokenizer.backend_tokenizer.to_str())

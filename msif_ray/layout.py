@@ -12,7 +12,8 @@
         covariance/g<group>/<worker>-<seq>.safetensors  a worker's checkpoint of Σ a aᵀ, Σ s sᵀ (+ .json: its shards)
         eigen/<layer>.<A|S>.safetensors                 eigenvectors and eigenvalues of one factor
         lambdas/g<group>/<worker>-<seq>.safetensors     a worker's checkpoint of Σ (Q_Sᵀ G Q_A)² (+ .json)
-    queries/<key>/batch-<n>.safetensors                 Ṽ_q of one batch of queries (+ .done.json)
+    queries/<chain key>/<batch key>.safetensors         Ṽ_q of one batch of queries (+ .done.json): named by the
+                                                        chain's inputs and the batch's queries, shared by query sets
     scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
     scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
     scores/scan/<scan key>/<batch>/<shard>.parquet      index mode: one query batch's best candidates in one index
@@ -85,8 +86,8 @@ def eigen_file(factors: str, layer: str, which: str) -> str:
     return f"{factors}/eigen/{layer}.{which}.safetensors"
 
 
-def query_batch(key: str, index: int) -> str:
-    return f"queries/{key}/batch-{index:05d}.safetensors"
+def query_batch(chain_key: str, batch_key: str) -> str:
+    return f"queries/{chain_key}/{batch_key}.safetensors"
 
 
 def score_partial(key: str, group: int, shard_id: str) -> str:

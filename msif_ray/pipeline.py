@@ -32,6 +32,7 @@ counted once, and outputs of other inputs never mix in.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from msif_ray.data import (
     PARQUET_SUFFIXES, DataError, Shard, check_columns, check_unique_ids, expand_paths, plan_shards, read_documents, read_pairs,
     sample_quotas,
 )
-from msif_ray.digests import TOKENIZER_FILES, digest, file_digests, tree_digest
+from msif_ray.digests import TOKENIZER_FILES, digest, file_digests, tokenizer_digest, tree_digest
 from msif_ray.distributed.checkpoints import committed_checkpoints
 from msif_ray.distributed.merge import tree_merge
 from msif_ray.distributed.pool import WorkerCrashError, WorkerPool
@@ -320,9 +321,15 @@ class Pipeline:
         size = self.plan.query_batch_size
         key = named["key"]
         paths = tuple(expand_paths(q.paths))
-        jobs = [QueryJob(i, cfg.query_model, paths, (q.id_column, q.prompt_column, q.completion_column), lo,
-                         min(lo + size, inputs.num_queries), layout.query_batch(key, i))
-                for i, lo in enumerate(range(0, inputs.num_queries, size))]
+        # A batch file is named by the chain (everything but the queries) and its own queries' content:
+        # a batch met before, in this query set or another, is reused, so new queries pay for themselves.
+        chain = digest({n: v for n, v in named.items() if n not in ("key", "data.queries")})
+        pairs = read_pairs(list(paths), q.prompt_column, q.completion_column, q.id_column)
+        jobs = []
+        for i, lo in enumerate(range(0, len(pairs), size)):
+            batch = digest([[p.id, p.prompt, p.completion] for p in pairs[lo : lo + size]])
+            jobs.append(QueryJob(i, cfg.query_model, paths, (q.id_column, q.prompt_column, q.completion_column), lo,
+                                 min(lo + size, len(pairs)), layout.query_batch(chain, batch)))
         files = [j.output for j in jobs]
         if self._is_done("queries", key, done_marker(files[-1]), named):
             return files
@@ -333,7 +340,7 @@ class Pipeline:
         rank = "full rank" if cfg.scoring.query_rank is None else f"rank {cfg.scoring.query_rank}"
         self.log(f"[queries] {inputs.num_queries} queries preconditioned ({cfg.method}, {rank}) in {len(jobs)} "
                  f"batches of up to {size}, {stats['seconds']:.1f}s")
-        self._finish_stage("queries", key, started, {"precondition": stats})
+        self._finish_stage("queries", key, started, {"precondition": stats}, outputs=files)
         return files
 
     def _scores_done(self, key: str, named: dict) -> bool:
@@ -600,12 +607,12 @@ class Pipeline:
         return False
 
     def _finish_stage(self, stage: str, key: str, started: float, passes: dict,
-                      publish: Callable[[], None] | None = None) -> None:
-        """Record ``stage`` done for ``key``: its done record in the key's folder, then (after
-        ``publish``, if any) the manifest."""
+                      publish: Callable[[], None] | None = None, outputs: list[str] | None = None) -> None:
+        """Record ``stage`` done for ``key``: its done record in the key's folder (with its ``outputs``
+        when they live outside it), then (after ``publish``, if any) the manifest."""
         running = self.manifest["stages"].get(stage, {})
         record = {"fingerprint": key, "state": "done", "seconds": round(time.monotonic() - started, 3),
-                  "passes": passes, "inputs": running.get("inputs", {})}
+                  "passes": passes, "inputs": running.get("inputs", {})} | ({"outputs": outputs} if outputs else {})
         self.store.write_json(layout.stage_record(stage, key), record)
         if publish is not None:
             publish()
@@ -620,11 +627,6 @@ class Pipeline:
 def _corpus_model_key(config: Config) -> str:
     """The setting that names the corpus model (``Config.corpus_model``)."""
     return "models.finetuned" if config.method != "multi_stage" and config.models.finetuned else "models.pretrained"
-
-
-def tokenizer_digest(tokenizer) -> str:
-    """The tokenizer's content (vocabulary, merges, normalisation, special tokens), wherever its files live."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def check_identity(store: RunDir, identity: dict, key: str) -> None:

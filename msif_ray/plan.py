@@ -212,7 +212,7 @@ def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries
     factor_cache = min(chain_models * factors_total, max(free // 4, 0))
     per_query_precondition = F32 * (tokens_per_query * sum(s.in_dim + s.out_features for s in layers) + 3 * largest)
     query_batch = config.budget.query_batch_size or int(max(free - factor_cache, 0) // per_query_precondition)
-    query_batch = max(1, min(query_batch, MAX_QUERY_BATCH, max(num_queries, 1)))
+    query_batch = max(1, min(query_batch, MAX_QUERY_BATCH))  # not cut to the queries: batches stay when queries are added
     if query_batch * per_query_precondition + factor_cache > free and free > 0:
         problems.append(f"one query's preconditioning needs {_gb(per_query_precondition)} beyond the model: "
                         "lower data.max_length or raise budget.worker_memory_gb")
@@ -262,7 +262,7 @@ def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries
     svd = 24 * (rank or 0) * tracked
     query_flops = num_queries * (tokens_per_query * (pass_flops + 2 * sum(s.in_dim**2 + s.out_features**2 for s in layers)
                                                      ) + rotations[config.method] + svd)
-    stage("queries", base + query_batch * per_query_precondition + factor_cache, num_queries * vector_bytes, query_flops,
+    stage("queries", base + min(query_batch, max(num_queries, 1)) * per_query_precondition + factor_cache, num_queries * vector_bytes, query_flops,
           note=f"batches of {query_batch}")
     group = min(num_queries, plan.query_group_size)
     shards = math.ceil(corpus_rows / config.data.rows_per_shard)

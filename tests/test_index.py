@@ -190,3 +190,50 @@ def test_an_index_built_for_other_settings_is_refused(override, named, world, ra
     with pytest.raises(ConfigError, match=named) as err:
         run(world, tmp_path / "b", **{**settings, **override})
     assert "index.path" in str(err.value)
+
+
+def test_new_queries_pay_for_themselves(world, ray_session, tmp_path):
+    """Queries added to the file: only their batch is preconditioned, scanned and re-scored (the
+    outputs of the old batch are not rewritten); the result equals a fresh run's."""
+    import json
+
+    queries = tmp_path / "queries.jsonl"
+    lines = world.queries.read_text().splitlines()
+    queries.write_text("\n".join(lines) + "\n")
+    settings = {"method": "grad_dot", "scoring.mode": "index", "scoring.rerank": 4, "index.dim": 4,
+                "budget.query_batch_size": 2, "data.queries.paths": [str(queries)]}
+    run(world, tmp_path / "run", **settings)
+    scores = tmp_path / "run" / "scores"
+    before = {p: p.stat().st_mtime_ns for folder in ("scan", "rerank") for p in (scores / folder).rglob("*.parquet")}
+    queries.write_text("\n".join(lines + [json.dumps({"id": "q9", "prompt": "Q: Where was Otto Fenn born? A:",
+                                                      "completion": " Marrow"})]) + "\n")
+    grown = run(world, tmp_path / "run", **settings)
+    stages = manifest(tmp_path / "run")["stages"]
+    assert stages["index"]["passes"]["index"]["computed"] == 0
+    precondition = stages["queries"]["passes"]["precondition"]
+    assert (precondition["computed"], precondition["reused"]) == (1, 1)  # batches of 2: the old one is reused
+    after = {p: p.stat().st_mtime_ns for folder in ("scan", "rerank") for p in (scores / folder).rglob("*.parquet")}
+    assert all(after[p] == t for p, t in before.items())  # nothing of the old batch was computed again
+    new_batches = {p.parent.name for p in after.keys() - before.keys() if p.name != "candidates.parquet"}
+    assert len(new_batches) == 1 and len(after) > len(before)
+    assert set(grown["query_id"]) == {"q0", "q1", "q9"}
+    assert grown == run(world, tmp_path / "fresh", **settings)
+
+
+def test_pretraining_factors_are_kept_when_shards_are_appended(world, ray_session, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(pa.table({"id": ["extra-0", "extra-1"], "text": ["Another town, Elsk.", "Marrow has a mill."]}), extra)
+    settings = {"method": "single_stage", "scoring.mode": "index", "index.dim": 4}
+    run(world, tmp_path / "run", **settings)
+    fitted = manifest(tmp_path / "run")["stages"]["factors/pretrain"]["fingerprint"]
+    lines: list[str] = []
+    grown = {**settings, "data.corpus.paths": [str(world.corpus), str(extra)]}
+    run(world, tmp_path / "run", log=lines.append, **grown)
+    stages = manifest(tmp_path / "run")["stages"]
+    assert stages["factors/pretrain"]["fingerprint"] == fitted and any("kept: fitted on 4 of the 5" in line for line in lines)
+    assert stages["index"]["passes"]["index"]["computed"] == 1
+    run(world, tmp_path / "run", **grown, **{"factors.refit": True})
+    assert manifest(tmp_path / "run")["stages"]["factors/pretrain"]["fingerprint"] != fitted

@@ -39,7 +39,7 @@ def load_query_vectors(store: RunDir) -> QueryVectors:
     """The preconditioned queries Ṽ_q of a run (every batch file of its queries stage), on CPU."""
     manifest = store.read_json(MANIFEST) if store.exists(MANIFEST) else {}
     record = manifest.get("stages", {}).get("queries", {})
-    files = [n for n in store.list(f"queries/{record.get('fingerprint')}") if n.endswith(".safetensors")]
+    files = record.get("outputs", [])
     if record.get("state") != "done" or not files:
         raise ReportError(f"{store.url('queries')}: no preconditioned queries; run `msif run` first")
     return load_batch_files(store, files)
