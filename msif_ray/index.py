@@ -1,33 +1,44 @@
-"""The corpus gradient index: every document's gradient at θ_pt, projected to k x k per layer.
+"""The corpus gradient index: every document's gradient at θ_pt, whitened and projected to k x k per layer.
 
-For one tracked layer with gradient G_m = Σ_t s_t a_tᵀ [out, in] (``gradients.per_example_gradient``):
+For one tracked layer with gradient G_m = Σ_t s_t a_tᵀ [out, in] (``gradients.per_example_gradient``)
+and a preconditioned query Ṽ_q = L Rᵀ (rank r), the index stores and the scan multiplies
 
-    Ĝ_m = P_out G_m P_inᵀ = Σ_t (P_out s_t)(P_in a_t)ᵀ          [k, k]
-    P_out [k, out], P_in [k, in]: i.i.d. N(0, 1/k) entries, drawn from (index seed, layer name)
+    Ĝ_m = (P_out M) G_m (P_in N)ᵀ     = Σ_t (P_out M s_t)(P_in N a_t)ᵀ           [k, k]
+    V̂_q = (P_out M⁻ᵀ) Ṽ_q (P_in N⁻ᵀ)ᵀ = (P_out M⁻ᵀ L)(P_in N⁻ᵀ R)ᵀ
 
-so the index costs T·k·(out + in) + T·k² per layer and window on top of the backward pass, and
-G is never formed. A preconditioned query Ṽ_q = L Rᵀ (rank r) is projected the same way,
-(P_out L)(P_in R)ᵀ, and since E[PᵀP] = I with P_out, P_in independent,
+with P_out [k, out], P_in [k, in] of i.i.d. N(0, 1/k) entries drawn from (index seed, layer name),
+and M, N any invertible matrices. Since E[PᵀP] = I, P_out and P_in independent,
 
-    E ⟨P_out Ṽ_q P_inᵀ, P_out G_m P_inᵀ⟩_F = ⟨Ṽ_q, G_m⟩_F        (unbiased; variance ~ 1/k² per layer)
+    E ⟨V̂_q, Ĝ_m⟩_F = ⟨M⁻ᵀ Ṽ_q N⁻¹, M G_m Nᵀ⟩_F = ⟨Ṽ_q, G_m⟩_F          (unbiased, for any M, N)
 
-Scoring new queries is then one matrix product over the index, [N, D] x [D, Q] with
-D = Σ_layers k², and only the best candidates are re-scored exactly (``pipeline``).
+M and N only set the variance, which is of order ‖M⁻ᵀṼN⁻¹‖‖MGNᵀ‖ / k per layer. A preconditioned
+query lives where the curvature is small and a document gradient where it is large, so without
+whitening (M = N = I) their inner product is a tiny fraction of ‖Ṽ‖‖G‖ and drowns in that noise.
+With the pre-training factors, M = (D_S)^(-1/2) Q_Sᵀ and N = (D_A)^(-1/2) Q_Aᵀ, where D_S, D_A are
+the two sides of a rank-one fit of the EK-FAC eigenvalues Λ ≈ d_S d_Aᵀ (damped): both sides are
+whitened halfway, and the estimate's noise is measured against ‖H^(-1/2) U_q‖ ‖H^(-1/2) G_m‖ instead.
+The index then depends on the pre-training factors (one index per base model and its factors).
+
+Cost on top of the backward pass: T·k·(out + in) + T·k² per layer and window; G is never formed.
+Scoring new queries is one matrix product over the index, [N, D] x [D, Q] with D = Σ_layers k²,
+and only the best candidates are re-scored exactly (``pipeline``).
 
 Storage: a document's row is kept in float16 per layer block, divided by the block's largest
 magnitude (kept as a float32 ``scale`` [N, L]): float16's 11-bit mantissa with no overflow or
 underflow whatever the gradients' magnitude. The projections are never stored: they are drawn
-again from the seed.
+again from the seed (and the factors).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from msif_ray.curvature import AUTO_DAMPING_SCALE, LayerFactors
 from msif_ray.gradients import Batch, backward_through_layers, model_device
 from msif_ray.influence import QueryVectors
 from msif_ray.modules import LayerSpec, LayerTaps
@@ -37,10 +48,17 @@ ROWS_PER_BLOCK = 1 << 14  # index rows dequantised at once when scanning: 16k x 
 
 @dataclass(frozen=True)
 class Projection:
-    """P_out [k_out, out] and P_in [k_in, in] of one layer."""
+    """One layer's index-side maps P_out M [k_out, out], P_in N [k_in, in], and query-side maps
+    P_out M⁻ᵀ, P_in N⁻ᵀ (the same when there is no whitening)."""
 
     out: torch.Tensor
     inp: torch.Tensor
+    query_out: torch.Tensor
+    query_inp: torch.Tensor
+
+    @classmethod
+    def plain(cls, out: torch.Tensor, inp: torch.Tensor) -> "Projection":
+        return cls(out, inp, out, inp)
 
     @property
     def size(self) -> int:
@@ -52,16 +70,44 @@ def layer_seed(seed: int, layer: str, side: str) -> int:
     return int.from_bytes(hashlib.sha256(f"index:{seed}:{layer}:{side}".encode()).digest()[:8], "little") >> 1
 
 
-def random_projections(layers: list[LayerSpec], dim: int, seed: int,
-                       device: torch.device | str = "cpu") -> dict[str, Projection]:
-    """Gaussian projections with entries of variance 1/dim, the same on every machine for (seed, layer)."""
+def whitening(factors: LayerFactors) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """(M, M⁻ᵀ) and (N, N⁻ᵀ) of one layer from its pre-training factors, in float64.
+
+    Λ [out, in] is fitted by d_S d_Aᵀ (row and column means, scaled so that their product has Λ's
+    mean), each side damped by 0.1 x its mean, as ``auto`` damps Λ; then M = D_S^(-1/2) Q_Sᵀ and
+    N = D_A^(-1/2) Q_Aᵀ, so M⁻ᵀ = D_S^(1/2) Q_Sᵀ and N⁻ᵀ = D_A^(1/2) Q_Aᵀ (Q orthogonal).
+    """
+    lam = factors.lambdas.double().clamp_min(0)
+    mean = float(lam.mean()) or 1.0
+    sides = []
+    for q, d in ((factors.s_vectors, lam.mean(1) / mean ** 0.5), (factors.a_vectors, lam.mean(0) / mean ** 0.5)):
+        d = d + AUTO_DAMPING_SCALE * float(d.mean()) + 1e-30
+        qt = q.double().t()
+        sides.append((d.rsqrt()[:, None] * qt, d.sqrt()[:, None] * qt))
+    return sides[0], sides[1]
+
+
+def random_projections(layers: list[LayerSpec], dim: int, seed: int, device: torch.device | str = "cpu",
+                       factors: Callable[[str], LayerFactors] | None = None) -> dict[str, Projection]:
+    """Gaussian projections with entries of variance 1/dim, the same on every machine for (seed, layer),
+    whitened by the pre-training ``factors`` of each layer when given (``whitening``)."""
 
     def draw(layer: str, side: str, width: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(layer_seed(seed, layer, side))
-        return (torch.randn(dim, width, generator=generator) / dim ** 0.5).to(device)
+        return torch.randn(dim, width, generator=generator) / dim ** 0.5
 
-    return {spec.name: Projection(draw(spec.name, "out", spec.out_features), draw(spec.name, "in", spec.in_dim))
-            for spec in layers}
+    projections = {}
+    for spec in layers:
+        p_out, p_in = draw(spec.name, "out", spec.out_features), draw(spec.name, "in", spec.in_dim)
+        if factors is None:
+            projection = Projection.plain(p_out, p_in)
+        else:
+            (m, m_inv_t), (n, n_inv_t) = whitening(factors(spec.name))
+            p_out, p_in = p_out.double(), p_in.double()
+            projection = Projection(*(t.float() for t in (p_out @ m, p_in @ n, p_out @ m_inv_t, p_in @ n_inv_t)))
+        projections[spec.name] = Projection(*(t.to(device) for t in (projection.out, projection.inp,
+                                                                   projection.query_out, projection.query_inp)))
+    return projections
 
 
 def index_width(projections: dict[str, Projection]) -> int:
@@ -87,20 +133,20 @@ def project_windows(model: nn.Module, taps: LayerTaps, batch: Batch,
 
 
 def project_queries(vectors: QueryVectors, projections: dict[str, Projection], layers: list[str]) -> torch.Tensor:
-    """P_out Ṽ_q P_inᵀ of every query and layer, flattened like the index rows: [Q, D] in the projections' dtype.
+    """V̂_q of every query and layer, flattened like the index rows: [Q, D] in the projections' dtype.
 
     Low-rank vectors cost Q·r·k·(out + in): (P_out L)(P_in R)ᵀ, Ṽ_q never formed.
     """
     blocks = []
     for name in layers:
         v, p = vectors.layers[name], projections[name]
-        device = p.out.device
+        out, inp = p.query_out, p.query_inp
         if v.is_low_rank:
-            left = p.out @ v.left.to(device, p.out.dtype)  # [Q, k_out, r]
-            right = p.inp @ v.right.to(device, p.out.dtype)  # [Q, k_in, r]
+            left = out @ v.left.to(out.device, out.dtype)  # [Q, k_out, r]
+            right = inp @ v.right.to(out.device, out.dtype)  # [Q, k_in, r]
             blocks.append((left @ right.mT).flatten(1))
         else:
-            blocks.append((p.out @ v.dense.to(device, p.out.dtype) @ p.inp.t()).flatten(1))
+            blocks.append((out @ v.dense.to(out.device, out.dtype) @ inp.t()).flatten(1))
     return torch.cat(blocks, dim=1)
 
 

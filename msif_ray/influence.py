@@ -456,6 +456,29 @@ class TrackedLM:
             per_layer.index_add_(1, batch.examples.to(per_layer.device), score_windows(self.model, self.taps, batch, group))
         return Scores(per_layer.cpu(), self.layers)
 
+    def index(self, examples: Examples, dim: int, seed: int = 0, factors: Factors | None = None) -> torch.Tensor:
+        """The corpus gradient index of ``examples``: each one's (P_out M) G (P_in N)ᵀ per layer, whitened by
+        this model's ``factors`` when given, flattened [N, D] (``index.py``); ``index_scores`` scans it."""
+        from msif_ray.index import document_rows
+
+        return document_rows(self.model, self.taps, self.batches(examples), len(examples),
+                             self._projections(dim, seed, factors, model_device(self.model)))
+
+    def index_scores(self, rows: torch.Tensor, vectors: QueryVectors, dim: int, seed: int = 0,
+                     factors: Factors | None = None) -> torch.Tensor:
+        """Estimated scores [N, Q] of indexed examples (``rows`` from ``index``, with the same ``dim``,
+        ``seed`` and ``factors``) against preconditioned queries: unbiased estimates of ``score(...).total``."""
+        from msif_ray.index import project_queries
+
+        projected = project_queries(vectors, self._projections(dim, seed, factors, rows.device), self.layers)
+        return rows.double() @ projected.double().t()
+
+    def _projections(self, dim: int, seed: int, factors: Factors | None, device: torch.device):
+        from msif_ray.index import random_projections
+
+        return random_projections(list(self.taps.specs.values()), dim, seed, device,
+                                  None if factors is None else factors.layer)
+
     def token_scores(self, text: str, vectors: QueryVectors | dict[str, torch.Tensor]) -> tuple[list[int], torch.Tensor]:
         """Token ids of one document and each token's contribution to its score: [T, Q].
 

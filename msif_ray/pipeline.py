@@ -113,6 +113,8 @@ class Pipeline:
         self._save_manifest(config=redact_secrets(cfg.to_dict()), digests=inputs.digests,
                             shards={"corpus": [s.shard_id for s in inputs.corpus_shards]}, plan=self.plan.to_dict())
         named = self.stage_inputs(inputs)
+        if cfg.scoring.mode == "index":  # before any heavy pass: an index built for other inputs is refused
+            check_identity(self.index_store(), named["index"], "index.path")
         try:
             pretrain = finetune = None
             if cfg.method == "multi_stage":
@@ -126,7 +128,8 @@ class Pipeline:
                                          cfg.factors.max_examples)
             queries = self._queries(inputs, named["queries"], pretrain, finetune)
             if cfg.scoring.mode == "index":
-                self._index_scores(inputs, named["scores"], queries, self._index(inputs))
+                index = self._index(inputs, pretrain, named["index"])
+                self._index_scores(inputs, named["scores"], queries, index, pretrain, named["index"])
             else:
                 self._scores(inputs, named["scores"], queries)
         finally:
@@ -179,7 +182,7 @@ class Pipeline:
             inputs.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
             digests["data.finetune"] = digest(*[s.shard_id for s in inputs.finetune_shards])
         if cfg.scoring.mode == "index":
-            check_identity(self.index_store(), self.index_identity(inputs), "index.path")
+            check_identity(self.index_store(), self.index_identity(inputs), "index.path")  # the whitening: in run()
         self.log(f"validated: {len(shards)} corpus shards, {num_queries} queries, method {cfg.method}")
         return inputs
 
@@ -194,7 +197,8 @@ class Pipeline:
         """The named inputs of every stage of this run's method, each stage's key (``"key"``) among them.
 
         Names are the config's dotted keys (``models.finetuned``, ``data.queries``, ``factors.fisher``),
-        ``tokenizer``, and the upstream stages (``factors/pretrain``: its key). Models, tokenizer and
+        ``tokenizer``, and the upstream stages (``factors/pretrain``: its key); in index mode ``index``
+        holds the index's identity (``index_identity``) instead. Models, tokenizer and
         data enter by content digest (``Inputs.digests``), never by path; the key of a stage is
         ``digest(stage, its named inputs)``.
         """
@@ -233,7 +237,9 @@ class Pipeline:
             "scoring.query_rank": cfg.scoring.query_rank, "budget.query_batch_size": self.plan.query_batch_size})
         scores = {"queries": queries, "data.corpus": d["data.corpus"], "scoring.top_k": cfg.scoring.top_k}
         if cfg.scoring.mode == "index":
-            add("scores", scores | {"scoring.mode": "index", "index": digest(self.index_identity(inputs)),
+            whitening = upstream.get("factors/pretrain", "none")
+            stages["index"] = self.index_identity(inputs, whitening)
+            add("scores", scores | {"scoring.mode": "index", "index": digest(stages["index"]),
                                     "scoring.rerank": cfg.scoring.rerank})
         else:
             add("scores", common | scores | {
@@ -395,19 +401,24 @@ class Pipeline:
         """Where the corpus gradient index lives: ``index.path``, else ``<run_dir>/index``."""
         return RunDir(self.config.index.path or self.store.url("index"))
 
-    def index_identity(self, inputs: Inputs) -> dict:
-        """What the index's rows depend on besides the documents: it is reused only when all of it matches."""
-        cfg = self.config
-        return {"corpus model": inputs.digests[_corpus_model_key(cfg)], "tokenizer": tokenizer_digest(inputs.tokenizer),
-                "modules": [[s.name, s.out_features, s.in_dim] for s in inputs.layers],
-                "data.max_length": cfg.data.max_length, "index.dim": cfg.index.dim, "index.seed": cfg.index.seed,
-                "format": INDEX_FORMAT}
+    def index_identity(self, inputs: Inputs, whitening: str | None = None) -> dict:
+        """What the index's rows depend on besides the documents: it is reused only when all of it matches.
 
-    def _index(self, inputs: Inputs) -> RunDir:
-        """Index every corpus shard not in the index yet (a shard is named by its content)."""
+        ``whitening``: the key of the pre-training factors that whiten the rows (``index.py``), or
+        ``"none"`` (grad_dot); None leaves it out, for the early check before the factors' key is known.
+        """
+        cfg = self.config
+        identity = {"corpus model": inputs.digests[_corpus_model_key(cfg)], "tokenizer": tokenizer_digest(inputs.tokenizer),
+                    "modules": [[s.name, s.out_features, s.in_dim] for s in inputs.layers],
+                    "data.max_length": cfg.data.max_length, "index.dim": cfg.index.dim, "index.seed": cfg.index.seed,
+                    "format": INDEX_FORMAT}
+        return identity if whitening is None else identity | {"whitening (factors/pretrain)": whitening}
+
+    def _index(self, inputs: Inputs, pretrain: str | None, identity: dict) -> RunDir:
+        """Index every corpus shard not in the index yet (a shard is named by its content), whitened by
+        the pre-training factors under ``pretrain`` (None: not whitened)."""
         cfg = self.config
         store = self.index_store()
-        identity = self.index_identity(inputs)
         check_identity(store, identity, "index.path")
         if not store.exists(layout.INDEX_IDENTITY):
             store.write_json(layout.INDEX_IDENTITY, identity)
@@ -415,13 +426,16 @@ class Pipeline:
         corpus = cfg.data.corpus
         jobs = [ShardJob("index", s, layout.index_shard(s.shard_id), cfg.corpus_model, "documents",
                          (corpus.id_column, corpus.text_column)) for s in inputs.corpus_shards]
-        stats = self._map("index", "index", jobs, store.url(), cfg.index.dim, cfg.index.seed, store=store)
+        stats = self._map("index", "index", jobs, store.url(), cfg.index.dim, cfg.index.seed, pretrain, store=store)
+        if stats["documents"] == 0:
+            raise DataError(f"data.corpus: every document is empty ({stats['skipped_empty']} rows skipped)")
         self.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
                  f"(k = {cfg.index.dim}, {stats['seconds']:.1f}s)")
         self._finish_stage("index", digest(identity, [j.job_id for j in jobs]), started, {"index": stats})
         return store
 
-    def _index_scores(self, inputs: Inputs, named: dict, query_files: list[str], index: RunDir) -> None:
+    def _index_scores(self, inputs: Inputs, named: dict, query_files: list[str], index: RunDir, pretrain: str | None,
+                      identity: dict) -> None:
         """Scores by the index: each query's best candidates by a matrix product over the index, then
         ``scoring.rerank`` of them re-scored exactly (a forward and backward pass over those documents).
 
@@ -431,7 +445,7 @@ class Pipeline:
         cfg = self.config
         top_k, rerank = cfg.scoring.top_k, cfg.scoring.rerank
         num_candidates = top_k if rerank == 0 else max(rerank, top_k)
-        scan_key = digest(self.index_identity(inputs), num_candidates)
+        scan_key = digest(identity, num_candidates)
         corpus_key = inputs.digests["data.corpus"]
         key = named["key"]
         if self._scores_done(key, named):
@@ -445,7 +459,7 @@ class Pipeline:
                 jobs.append(ScanJob(shard.shard_id, layout.index_shard(shard.shard_id), files,
                                     tuple(outputs[f] for f in files)))
         stats = {"scan": self._map("scan", "scan", jobs, index.url(), num_candidates, cfg.index.dim, cfg.index.seed,
-                                   tuple(inputs.layers))}
+                                   tuple(inputs.layers), pretrain)}
         candidates = {}
         for f in query_files:
             candidates[f] = layout.batch_candidates(scan_key, f, corpus_key)

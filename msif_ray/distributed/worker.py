@@ -294,11 +294,11 @@ class ShardWorker:
             stats = self._finish(job, output, start, doc_ids, skipped, tokens)
         return stats
 
-    def index(self, job: ShardJob, index_url: str, dim: int, seed: int) -> dict:
-        """The index pass: projected gradients of every document of the shard, into the index store."""
+    def index(self, job: ShardJob, index_url: str, dim: int, seed: int, factors: str | None) -> dict:
+        """The index pass: whitened projected gradients of every document of the shard, into the index store."""
         start = _start()
         lm = self._load(job.model)
-        projections = self._projections(tuple(lm.taps.specs[n] for n in lm.layers), dim, seed)
+        projections = self._projections(tuple(lm.taps.specs[n] for n in lm.layers), dim, seed, factors)
         doc_ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
         batches = lm.batches(examples)
@@ -309,7 +309,7 @@ class ShardWorker:
         return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
 
     def scan(self, job: ScanJob, index_url: str, candidates: int, dim: int, seed: int,
-             layers: tuple[LayerSpec, ...]) -> dict:
+             layers: tuple[LayerSpec, ...], factors: str | None) -> dict:
         """Estimated scores of one index shard against each query batch; the best ``candidates`` per
         query and side, with the shard id (for the exact re-scoring)."""
         start = _start()
@@ -317,7 +317,7 @@ class ShardWorker:
         doc_ids = json.loads(metadata["doc_ids"])
         rows, scale = tensors["rows"].to(self.device), tensors["scale"].to(self.device)
         for batch, output in zip(job.batches, job.outputs):
-            ids, projected, sizes = self._projected_queries(batch, dim, seed, layers)
+            ids, projected, sizes = self._projected_queries(batch, dim, seed, layers, factors)
             table = extremes_table(ids, doc_ids, scan(rows, scale, sizes, projected), candidates)
             self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
                                                                                      pa.string())))
@@ -336,19 +336,21 @@ class ShardWorker:
             tokens += batch.num_tokens
         return doc_ids, totals, skipped, tokens
 
-    def _projections(self, layers: tuple[LayerSpec, ...], dim: int, seed: int) -> dict[str, Projection]:
-        key = ("projections", dim, seed, layers)
+    def _projections(self, layers: tuple[LayerSpec, ...], dim: int, seed: int, factors: str | None
+                     ) -> dict[str, Projection]:
+        key = ("projections", dim, seed, layers, factors)
         if key not in self._cached:
             self._cached.clear()
-            self._cached[key] = random_projections(list(layers), dim, seed, self.device)
+            load = None if factors is None else (lambda layer: self._factors.layer(factors, layer))
+            self._cached[key] = random_projections(list(layers), dim, seed, self.device, load)
         return self._cached[key]
 
-    def _projected_queries(self, batch: str, dim: int, seed: int, layers: tuple[LayerSpec, ...]
+    def _projected_queries(self, batch: str, dim: int, seed: int, layers: tuple[LayerSpec, ...], factors: str | None
                            ) -> tuple[list[str], torch.Tensor, list[int]]:
         """A query batch's ids, its projections [Q, D] and the index's layer block sizes (the projections
         and the most recent batches are kept: a worker scans shard after shard against the same batches)."""
-        projections, names = self._projections(layers, dim, seed), [spec.name for spec in layers]
-        key = (batch, dim, seed, layers)
+        projections, names = self._projections(layers, dim, seed, factors), [spec.name for spec in layers]
+        key = (batch, dim, seed, layers, factors)
         if key not in self._projected:
             vectors = load_query_vectors(self.run_dir, [batch])
             self._projected[key] = vectors.ids, project_queries(vectors, projections, names), layer_sizes(projections, names)
