@@ -165,3 +165,21 @@ def test_end_to_end_smoke(tmp_path, ray_session):
     # Same model, data, queries, Fisher recipe and damping rule: the scores must agree closely
     # (sampled labels differ between the two libraries, so not to the last digit).
     assert saved["agreement_pearson"]["mean"] > 0.9
+
+
+def test_index_smoke(tmp_path, ray_session):
+    import bench_index
+
+    bench_index.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "index")
+    assert set(saved["sections"]) == set(bench_index.SECTIONS)
+    quality = saved["sections"]["quality"]
+    for entry in quality["by_k"].values():
+        # Re-ranking every document (R >= N) returns the exact scores: top-10 overlap and Spearman 1.
+        assert entry["rerank 100/top10"] == pytest.approx(1.0) and entry["rerank 100/spearman"] == pytest.approx(1.0)
+        assert entry["bytes_per_document"] == 2 * entry["D"] + 4 * 8  # fp16 rows + one fp32 scale per tracked layer
+    scale = saved["sections"]["scale"]
+    assert scale["facts"]["index shards computed in (2) (must be 0)"] == 0
+    assert scale["facts"]["duplicate texts dropped"] >= 0 and scale["facts"]["documents"] > 300
+    assert 0 < scale["speed"]["ratio: (3) exact scores / (2) new-query work"]
+    assert set(saved["summary"]) == {"msif run (1) wall s", "kronfluence wall s", "kronfluence / msif"}

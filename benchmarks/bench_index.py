@@ -1,0 +1,486 @@
+"""The corpus gradient index (``scoring.mode: index``): quality vs k, build cost, scale, end to end.
+
+    python benchmarks/bench_index.py [--smoke] [--sections quality,throughput,scale,kronfluence]
+
+Sections (each selectable; results are merged into ``benchmarks/results/index.json`` so that
+sections can run in separate processes; ``index.png`` is redrawn from whatever is there):
+
+quality      On the demo's trained world (``load_world(ToySpec(), 0)``): exact multi-stage scores
+             through the engine API (EK-FAC on the corpus at θ_pt and on the fine-tuning pairs at
+             θ_ft, sampled Fisher, rank-32 query vectors, ``TrackedLM.score``) against index
+             estimates (``document_rows`` -> ``quantize`` -> ``scan`` of ``project_queries``) for
+             k in KS and 3 projection seeds. Metrics, mean over queries and seeds: top-10 overlap
+             and Spearman over all documents of (a) the index alone and (b) index + rerank R: the
+             top-R candidates by estimate get their exact score, the rest keep their estimate
+             (Spearman of that vector); top 10 = the best 10 candidates by exact score (what the
+             pipeline returns). A random ranking's top-10 overlap is 10 / N (0.023 at 444). Also
+             the index alone's Pearson vs exact, and its bytes per document and per token.
+throughput   A random Pythia-160m-shaped GPT-NeoX (``bench_scale.neox_config("160m")``), batches
+             of 8 x 128 random tokens, float32, CPU: best-of-3 CPU time (``time.process_time``),
+             the passes interleaved round by round: a bare forward+backward (``bench_engine.bare_pass``),
+             the index pass (``document_rows``) at k = 16 and 32, and the exact scoring pass
+             (``scoring.score_windows``) against 100 random rank-32 queries.
+scale        A toy world of >= 20,000 documents and 200 queries (``ToySpec(num_entities=160,
+             num_query_entities=100, num_filler_docs=18800)``; duplicate filler texts dropped),
+             queries split into A and B (100 each), four ``Pipeline.run`` in one run directory
+             (embedded Ray, 1 worker of 1 CPU, batch 16, max_length 64, 1000 rows per shard,
+             ``factors.max_examples: 2000``, multi_stage, top 10): (1) index mode, A, fresh;
+             (2) index mode, B (factors and index reused), default rerank; (2b) index mode, B,
+             rerank 0, top_k = N; (3) exact mode, B, top_k = N.
+kronfluence  kronfluence single-stage (``kf.kronfluence_single_stage``: factors on every document,
+             pairwise scores, batch 16) on the scale world's documents and queries A at θ_ft, vs
+             run (1)'s wall time (a fresh multi-stage index run, factor fits included).
+
+Every timing: 1 torch thread; msif's pipeline on 1 Ray worker with 1 CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from common import cache_dir, load_world, new_figure, pearson, print_table, result_paths, save_figure, setup, spearman, write_json
+from msif_ray.toy import ToySpec
+
+SECTIONS = ("quality", "throughput", "scale", "kronfluence")
+KS = (4, 8, 16, 32, 64)
+SEEDS = (0, 1, 2)
+RERANKS = (20, 50, 100)
+TOP = 10
+RANK = 32
+SMOKE_SPEC = replace(ToySpec.small(), pretrain_steps=30, finetune_steps=5)
+SCALE_SPEC = ToySpec(num_entities=160, num_query_entities=100, num_filler_docs=18800)
+SMOKE_SCALE_SPEC = replace(SMOKE_SPEC, num_filler_docs=300)
+TIMING = "1 torch thread; pipeline: embedded Ray, 1 worker with 1 CPU"
+
+
+def log(line: str) -> None:
+    print(line, flush=True)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = TOP) -> torch.Tensor:
+    """|top-k(a) ∩ top-k(b)| / k per column of [N, Q] scores: [Q]."""
+    k = min(k, a.shape[0])
+    ta, tb = a.topk(k, dim=0).indices, b.topk(k, dim=0).indices
+    return torch.tensor([len(set(ta[:, q].tolist()) & set(tb[:, q].tolist())) / k for q in range(a.shape[1])],
+                        dtype=torch.float64)
+
+
+def with_rerank(estimates: torch.Tensor, exact: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index + rerank r: (every document's score, each query's top-r candidates by estimate carrying
+    their exact score and the rest their estimate; the candidates' exact scores, -inf elsewhere: what
+    index mode ranks its top k from)."""
+    out = estimates.clone().double()
+    top = estimates.topk(min(r, estimates.shape[0]), dim=0).indices
+    out.scatter_(0, top, exact.double().gather(0, top))
+    returned = torch.full_like(out, -float("inf")).scatter_(0, top, exact.double().gather(0, top))
+    return out, returned
+
+
+# --------------------------------------------------------------------------- 1. quality vs k
+
+
+def section_quality(args) -> dict:
+    from msif_ray.index import document_rows, layer_sizes, project_queries, quantize, random_projections, scan
+    from msif_ray.influence import Chain, Examples, TrackedLM
+
+    lw = load_world(SMOKE_SPEC if args.smoke else ToySpec(), 0, log=log)
+    pt = TrackedLM(lw.pretrained, lw.tokenizer, max_length=128, batch_size=32)
+    ft = TrackedLM(lw.finetuned, lw.tokenizer, max_length=128, batch_size=32)
+    docs = Examples.documents(lw.texts)
+    pairs = Examples.pairs([p for p, _ in lw.finetune], [c for _, c in lw.finetune])
+    qx = Examples.pairs([q["prompt"] for q in lw.queries], [q["completion"] for q in lw.queries])
+    h_pt, h_ft = pt.fit_factors(docs, "sampled", 0), ft.fit_factors(pairs, "sampled", 0)
+    vectors = ft.query_vectors(qx, Chain.of("multi_stage", h_pt, h_ft), rank=RANK)
+    exact = pt.score(docs, vectors).total  # [N, Q]
+    batches = pt.batches(docs)
+    n = len(lw.texts)
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    specs = list(pt.taps.specs.values())
+    ks = KS[:3] if args.smoke else KS
+    seeds = SEEDS[:2] if args.smoke else SEEDS
+    rows, results = [], {}
+    for k in ks:
+        acc: dict[str, list[torch.Tensor]] = {}
+        seconds = 0.0
+        for seed in seeds:
+            projections = random_projections(specs, k, seed)
+            sizes = layer_sizes(projections, pt.layers)
+            t = time.process_time()
+            q, scale = quantize(document_rows(pt.model, pt.taps, batches, n, projections), sizes)
+            seconds += time.process_time() - t
+            estimates = scan(q, scale, sizes, project_queries(vectors, projections, pt.layers))
+            variants = {"index": (estimates, estimates)} | {f"rerank {r}": with_rerank(estimates, exact, r) for r in RERANKS}
+            for name, (everything, returned) in variants.items():
+                acc.setdefault(f"{name}/top{TOP}", []).append(top_overlap(returned, exact))
+                acc.setdefault(f"{name}/spearman", []).append(spearman(everything, exact))
+            acc.setdefault("index/pearson", []).append(pearson(estimates, exact))
+        bytes_per_doc = (q.element_size() * q.shape[1] + scale.element_size() * scale.shape[1])
+        entry = {"D": int(q.shape[1]), "bytes_per_document": bytes_per_doc, "bytes_per_token": bytes_per_doc * n / tokens,
+                 "index_pass_cpu_s_per_seed": seconds / len(seeds)}
+        for name, values in acc.items():
+            entry[name] = float(torch.cat(values).mean())
+        results[str(k)] = entry
+        rows.append([k, entry["D"], bytes_per_doc, f"{entry['bytes_per_token']:.1f}", f"{entry['index/pearson']:.3f}"]
+                    + [f"{entry[f'{v}/top{TOP}']:.3f} / {entry[f'{v}/spearman']:.3f}"
+                       for v in ["index"] + [f"rerank {r}" for r in RERANKS]])
+    log(f"\nquality vs k: {n} documents, {len(lw.queries)} queries, multi_stage rank {RANK}, {len(seeds)} projection "
+        f"seeds; top-{TOP} overlap / Spearman vs exact, mean over queries and seeds")
+    table = print_table(["k", "D", "B/doc", "B/token", "Pearson", "index alone"] + [f"+ rerank {r}" for r in RERANKS], rows)
+    return {"num_documents": n, "num_queries": len(lw.queries), "tokens": tokens, "seeds": list(seeds),
+            "reranks": list(RERANKS), "by_k": results, "table": table}
+
+
+# --------------------------------------------------------------------------- 2. build throughput
+
+
+def section_throughput(args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from bench_engine import bare_pass, random_batches
+    from bench_scale import neox_config
+    from msif_ray.index import document_rows, random_projections
+    from msif_ray.influence import LayerVectors, QueryVectors
+    from msif_ray.modules import LayerTaps, select_modules
+    from msif_ray.scoring import QueryGroup, score_windows
+
+    shape = "smoke" if args.smoke else "160m"
+    config = neox_config(shape)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    taps = LayerTaps(select_modules(model))
+    specs = list(taps.specs.values())
+    batch_size, width = (2, 32) if args.smoke else (8, 128)
+    num_batches = 1 if args.smoke else args.batches
+    num_queries = 10 if args.smoke else 100
+    batches = random_batches(num_batches, batch_size, width, config.vocab_size, seed=0)
+    g = torch.Generator().manual_seed(1)
+    vectors = QueryVectors([str(q) for q in range(num_queries)], {
+        s.name: LayerVectors(left=torch.randn(num_queries, s.out_features, RANK, generator=g),
+                             right=torch.randn(num_queries, s.in_dim, RANK, generator=g)) for s in specs})
+    group = QueryGroup(vectors, torch.device("cpu"))
+    projections = {k: random_projections(specs, k, 0) for k in (16, 32)}
+
+    def exact(bs):
+        for b in bs:
+            score_windows(model, taps, b, group)
+
+    passes = {"bare forward+backward": lambda bs: bare_pass(model, bs),
+              "index pass k=16": lambda bs: document_rows(model, taps, bs, batch_size, projections[16]),
+              "index pass k=32": lambda bs: document_rows(model, taps, bs, batch_size, projections[32]),
+              f"exact scoring, {num_queries} rank-{RANK} queries": exact}
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    with torch.enable_grad():
+        for round_ in range(3):
+            for name, fn in passes.items():
+                t = time.process_time()
+                fn(batches)
+                times[name].append(time.process_time() - t)
+                log(f"[throughput] round {round_ + 1}: {name} {times[name][-1]:.2f}s")
+    best = {name: min(v) for name, v in times.items()}
+    bare, exact_s = best["bare forward+backward"], best[f"exact scoring, {num_queries} rank-{RANK} queries"]
+    tokens = num_batches * batch_size * width
+    rows = [[name, f"{s:.2f}", f"{tokens / s:.0f}", f"{s / bare:.2f}", f"{s / exact_s:.3f}"] for name, s in best.items()]
+    params = sum(p.numel() for p in model.parameters())
+    log(f"\nbuild throughput: GPT-NeoX {shape} shape ({params / 1e6:.0f}M parameters, random weights), {num_batches} "
+        f"batches of {batch_size} x {width} tokens, float32, CPU, 1 torch thread, best of 3 rounds (CPU time), interleaved")
+    table = print_table(["pass", "CPU s", "tokens/s", "x bare", "x exact scoring"], rows)
+    return {"shape": shape, "params": params, "batches": num_batches, "batch": f"{batch_size} x {width}",
+            "num_queries": num_queries, "rank": RANK, "times": times, "best": best,
+            "ratios": {"index16/bare": best["index pass k=16"] / bare, "index32/bare": best["index pass k=32"] / bare,
+                       "index16/exact": best["index pass k=16"] / exact_s, "index32/exact": best["index pass k=32"] / exact_s},
+            "table": table}
+
+
+# --------------------------------------------------------------------------- 3. scale
+
+
+def scale_world(args):
+    """The >= 20k-document world (built once, cached), its documents with duplicate texts dropped,
+    and its queries split into A and B."""
+    import pyarrow.parquet as pq
+
+    from msif_ray.toy import build_toy_world
+
+    spec = SMOKE_SCALE_SPEC if args.smoke else SCALE_SPEC
+    world = build_toy_world(cache_dir() / ("index-scale-smoke" if args.smoke else "index-scale"), spec, log=log)
+    table = pq.read_table(world.corpus_path)
+    seen, keep = set(), []
+    for i, text in enumerate(table.column("text").to_pylist()):
+        if text not in seen:
+            seen.add(text)
+            keep.append(i)
+    queries = [json.loads(line) for line in world.queries_path.read_text().splitlines() if line.strip()]
+    half = len(queries) // 2
+    return world, table.take(keep), table.num_rows - len(keep), queries[:half], queries[half:]
+
+
+def write_inputs(folder: Path, corpus, queries_a, queries_b) -> dict[str, Path]:
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"corpus": folder / "corpus.parquet", "A": folder / "queries-A.jsonl", "B": folder / "queries-B.jsonl"}
+    pq.write_table(corpus, paths["corpus"], row_group_size=1000)
+    for name, qs in (("A", queries_a), ("B", queries_b)):
+        paths[name].write_text("".join(json.dumps(q) + "\n" for q in qs))
+    return paths
+
+
+def pipeline_run(world, paths: dict[str, Path], run_dir: Path, index_dir: Path, queries: str, **scoring) -> dict:
+    import pyarrow.parquet as pq
+
+    from msif_ray.config import config_from_dict
+    from msif_ray.pipeline import Pipeline
+
+    values = {
+        "run_dir": str(run_dir),
+        "models": {"pretrained": str(world.pretrained_dir), "finetuned": str(world.finetuned_dir)},
+        "data": {"max_length": 64, "rows_per_shard": 1000, "corpus": {"paths": [str(paths["corpus"])]},
+                 "finetune": {"paths": [str(world.finetune_path)]}, "queries": {"paths": [str(paths[queries])]}},
+        "method": "multi_stage", "factors": {"max_examples": 2000}, "scoring": {"top_k": TOP, **scoring},
+        "index": {"path": str(index_dir)},
+        "ray": {"num_workers": 1, "batch_size": 16, "num_cpus_per_worker": 1},
+    }
+    lines: list[str] = []
+    pipeline = Pipeline(config_from_dict(values, run_dir.parent), log=lambda line: (lines.append(line), log(line)))
+    started = time.perf_counter()
+    topk = pipeline.run()
+    total = time.perf_counter() - started
+    manifest = pipeline.store.read_json("manifest.json")
+    skipped = {line[1:].split("]")[0] for line in lines if line.endswith("up to date, skipped")}
+    stages = {}
+    for stage, record in manifest["stages"].items():
+        if stage in skipped:
+            stages[stage] = {"skipped": True}
+            continue
+        stages[stage] = {"seconds": record["seconds"],
+                         "passes": {name: {k: p[k] for k in ("seconds", "computed", "reused", "documents", "tokens")
+                                           if k in p} for name, p in record.get("passes", {}).items()}}
+    return {"total": total, "stages": stages, "table": pq.read_table(topk).to_pydict(),
+            "scores_key": manifest["stages"]["scores"]["fingerprint"], "scoring": scoring}
+
+
+def as_matrix(table: dict, doc_index: dict[str, int], query_index: dict[str, int]) -> torch.Tensor:
+    out = torch.full((len(doc_index), len(query_index)), float("nan"), dtype=torch.float64)
+    for q, d, s in zip(table["query_id"], table["doc_id"], table["score"]):
+        out[doc_index[d], query_index[q]] = s
+    return out
+
+
+def seconds(run: dict, stage: str) -> float:
+    return run["stages"].get(stage, {}).get("seconds", 0.0)
+
+
+def stage_time(record: dict) -> str:
+    return "skipped" if record.get("skipped") else f"{record['seconds']:.1f}"
+
+
+def section_scale(args, tmp: Path) -> dict:
+    import pyarrow.parquet as pq
+    import ray
+
+    from msif_ray.config import DEFAULT_INDEX_DIM, DEFAULT_RERANK
+
+    world, corpus, duplicates, queries_a, queries_b = scale_world(args)
+    paths = write_inputs(tmp / "inputs", corpus, queries_a, queries_b)
+    n = corpus.num_rows
+    run_dir, index_dir = tmp / "run", tmp / "index"
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        runs = {"(1) index, queries A, fresh": pipeline_run(world, paths, run_dir, index_dir, "A", mode="index")}
+        runs["(2) index, queries B"] = pipeline_run(world, paths, run_dir, index_dir, "B", mode="index")
+        candidates = pq.read_table(run_dir / "scores" / runs["(2) index, queries B"]["scores_key"] / "candidates.parquet")
+        runs["(2b) index, queries B, rerank 0, top_k N"] = pipeline_run(world, paths, run_dir, index_dir, "B",
+                                                                        mode="index", rerank=0, top_k=n)
+        runs["(3) exact, queries B, top_k N"] = pipeline_run(world, paths, run_dir, index_dir, "B", mode="exact", top_k=n)
+    finally:
+        if own_ray:
+            ray.shutdown()
+    r1, r2, r2b, r3 = runs.values()
+    doc_index = {d: i for i, d in enumerate(corpus.column("id").to_pylist())}
+    query_index = {q["id"]: i for i, q in enumerate(queries_b)}
+    exact = as_matrix(r3["table"], doc_index, query_index)
+    estimates = as_matrix(r2b["table"], doc_index, query_index)
+    returned = as_matrix(r2["table"], doc_index, query_index)  # top 10 of (2), NaN elsewhere
+    combined = estimates.clone()  # what (2) holds: exact scores on its re-scored candidates, estimates elsewhere
+    for q, d, side in zip(*(candidates[c].to_pylist() for c in ("query_id", "doc_id", "side"))):
+        if side == "top":
+            combined[doc_index[d], query_index[q]] = exact[doc_index[d], query_index[q]]
+    top2 = torch.nan_to_num(returned, nan=-float("inf"))
+    quality = {
+        "(2) index + rerank: top-10 overlap": float(top_overlap(top2, exact).mean()),
+        "(2) index + rerank: Spearman (re-scored candidates exact, estimates elsewhere)": float(spearman(combined, exact).mean()),
+        "(2b) index alone: top-10 overlap": float(top_overlap(estimates, exact).mean()),
+        "(2b) index alone: Spearman": float(spearman(estimates, exact).mean()),
+    }
+    index_stage = r2["stages"]["index"]["passes"]["index"]
+    shard_files = sorted((index_dir / "shards").glob("*.safetensors"))
+    index_bytes = sum(p.stat().st_size for p in shard_files)
+    index_tokens = r1["stages"]["index"]["passes"]["index"]["tokens"]
+    rerank = r2["stages"]["scores"]["passes"].get("rerank", {})
+    q_s, idx_s, sc_s, exact_s = seconds(r2, "queries"), seconds(r2, "index"), seconds(r2, "scores"), seconds(r3, "scores")
+    new_work = q_s + idx_s + sc_s
+    speed = {
+        "(2) queries stage (precondition B)": q_s, "(2) index stage (all shards reused)": idx_s,
+        "(2) scores stage (scan + rerank)": sc_s, "(2) new-query work (queries + index + scores)": new_work,
+        "(2) Pipeline.run wall": r2["total"],
+        "(3) scores stage (exact pass)": exact_s, "(3) exact incl. preconditioning ((2)'s queries stage)": exact_s + q_s,
+        "(3) Pipeline.run wall": r3["total"],
+        "ratio: (3) exact scores / (2) new-query work": exact_s / new_work,
+        "ratio: (3) exact scores + preconditioning / (2) new-query work": (exact_s + q_s) / new_work,
+    }
+    facts = {"documents": n, "duplicate texts dropped": duplicates, "queries A": len(queries_a), "queries B": len(queries_b),
+             "index shards computed in (2) (must be 0)": index_stage["computed"],
+             "index bytes per document": index_bytes / n, "index bytes per token": index_bytes / index_tokens,
+             "index bytes total": index_bytes, "tokens indexed": index_tokens,
+             "distinct documents re-scored in (2)": rerank.get("documents"),
+             "candidates per query (scoring.rerank, default)": DEFAULT_RERANK, "index.dim (default)": DEFAULT_INDEX_DIM}
+    log(f"\nscale: {n} documents, queries A/B {len(queries_a)}/{len(queries_b)}; {TIMING}; wall seconds")
+    tables = {"runs": print_table(["run", "wall s", "stages (s; skipped = reused)"],
+                                  [[name, f"{r['total']:.1f}", ", ".join(f"{s} {stage_time(v)}" for s, v in r["stages"].items())]
+                                   for name, r in runs.items()]),
+              "speed": print_table(["new queries B", "s / ratio"], [[k, f"{v:.2f}"] for k, v in speed.items()]),
+              "quality": print_table(["vs (3) exact", "mean over queries B"], [[k, f"{v:.3f}"] for k, v in quality.items()]),
+              "facts": print_table(["", ""], [[k, f"{v:.1f}" if isinstance(v, float) else str(v)] for k, v in facts.items()])}
+    for r in runs.values():
+        del r["table"]
+    return {"runs": runs, "speed": speed, "quality": quality, "facts": facts, "tables": tables, "timing": TIMING}
+
+
+# --------------------------------------------------------------------------- 4. end to end vs kronfluence
+
+
+def section_kronfluence(args, tmp: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kf import PaddedTexts, kronfluence_single_stage
+    from msif_ray.influence import Examples
+
+    world, corpus, _, queries_a, _ = scale_world(args)
+    model = AutoModelForCausalLM.from_pretrained(world.finetuned_dir).float().eval()
+    tokenizer = AutoTokenizer.from_pretrained(world.finetuned_dir)
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("gpt_neox.layers.")]
+    pad = tokenizer.pad_token_id
+    train = PaddedTexts(Examples.documents(corpus.column("text").to_pylist()).encode(tokenizer), pad)
+    qset = PaddedTexts(Examples.pairs([q["prompt"] for q in queries_a], [q["completion"] for q in queries_a]).encode(tokenizer), pad)
+    started = time.perf_counter()
+    _, kf_seconds = kronfluence_single_stage(model, layers, train, qset, [None], tmp / "kf", batch_size=16)
+    total = time.perf_counter() - started
+    out = {"documents": len(train), "queries": len(queries_a), "fit_all_factors": kf_seconds["factors"],
+           "compute_pairwise_scores": kf_seconds["scores0"], "total": total,
+           "note": "kronfluence: single-stage, factors fitted on every document; msif: multi-stage, pre-training "
+                   "factors on a 2,000-document sample (factors.max_examples), index built over every document"}
+    log(f"\nkronfluence single-stage on {len(train)} documents x {len(queries_a)} queries: factors "
+        f"{out['fit_all_factors']:.1f}s, scores {out['compute_pairwise_scores']:.1f}s, total {total:.1f}s (1 torch thread)")
+    return out
+
+
+# --------------------------------------------------------------------------- output
+
+
+def merge(json_path: Path, new: dict, command: str) -> dict:
+    """Merge ``new`` sections into the JSON already there (sections may run in separate processes)."""
+    with open(json_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(json_path.read_text()) if json_path.exists() else {}
+        sections = old.get("sections", {}) | new
+        commands = old.get("commands", {}) | {name: command for name in new}
+        summary = comparison(sections)
+        write_json(json_path, {"timing": TIMING, "commands": commands, "summary": summary, "sections": sections})
+    json_path.with_suffix(".lock").unlink(missing_ok=True)
+    return sections
+
+
+def comparison(sections: dict) -> dict:
+    """Figures that need two sections: run (1) vs kronfluence."""
+    if "scale" in sections and "kronfluence" in sections:
+        msif = sections["scale"]["runs"]["(1) index, queries A, fresh"]["total"]
+        kf = sections["kronfluence"]["total"]
+        return {"msif run (1) wall s": msif, "kronfluence wall s": kf, "kronfluence / msif": kf / msif}
+    return {}
+
+
+def figure(sections: dict, png_path: Path) -> None:
+    fig, axes = new_figure(3, 1, size=(4.6, 3.6))
+    quality = sections.get("quality")
+    if quality:
+        ks = sorted(int(k) for k in quality["by_k"])
+        for col, metric, label in ((0, f"top{TOP}", f"top-{TOP} overlap vs exact"), (1, "spearman", "Spearman vs exact")):
+            ax = axes[0][col]
+            for variant in ["index"] + [f"rerank {r}" for r in quality["reranks"]]:
+                ax.plot(ks, [quality["by_k"][str(k)][f"{variant}/{metric}"] for k in ks], marker="o",
+                        label="index alone" if variant == "index" else f"+ {variant}")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(ks, [str(k) for k in ks])
+            ax.set_xlabel("k (index is k x k per layer)")
+            ax.set_ylabel(label)
+            ax.set_title(f"{quality['num_documents']} docs, {quality['num_queries']} queries")
+            ax.legend(fontsize=7)
+    ax = axes[0][2]
+    bars = []
+    if "throughput" in sections:
+        t = sections["throughput"]["best"]
+        bars += [(f"160m: {name}", s) for name, s in t.items()]
+    if "scale" in sections:
+        s = sections["scale"]["speed"]
+        bars += [("scale: (2) new queries, index", s["(2) new-query work (queries + index + scores)"]),
+                 ("scale: (3) exact scores", s["(3) scores stage (exact pass)"])]
+    summary = comparison(sections)
+    if summary:
+        bars += [("e2e: msif run (1)", summary["msif run (1) wall s"]), ("e2e: kronfluence", summary["kronfluence wall s"])]
+    if bars:
+        ax.barh(range(len(bars)), [b[1] for b in bars])
+        ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
+        ax.set_xlabel("seconds (1 thread)")
+        ax.set_xscale("log")
+    save_figure(fig, png_path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--batches", type=int, default=2, help="throughput: batches of 8 x 128 per pass")
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    chosen = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = set(chosen) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
+    setup(1)
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    command = "python benchmarks/bench_index.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    json_path, png_path = result_paths("index", args.smoke, args.out_dir)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in chosen:
+            started = time.perf_counter()
+            if name in ("scale", "kronfluence"):
+                results[name] = globals()[f"section_{name}"](args, Path(tmp) / name)
+            else:
+                results[name] = globals()[f"section_{name}"](args)
+            results[name]["section_wall_s"] = time.perf_counter() - started
+            sections = merge(json_path, {name: results[name]}, command)  # each section saved as soon as it is done
+            figure(sections, png_path)
+    summary = comparison(sections)
+    if summary:
+        print_table(["end to end", ""], [[k, f"{v:.2f}"] for k, v in summary.items()])
+    return sections
+
+
+if __name__ == "__main__":
+    main()
