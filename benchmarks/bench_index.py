@@ -112,11 +112,11 @@ def section_quality(args) -> dict:
     ks = KS[:3] if args.smoke else KS
     seeds = SEEDS[:2] if args.smoke else SEEDS
     rows, results = [], {}
-    for k in ks:
+    for k, whitened in [(k, w) for k in ks for w in (False, True)]:
         acc: dict[str, list[torch.Tensor]] = {}
         seconds = 0.0
         for seed in seeds:
-            projections = random_projections(specs, k, seed)
+            projections = random_projections(specs, k, seed, factors=h_pt.layer if whitened else None)
             sizes = layer_sizes(projections, pt.layers)
             t = time.process_time()
             q, scale = quantize(document_rows(pt.model, pt.taps, batches, n, projections), sizes)
@@ -132,13 +132,14 @@ def section_quality(args) -> dict:
                  "index_pass_cpu_s_per_seed": seconds / len(seeds)}
         for name, values in acc.items():
             entry[name] = float(torch.cat(values).mean())
-        results[str(k)] = entry
-        rows.append([k, entry["D"], bytes_per_doc, f"{entry['bytes_per_token']:.1f}", f"{entry['index/pearson']:.3f}"]
+        results[f"{k}{' whitened' if whitened else ''}"] = entry
+        rows.append([k, "yes" if whitened else "no", entry["D"], bytes_per_doc, f"{entry['bytes_per_token']:.1f}",
+                     f"{entry['index/pearson']:.3f}"]
                     + [f"{entry[f'{v}/top{TOP}']:.3f} / {entry[f'{v}/spearman']:.3f}"
                        for v in ["index"] + [f"rerank {r}" for r in RERANKS]])
     log(f"\nquality vs k: {n} documents, {len(lw.queries)} queries, multi_stage rank {RANK}, {len(seeds)} projection "
         f"seeds; top-{TOP} overlap / Spearman vs exact, mean over queries and seeds")
-    table = print_table(["k", "D", "B/doc", "B/token", "Pearson", "index alone"] + [f"+ rerank {r}" for r in RERANKS], rows)
+    table = print_table(["k", "whitened", "D", "B/doc", "B/token", "Pearson", "index alone"] + [f"+ rerank {r}" for r in RERANKS], rows)
     return {"num_documents": n, "num_queries": len(lw.queries), "tokens": tokens, "seeds": list(seeds),
             "reranks": list(RERANKS), "by_k": results, "table": table}
 
@@ -418,12 +419,13 @@ def figure(sections: dict, png_path: Path) -> None:
     fig, axes = new_figure(3, 1, size=(4.6, 3.6))
     quality = sections.get("quality")
     if quality:
-        ks = sorted(int(k) for k in quality["by_k"])
+        ks = sorted({int(k.split()[0]) for k in quality["by_k"]})
         for col, metric, label in ((0, f"top{TOP}", f"top-{TOP} overlap vs exact"), (1, "spearman", "Spearman vs exact")):
             ax = axes[0][col]
             for variant in ["index"] + [f"rerank {r}" for r in quality["reranks"]]:
-                ax.plot(ks, [quality["by_k"][str(k)][f"{variant}/{metric}"] for k in ks], marker="o",
-                        label="index alone" if variant == "index" else f"+ {variant}")
+                for whitened, style in (("", "--"), (" whitened", "-")):
+                    ax.plot(ks, [quality["by_k"][f"{k}{whitened}"][f"{variant}/{metric}"] for k in ks], style, marker="o",
+                            label=("index alone" if variant == "index" else f"+ {variant}") + whitened)
             ax.set_xscale("log", base=2)
             ax.set_xticks(ks, [str(k) for k in ks])
             ax.set_xlabel("k (index is k x k per layer)")

@@ -132,7 +132,7 @@ class Modules:
 
 DEFAULT_QUERY_RANK = 32  # chosen from benchmarks/bench_scale.py's rank table (benchmarks/README.md)
 DEFAULT_RERANK = 100  # chosen from benchmarks/bench_index.py's table (benchmarks/README.md)
-DEFAULT_INDEX_DIM = 16  # chosen from benchmarks/bench_index.py's table (benchmarks/README.md)
+DEFAULT_INDEX_DIM = 32  # chosen from benchmarks/bench_index.py's quality table (benchmarks/README.md)
 
 
 @dataclass(frozen=True)
