@@ -2,7 +2,7 @@
 
 - Orthogonal projections of full dimension preserve the Frobenius inner product, so index scores
   equal the exact scores (rtol 1e-5: the exact scorer works in float32).
-- Random Gaussian projections give an unbiased estimate: the mean over many seeds lies within
+- Random Gaussian projections give an unbiased estimate, whitened or not: the mean over many seeds lies within
   4 standard errors of the exact inner product (a false alarm about once in 16,000 runs; the
   seeds are fixed, so the test is deterministic), and the mean squared error falls as k grows
   (roughly as 1/k² per layer; asserted only to fall by half per doubling of k).
@@ -14,9 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from msif_ray.curvature import LayerFactors
 from msif_ray.index import (
     Projection, dequantize, document_rows, index_width, layer_sizes, project_queries, quantize, random_projections,
-    scan,
+    scan, whitening,
 )
 from msif_ray.influence import Chain, Examples, TrackedLM
 from msif_ray.modules import LayerSpec
@@ -42,24 +43,36 @@ def test_full_dimension_orthogonal_projections_give_exact_scores(tmp_path):
     for rank in (None, 2):
         vectors = lm.query_vectors(queries, Chain.of("single_stage", factors, None), rank=rank)
         vectors = vectors.to("cpu", torch.float64)
-        projections = {name: Projection.plain(orthogonal(spec.out_features, 2 * i), orthogonal(spec.in_dim, 2 * i + 1))
-                       for i, (name, spec) in enumerate(lm.taps.specs.items())}
-        rows = document_rows(lm.model, lm.taps, lm.batches(docs), len(docs), projections)
-        projected = project_queries(vectors, projections, lm.layers)
         exact = lm.score(docs, vectors).total
-        torch.testing.assert_close(rows.double() @ projected.t(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
+        for whiten in (False, True):
+            projections = {}
+            for i, (name, spec) in enumerate(lm.taps.specs.items()):
+                p_out, p_in = orthogonal(spec.out_features, 2 * i), orthogonal(spec.in_dim, 2 * i + 1)
+                if whiten:  # any invertible M, N: (P M, P N) for the documents, (P M⁻ᵀ, P N⁻ᵀ) for the queries
+                    (m, m_inv_t), (n, n_inv_t) = whitening(factors.layer(name))
+                    projections[name] = Projection(p_out @ m, p_in @ n, p_out @ m_inv_t, p_in @ n_inv_t)
+                else:
+                    projections[name] = Projection.plain(p_out, p_in)
+            rows = document_rows(lm.model, lm.taps, lm.batches(docs), len(docs), projections)
+            projected = project_queries(vectors, projections, lm.layers)
+            torch.testing.assert_close(rows.double() @ projected.t(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
 
 
 def test_python_api_index_estimates_the_scores(tmp_path):
-    """``TrackedLM.index`` / ``index_scores``: with k = 128 (above every layer's width) the estimate
-    tracks the exact scores closely (Pearson > 0.95 on this fixed seed; its expected error ~ 1/k)."""
+    """``TrackedLM.index`` / ``index_scores``, plain (grad_dot) and whitened (single_stage): the mean
+    of 32 seeds' estimates at k = 128 tracks the exact scores (Pearson > 0.95 on these fixed seeds;
+    one seed alone gives ~0.9 for grad_dot, less for preconditioned queries: an unbiased, noisy estimate)."""
     lm = tiny_lm(tmp_path)
     docs = Examples.documents(SENTENCES)
-    vectors = lm.query_vectors(Examples.pairs(["Q: a", "Q: b"], [" x", " y"]), Chain.of("grad_dot", None, None), rank=4)
-    exact = lm.score(docs, vectors).total
-    estimate = lm.index_scores(lm.index(docs, dim=128, seed=0), vectors.to("cpu", torch.float64), dim=128, seed=0)
-    for q in range(2):
-        assert float(torch.corrcoef(torch.stack([estimate[:, q], exact[:, q]]))[0, 1]) > 0.95
+    factors = lm.fit_factors(docs, fisher="empirical")
+    queries = Examples.pairs(["Q: a", "Q: b"], [" x", " y"])
+    for method, whiten in (("grad_dot", None), ("single_stage", factors)):
+        vectors = lm.query_vectors(queries, Chain.of(method, factors, None), rank=4).to("cpu", torch.float64)
+        exact = lm.score(docs, vectors).total
+        estimate = sum(lm.index_scores(lm.index(docs, 128, seed, whiten), vectors, 128, seed, whiten)
+                       for seed in range(32)) / 32
+        for q in range(2):
+            assert float(torch.corrcoef(torch.stack([estimate[:, q], exact[:, q]]))[0, 1]) > 0.95, method
 
 
 def test_random_projections_are_unbiased_and_improve_with_k():
@@ -72,18 +85,21 @@ def test_random_projections_are_unbiased_and_improve_with_k():
     from msif_ray.influence import LayerVectors, QueryVectors
 
     vectors = QueryVectors(["q"], {"layer": LayerVectors(left=left, right=right)})
-    errors = {}
-    for k in (2, 4, 8):
-        estimates = []
-        for seed in range(4000):
-            p = random_projections([spec], k, seed)["layer"]
-            gk = (p.out @ g.float() @ p.inp.t()).flatten()
-            estimates.append(float(project_queries(vectors, {"layer": p}, ["layer"])[0] @ gk))
-        estimates = torch.tensor(estimates, dtype=torch.float64)
-        standard_error = float(estimates.std() / len(estimates) ** 0.5)
-        assert abs(float(estimates.mean()) - exact) < 4 * standard_error, k
-        errors[k] = float(((estimates - exact) ** 2).mean())
-    assert errors[4] < errors[2] / 2 and errors[8] < errors[4] / 2, errors
+    factors = LayerFactors(orthogonal(inp, 7), orthogonal(out, 8),
+                           torch.rand(out, inp, generator=generator, dtype=torch.float64) ** 4)  # a skewed spectrum
+    for whitened in (None, lambda layer: factors):
+        errors = {}
+        for k in (2, 4, 8):
+            estimates = []
+            for seed in range(4000):
+                p = random_projections([spec], k, seed, factors=whitened)["layer"]
+                gk = (p.out.double() @ g @ p.inp.double().t()).flatten()
+                estimates.append(float(project_queries(vectors, {"layer": p}, ["layer"])[0].double() @ gk))
+            estimates = torch.tensor(estimates, dtype=torch.float64)
+            standard_error = float(estimates.std() / len(estimates) ** 0.5)
+            assert abs(float(estimates.mean()) - exact) < 4 * standard_error, k
+            errors[k] = float(((estimates - exact) ** 2).mean())
+        assert errors[4] < errors[2] / 2 and errors[8] < errors[4] / 2, errors
 
 
 def test_projections_follow_seed_and_layer_only():
