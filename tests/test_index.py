@@ -209,12 +209,14 @@ def test_index_is_shared_appended_and_reused(world, ray_session, tmp_path):
     ({"index.seed": 1}, "index.seed"),
     ({"data.max_length": 24}, "data.max_length"),
     ({"modules.include": "mlp"}, "modules"),
+    ({"models.finetuned": "PRETRAINED"}, "corpus model"),  # grad_dot: the corpus model is the fine-tuned one
 ])
 def test_an_index_built_for_other_settings_is_refused(override, named, world, ray_session, tmp_path):
     from msif_ray.config import ConfigError
 
     settings = {"method": "grad_dot", "scoring.mode": "index", "index.path": str(tmp_path / "index"), "index.dim": 4}
     run(world, tmp_path / "a", **settings)
+    override = {k: str(world.pretrained) if v == "PRETRAINED" else v for k, v in override.items()}
     with pytest.raises(ConfigError, match=named) as err:
         run(world, tmp_path / "b", **{**settings, **override})
     assert "index.path" in str(err.value)
