@@ -267,3 +267,17 @@ def test_pretraining_factors_are_kept_when_shards_are_appended(world, ray_sessio
     assert stages["index"]["passes"]["index"]["computed"] == 1
     run(world, tmp_path / "run", **grown, **{"factors.refit": True})
     assert manifest(tmp_path / "run")["stages"]["factors/pretrain"]["fingerprint"] != fitted
+
+
+@pytest.mark.parametrize("pass_name, stage", [("index", "index"), ("scan", "scores"), ("rerank", "scores")])
+def test_worker_killed_in_an_index_pass(pass_name, stage, world, ray_session, tmp_path, monkeypatch):
+    """A worker dies (os._exit) in a pass of index mode: the run completes, equal to an uninterrupted one."""
+    from msif_ray.pipeline import FAULT_ENV
+
+    settings = {"method": "grad_dot", "scoring.mode": "index", "index.dim": 4, "scoring.rerank": 3,
+                "ray.num_workers": 2}
+    reference = run(world, tmp_path / "reference", **settings)
+    monkeypatch.setenv(FAULT_ENV, pass_name)
+    assert run(world, tmp_path / "killed", **settings) == reference
+    assert (tmp_path / "killed" / "_faults" / pass_name).exists(), "the fault was not injected"
+    assert manifest(tmp_path / "killed")["stages"][stage]["passes"][pass_name]["retried_after_crash"]

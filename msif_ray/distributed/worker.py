@@ -313,6 +313,7 @@ class ShardWorker:
         """Estimated scores of one index shard against each query batch; the best ``candidates`` per
         query and side, with the shard id (for the exact re-scoring)."""
         start = _start()
+        self._maybe_crash(job.pass_name)
         tensors, metadata = RunDir(index_url).load_tensors(job.rows)
         doc_ids = json.loads(metadata["doc_ids"])
         rows, scale = tensors["rows"].to(self.device), tensors["scale"].to(self.device)
