@@ -86,14 +86,20 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
     """Per stage the method runs: recomputed or reused, its passes' shards computed / reused, its fingerprint.
 
     ``before`` / ``after``: the manifest's ``stages`` when the night started and when it finished.
-    A stage whose record did not change was reused whole: every shard of each pass counts as reused.
+    A stage the pipeline reused (outcome ``reused``), or whose record did not change, was reused
+    whole: every shard of each pass counts as reused. The index (index mode) counts its own shards.
     """
     stages = {}
-    for name in STAGES.get(method, list(after)):
+    names = STAGES.get(method, list(after))
+    if "index" in after:
+        names = names[:-1] + ["index", names[-1]]
+    for name in names:
         record = after.get(name)
         if record is None:
             continue
-        recomputed = before.get(name) != record or record.get("state") != "done"
+        unchanged = {k: v for k, v in before.get(name, {}).items() if k not in ("outcome", "reason")} == \
+            {k: v for k, v in record.items() if k not in ("outcome", "reason")}
+        recomputed = record.get("state") != "done" or not (unchanged or record.get("outcome") == "reused")
         passes = {}
         for pass_name, p in record.get("passes", {}).items():
             if "shards_total" not in p:

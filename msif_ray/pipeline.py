@@ -431,7 +431,11 @@ class Pipeline:
             raise DataError(f"data.corpus: every document is empty ({stats['skipped_empty']} rows skipped)")
         self.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
                  f"(k = {cfg.index.dim}, {stats['seconds']:.1f}s)")
-        self._finish_stage("index", digest(identity, [j.job_id for j in jobs]), started, {"index": stats})
+        outcome = "reused" if stats["computed"] == 0 else "computed"
+        self.manifest["stages"]["index"] = {"inputs": identity, "outcome": outcome,
+                                            "reason": f"{stats['computed']} of {stats['shards_total']} shards indexed"}
+        self._finish_stage("index", digest(identity, [j.job_id for j in jobs]), started, {"index": stats},
+                           done_record=False)
         return store
 
     def _index_scores(self, inputs: Inputs, named: dict, query_files: list[str], index: RunDir, pretrain: str | None,
@@ -621,13 +625,16 @@ class Pipeline:
         return False
 
     def _finish_stage(self, stage: str, key: str, started: float, passes: dict,
-                      publish: Callable[[], None] | None = None, outputs: list[str] | None = None) -> None:
+                      publish: Callable[[], None] | None = None, outputs: list[str] | None = None,
+                      done_record: bool = True) -> None:
         """Record ``stage`` done for ``key``: its done record in the key's folder (with its ``outputs``
-        when they live outside it), then (after ``publish``, if any) the manifest."""
+        when they live outside it; none for the index, whose shards are its records), then (after
+        ``publish``, if any) the manifest."""
         running = self.manifest["stages"].get(stage, {})
         record = {"fingerprint": key, "state": "done", "seconds": round(time.monotonic() - started, 3),
                   "passes": passes, "inputs": running.get("inputs", {})} | ({"outputs": outputs} if outputs else {})
-        self.store.write_json(layout.stage_record(stage, key), record)
+        if done_record:
+            self.store.write_json(layout.stage_record(stage, key), record)
         if publish is not None:
             publish()
         self.manifest["stages"][stage] = record | {k: running[k] for k in ("outcome", "reason") if k in running}
