@@ -260,7 +260,8 @@ def pipeline_run(world, paths: dict[str, Path], run_dir: Path, index_dir: Path, 
     topk = pipeline.run()
     total = time.perf_counter() - started
     manifest = pipeline.store.read_json("manifest.json")
-    skipped = {line[1:].split("]")[0] for line in lines if line.endswith("up to date, skipped")}
+    skipped = {stage for stage, record in manifest["stages"].items() if record.get("outcome") == "reused"
+               and stage != "index"}  # the index stage always runs: it counts its shards reused
     stages = {}
     for stage, record in manifest["stages"].items():
         if stage in skipped:
@@ -270,7 +271,20 @@ def pipeline_run(world, paths: dict[str, Path], run_dir: Path, index_dir: Path, 
                          "passes": {name: {k: p[k] for k in ("seconds", "computed", "reused", "documents", "tokens")
                                            if k in p} for name, p in record.get("passes", {}).items()}}
     return {"total": total, "stages": stages, "table": pq.read_table(topk).to_pydict(),
-            "scores_key": manifest["stages"]["scores"]["fingerprint"], "scoring": scoring}
+            "scores_key": manifest["stages"]["scores"]["fingerprint"], "scoring": scoring,
+            "candidates": candidate_files(manifest, scoring) if scoring.get("mode") == "index" else []}
+
+
+def candidate_files(manifest: dict, scoring: dict) -> list[str]:
+    """The merged candidates of each query batch of an index-mode run (``layout.batch_candidates``)."""
+    from msif_ray.config import DEFAULT_RERANK
+    from msif_ray.digests import digest
+    from msif_ray.layout import batch_candidates
+
+    top_k, rerank = scoring.get("top_k", TOP), scoring.get("rerank", DEFAULT_RERANK)
+    scan_key = digest(manifest["stages"]["index"]["inputs"], top_k if rerank == 0 else max(rerank, top_k))
+    return [batch_candidates(scan_key, batch, manifest["digests"]["data.corpus"])
+            for batch in manifest["stages"]["queries"]["outputs"]]
 
 
 def as_matrix(table: dict, doc_index: dict[str, int], query_index: dict[str, int]) -> torch.Tensor:
@@ -289,6 +303,7 @@ def stage_time(record: dict) -> str:
 
 
 def section_scale(args, tmp: Path) -> dict:
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
 
@@ -304,7 +319,7 @@ def section_scale(args, tmp: Path) -> dict:
     try:
         runs = {"(1) index, queries A, fresh": pipeline_run(world, paths, run_dir, index_dir, "A", mode="index")}
         runs["(2) index, queries B"] = pipeline_run(world, paths, run_dir, index_dir, "B", mode="index")
-        candidates = pq.read_table(run_dir / "scores" / runs["(2) index, queries B"]["scores_key"] / "candidates.parquet")
+        candidates = pa.concat_tables([pq.read_table(run_dir / name) for name in runs["(2) index, queries B"]["candidates"]])
         runs["(2b) index, queries B, rerank 0, top_k N"] = pipeline_run(world, paths, run_dir, index_dir, "B",
                                                                         mode="index", rerank=0, top_k=n)
         runs["(3) exact, queries B, top_k N"] = pipeline_run(world, paths, run_dir, index_dir, "B", mode="exact", top_k=n)
