@@ -86,20 +86,24 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
     """Per stage the method runs: recomputed or reused, its passes' shards computed / reused, its fingerprint.
 
     ``before`` / ``after``: the manifest's ``stages`` when the night started and when it finished.
-    A stage the pipeline reused (outcome ``reused``), or whose record did not change, was reused
-    whole: every shard of each pass counts as reused. The index (index mode) counts its own shards.
+    A stage this run skipped (outcome ``reused``; without an outcome: a record that did not change)
+    was reused whole: every shard of each pass counts as reused.
+    Index mode's ``index`` stage (listed before ``scores``) runs every time to find shards not
+    indexed yet: it counts as recomputed when it indexed any, and its seconds are always its own.
     """
     stages = {}
-    names = STAGES.get(method, list(after))
-    if "index" in after:
-        names = names[:-1] + ["index", names[-1]]
-    for name in names:
+    for name in _with_index(STAGES.get(method, list(after)), after):
         record = after.get(name)
         if record is None:
             continue
-        unchanged = {k: v for k, v in before.get(name, {}).items() if k not in ("outcome", "reason")} == \
-            {k: v for k, v in record.items() if k not in ("outcome", "reason")}
-        recomputed = record.get("state") != "done" or not (unchanged or record.get("outcome") == "reused")
+        if record.get("state") != "done":
+            recomputed = True
+        elif "outcome" in record:  # what this run did with the stage (a skipped stage is "reused")
+            recomputed = record["outcome"] != "reused"
+        else:
+            recomputed = before.get(name) != record
+        if name == "index":  # its record is rewritten by every run (it checks its shards): new shards count
+            recomputed = any(p.get("computed", 0) > 0 for p in record.get("passes", {}).values())
         passes = {}
         for pass_name, p in record.get("passes", {}).items():
             if "shards_total" not in p:
@@ -107,9 +111,18 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
             computed = p["computed"] if recomputed else 0
             passes[pass_name] = {"shards_total": p["shards_total"], "computed": computed,
                                  "reused": p["shards_total"] - computed}
+        seconds = record.get("seconds", 0.0) if recomputed or name == "index" else 0.0
         stages[name] = {"recomputed": recomputed, "fingerprint": record.get("fingerprint"),
-                        "seconds": record.get("seconds", 0.0) if recomputed else 0.0, "passes": passes}
+                        "seconds": seconds, "passes": passes}
     return stages
+
+
+def _with_index(stages: list[str], after: dict) -> list[str]:
+    """The method's stages, with index mode's ``index`` stage before ``scores`` when the run has one."""
+    if "index" not in after or "index" in stages:
+        return stages
+    at = stages.index("scores") if "scores" in stages else len(stages)
+    return stages[:at] + ["index"] + stages[at:]
 
 
 class Night:

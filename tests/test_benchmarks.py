@@ -183,3 +183,24 @@ def test_index_smoke(tmp_path, ray_session):
     assert scale["facts"]["duplicate texts dropped"] >= 0 and scale["facts"]["documents"] > 300
     assert 0 < scale["speed"]["ratio: (3) exact scores / (2) new-query work"]
     assert set(saved["summary"]) == {"msif run (1) wall s", "kronfluence wall s", "kronfluence / msif"}
+
+
+def test_nightly_smoke(tmp_path):
+    """Six ``msif nightly`` processes on the small scale world (~5 min on 2 shared cores): what each
+    night recomputed must follow what changed."""
+    import bench_nightly
+
+    bench_nightly.main(["--smoke", "--out-dir", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    saved = _outputs(tmp_path, "nightly")
+    nights = saved["nights"]
+    assert list(nights) == [name for _, name in bench_nightly.NIGHTS] + [bench_nightly.EXACT[1]]
+    recomputed = {name: {s for s, stage in n["stages"].items() if stage["recomputed"]} for name, n in nights.items()}
+    first, nothing, queries, corpus, finetune = (name for _, name in bench_nightly.NIGHTS)
+    assert recomputed[first] == {"factors/finetune", "factors/pretrain", "queries", "index", "scores"}
+    assert recomputed[nothing] == set()
+    assert recomputed[queries] == {"queries", "scores"}
+    assert recomputed[corpus] == {"index", "scores"}  # the pre-training factors are kept
+    assert nights[corpus]["stages"]["index"]["shards_computed"] == 1
+    assert recomputed[finetune] == {"factors/finetune", "queries", "scores"}
+    assert nights[finetune]["stages"]["index"]["shards_computed"] == 0
+    assert nights[first]["fraction_of_night_1"] == 1.0 and all(n["wall_seconds"] > 0 for n in nights.values())

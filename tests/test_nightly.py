@@ -5,6 +5,12 @@ everything; a second with nothing new recomputes nothing and publishes the same 
 whose queries file is corrupt fails (exit 2), is in the history as failed, and leaves ``latest``
 on the good night. Then a night whose queries file gained a query recomputes queries and scores
 only, and equals a fresh run. A night refused by the lock exits 3 naming the holder.
+
+In index mode (``scoring.mode: index``, k = 4), on run directories of their own: a night after a
+corpus file was appended indexes only that file's shards and keeps the pre-training factors, and
+its scores are exact mode's with the same factors and queries; a night after new weights were
+saved at the fine-tuned model's path reuses the pre-training factors and the index, and equals a
+fresh run.
 """
 
 from __future__ import annotations
@@ -43,6 +49,11 @@ def night_record(run_dir: Path | str, date: str) -> dict:
 
 def table(path: Path) -> dict:
     return pq.read_table(path).to_pydict()
+
+
+def without_outcome(stages: dict) -> dict:
+    """Stage records less what the last run did with them (``outcome``, ``reason``)."""
+    return {name: {k: v for k, v in record.items() if k not in ("outcome", "reason")} for name, record in stages.items()}
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +95,8 @@ def test_first_night_computes_everything_and_publishes_it(nights):
 def test_second_night_with_nothing_new_recomputes_nothing(nights):
     run_dir = nights["run_dir"]
     first, second = nights["manifests"][FIRST], nights["manifests"][SECOND]
-    strip = lambda stages: {n: {k: v for k, v in r.items() if k not in ("outcome", "reason")}  # noqa: E731
-                            for n, r in stages.items()}
-    assert strip(second) == strip(first)  # no stage record changed: every stage was skipped
-    assert all(r["outcome"] == "reused" for r in second.values())
+    assert without_outcome(second) == without_outcome(first)  # no stage record changed: every stage was skipped
+    assert all(record["outcome"] == "reused" for record in second.values())
     record = night_record(run_dir, SECOND)
     for name, stage in record["stages"].items():
         assert not stage["recomputed"] and stage["seconds"] == 0, name
@@ -186,3 +195,105 @@ def test_publishing_on_s3_and_the_history_in_start_order(s3_bucket):
     lines = status_lines(store)
     assert lines[0].strip().startswith(f"nights   latest {FIRST}") and len(lines) == 4
     assert "recomputed: queries (1/1 shards), scores (4/4 shards)" in lines[1] and "recomputed: nothing" in lines[3]
+
+
+# --------------------------------------------------------------------------- index mode
+
+INDEX = {"scoring.mode": "index", "index.dim": 4}
+
+
+def index_config(world, root: Path, **overrides) -> Path:
+    config = root / "nightly.yaml"
+    config.write_text(yaml.safe_dump(world.config(root / "run", **INDEX, **overrides)))
+    return config
+
+
+def stages_now(run_dir: Path) -> dict:
+    return RunDir(run_dir).read_json(MANIFEST)["stages"]
+
+
+def recomputed(run_dir: Path, date: str) -> set[str]:
+    return {name for name, s in night_record(run_dir, date)["stages"].items() if s["recomputed"]}
+
+
+def test_index_night_after_a_corpus_file_was_appended(world, ray_session, tmp_path, capsys):
+    import pyarrow as pa
+
+    run_dir = tmp_path / "run"
+    config = index_config(world, tmp_path)
+    code, _, err = night(config, FIRST, capsys)
+    assert code == 0, err
+    fitted = stages_now(run_dir)["factors/pretrain"]["fingerprint"]
+    shards_before = set(RunDir(run_dir).read_json(MANIFEST)["shards"]["corpus"])
+    index_files = {p: p.stat().st_mtime_ns for p in (run_dir / "index" / "shards").iterdir()}
+
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(pa.table({"id": [f"extra-{i}" for i in range(5)],
+                             "text": [f"Extra document number {i} about the town of Elsk." for i in range(5)]}), extra)
+    config = index_config(world, tmp_path, **{"data.corpus.paths": [str(world.corpus), str(extra)]})
+    code, out, err = night(config, SECOND, capsys)
+    assert code == 0, err
+    stages = stages_now(run_dir)
+    new_shards = set(RunDir(run_dir).read_json(MANIFEST)["shards"]["corpus"]) - shards_before
+    index = stages["index"]["passes"]["index"]
+    assert len(new_shards) == 2 and (index["computed"], index["reused"]) == (2, len(shards_before))
+    assert all(p.stat().st_mtime_ns == t for p, t in index_files.items())  # no old shard indexed again
+    assert {p.name.split(".")[0] for p in (run_dir / "index" / "shards").glob("*.safetensors")} >= new_shards
+    assert stages["factors/pretrain"]["fingerprint"] == fitted and stages["factors/pretrain"]["outcome"] == "reused"
+    assert recomputed(run_dir, SECOND) == {"index", "scores"}
+    assert night_record(run_dir, SECOND)["stages"]["index"]["passes"]["index"]["computed"] == 2
+    topk = table(run_dir / layout.night_topk(SECOND))
+
+    # Exact mode on the same run directory reuses the same (kept) factors and the same queries, and
+    # scores every pair: the night's (re-scored) pairs must have exact mode's scores.
+    exact_config = yaml.safe_load(config.read_text())
+    exact_config["scoring"] |= {"mode": "exact", "top_k": 1000}
+    Pipeline(config_from_dict(exact_config, base_dir=tmp_path), log=lambda line: None).run()
+    after = stages_now(run_dir)
+    assert after["factors/pretrain"]["fingerprint"] == fitted and after["factors/pretrain"]["outcome"] == "reused"
+    assert after["queries"]["outcome"] == "reused"
+    exact = table(run_dir / layout.TOPK)
+    exact_scores = {(q, d): s for q, d, s in zip(exact["query_id"], exact["doc_id"], exact["score"])}
+    from world import corpus_documents
+
+    assert len(exact_scores) == 2 * (len(corpus_documents()) + 5)  # every pair
+    assert any(d.startswith("extra-") for d in exact["doc_id"])
+    for q, d, s in zip(topk["query_id"], topk["doc_id"], topk["score"]):
+        assert s == pytest.approx(exact_scores[(q, d)], rel=1e-4, abs=1e-6), (q, d)
+
+
+def test_index_night_with_a_new_finetuned_checkpoint_equals_a_fresh_run(world, ray_session, tmp_path, capsys):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    finetuned = tmp_path / "ft"
+    shutil.copytree(world.finetuned, finetuned)
+    run_dir = tmp_path / "run"
+    config = index_config(world, tmp_path, **{"models.finetuned": str(finetuned)})
+    code, _, err = night(config, FIRST, capsys)
+    assert code == 0, err
+    before = stages_now(run_dir)
+
+    model = AutoModelForCausalLM.from_pretrained(finetuned)
+    with torch.no_grad():  # another fine-tune, saved at the same path
+        generator = torch.Generator().manual_seed(2)
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(finetuned, safe_serialization=True)
+    code, _, err = night(config, SECOND, capsys)
+    assert code == 0, err
+    after = stages_now(run_dir)
+    assert after["index"]["passes"]["index"]["computed"] == 0
+    assert after["factors/pretrain"]["outcome"] == "reused"
+    assert after["factors/pretrain"]["fingerprint"] == before["factors/pretrain"]["fingerprint"]
+    assert after["factors/finetune"]["fingerprint"] != before["factors/finetune"]["fingerprint"]
+    assert recomputed(run_dir, SECOND) == {"factors/finetune", "queries", "scores"}
+    topk = table(run_dir / layout.night_topk(SECOND))
+    assert topk != table(run_dir / layout.night_topk(FIRST))
+
+    fresh_dir = tmp_path / "fresh"
+    fresh_config = yaml.safe_load(config.read_text()) | {"run_dir": str(fresh_dir)}
+    Pipeline(config_from_dict(fresh_config, base_dir=tmp_path), log=lambda line: None).run()
+    fresh = table(fresh_dir / layout.TOPK)
+    assert topk["query_id"] == fresh["query_id"] and topk["rank"] == fresh["rank"] and topk["doc_id"] == fresh["doc_id"]
+    assert topk["score"] == pytest.approx(fresh["score"], rel=1e-4, abs=1e-6)
