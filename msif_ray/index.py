@@ -25,8 +25,9 @@ and only the best candidates are re-scored exactly (``pipeline``).
 
 Storage: a document's row is kept in float16 per layer block, divided by the block's largest
 magnitude (kept as a float32 ``scale`` [N, L]): float16's 11-bit mantissa with no overflow or
-underflow whatever the gradients' magnitude. The projections are never stored: they are drawn
-again from the seed (and the factors).
+underflow whatever the gradients' magnitude. The projections, 4·k·(out + in) numbers per layer,
+are stored with the index (``layout.index_projection``): the whitening depends on the factors, and
+an index must keep its own when the factors are fitted again.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ class Projection:
     @property
     def size(self) -> int:
         return self.out.shape[0] * self.inp.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Its four matrices, as copies (a plain projection's two sides are the same tensors)."""
+        return {name: t.clone() for name, t in (("out", self.out), ("inp", self.inp), ("query_out", self.query_out),
+                                                 ("query_inp", self.query_inp))}
+
+    def to(self, device: torch.device | str) -> "Projection":
+        return Projection(*(t.to(device) for t in (self.out, self.inp, self.query_out, self.query_inp)))
 
 
 def layer_seed(seed: int, layer: str, side: str) -> int:
@@ -105,8 +114,7 @@ def random_projections(layers: list[LayerSpec], dim: int, seed: int, device: tor
             (m, m_inv_t), (n, n_inv_t) = whitening(factors(spec.name))
             p_out, p_in = p_out.double(), p_in.double()
             projection = Projection(*(t.float() for t in (p_out @ m, p_in @ n, p_out @ m_inv_t, p_in @ n_inv_t)))
-        projections[spec.name] = Projection(*(t.to(device) for t in (projection.out, projection.inp,
-                                                                   projection.query_out, projection.query_inp)))
+        projections[spec.name] = projection.to(device)
     return projections
 
 

@@ -30,7 +30,9 @@
 The corpus gradient index (``index.path``, default ``<run_dir>/index``) is a store of its own,
 shared by the runs of one base model:
 
-    index.json                                          its identity: model, tokenizer, layers, max_length, dim, seed
+    index.json                                          its identity: model, tokenizer, layers, max_length, dim, seed,
+                                                        whitened, and its projections' folder (written last)
+    projections/<factors key>/<layer>.safetensors       P_out M, P_in N (rows) and P_out M⁻ᵀ, P_in N⁻ᵀ (queries)
     shards/<shard>.safetensors                          rows [N, D] float16, scale [N, L]; doc ids (+ .done.json)
 
 ``<key>`` is the stage's key: a digest of its named inputs (content digests of the models, the
@@ -109,6 +111,15 @@ def done_marker(output: str) -> str:
 
 
 INDEX_IDENTITY = "index.json"
+
+
+def index_projections(key: str) -> str:
+    """The index's projection matrices: ``key`` names the pre-training factors that whitened them."""
+    return f"projections/{key}"
+
+
+def index_projection(folder: str, layer: str) -> str:
+    return f"{folder}/{layer}.safetensors"
 
 
 def index_shard(shard_id: str) -> str:

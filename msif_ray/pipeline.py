@@ -56,6 +56,8 @@ from msif_ray.layout import BOTTOMK, MANIFEST, TOPK, done_marker
 from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
 from msif_ray.modules import LayerSpec, layer_spec, select_modules
 from msif_ray.plan import ResourcePlan, WorkerMemoryError, make_plan
+from msif_ray.curvature import LayerFactors
+from msif_ray.index import random_projections
 from msif_ray.progress import Progress
 from msif_ray.scoring import rank_within_groups
 from msif_ray.storage import RunDir
@@ -129,7 +131,7 @@ class Pipeline:
             queries = self._queries(inputs, named["queries"], pretrain, finetune)
             if cfg.scoring.mode == "index":
                 index = self._index(inputs, pretrain, named["index"])
-                self._index_scores(inputs, named["scores"], queries, index, pretrain, named["index"])
+                self._index_scores(inputs, named["scores"], queries, index, named["index"])
             else:
                 self._scores(inputs, named["scores"], queries)
         finally:
@@ -182,7 +184,7 @@ class Pipeline:
             inputs.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
             digests["data.finetune"] = digest(*[s.shard_id for s in inputs.finetune_shards])
         if cfg.scoring.mode == "index":
-            check_identity(self.index_store(), self.index_identity(inputs), "index.path")  # the whitening: in run()
+            check_identity(self.index_store(), self.index_identity(inputs), "index.path")
         self.log(f"validated: {len(shards)} corpus shards, {num_queries} queries, method {cfg.method}")
         return inputs
 
@@ -237,8 +239,8 @@ class Pipeline:
             "scoring.query_rank": cfg.scoring.query_rank, "budget.query_batch_size": self.plan.query_batch_size})
         scores = {"queries": queries, "data.corpus": d["data.corpus"], "scoring.top_k": cfg.scoring.top_k}
         if cfg.scoring.mode == "index":
-            whitening = upstream.get("factors/pretrain", "none")
-            stages["index"] = self.index_identity(inputs, whitening)
+            stages["index"] = self.index_identity(inputs) | {
+                "projections": self._projection_folder(upstream.get("factors/pretrain"))}
             add("scores", scores | {"scoring.mode": "index", "index": digest(stages["index"]),
                                     "scoring.rerank": cfg.scoring.rerank})
         else:
@@ -401,32 +403,44 @@ class Pipeline:
         """Where the corpus gradient index lives: ``index.path``, else ``<run_dir>/index``."""
         return RunDir(self.config.index.path or self.store.url("index"))
 
-    def index_identity(self, inputs: Inputs, whitening: str | None = None) -> dict:
-        """What the index's rows depend on besides the documents: it is reused only when all of it matches.
-
-        ``whitening``: the key of the pre-training factors that whiten the rows (``index.py``), or
-        ``"none"`` (grad_dot); None leaves it out, for the early check before the factors' key is known.
-        """
+    def index_identity(self, inputs: Inputs) -> dict:
+        """What the index's rows depend on besides the documents and its projections: it is reused only
+        when all of it matches. Whitened (``index.py``) when the method has pre-training factors."""
         cfg = self.config
         identity = {"corpus model": inputs.digests[_corpus_model_key(cfg)], "tokenizer": tokenizer_digest(inputs.tokenizer),
                     "modules": [[s.name, s.out_features, s.in_dim] for s in inputs.layers],
                     "data.max_length": cfg.data.max_length, "index.dim": cfg.index.dim, "index.seed": cfg.index.seed,
-                    "format": INDEX_FORMAT}
-        return identity if whitening is None else identity | {"whitening (factors/pretrain)": whitening}
+                    "whitened": cfg.method != "grad_dot", "format": INDEX_FORMAT}
+        return identity
+
+    def _projection_folder(self, pretrain_key: str | None) -> str:
+        """The index's projections: those it was built with, else those this run would write (whitened
+        by the pre-training factors of ``pretrain_key``). Stored with the index, so that it outlives a
+        refit of the factors: the estimate is unbiased for any whitening, as long as both sides share it."""
+        store = self.index_store()
+        if store.exists(layout.INDEX_IDENTITY):
+            return store.read_json(layout.INDEX_IDENTITY)["projections"]
+        return layout.index_projections(pretrain_key or "plain")
 
     def _index(self, inputs: Inputs, pretrain: str | None, identity: dict) -> RunDir:
-        """Index every corpus shard not in the index yet (a shard is named by its content), whitened by
-        the pre-training factors under ``pretrain`` (None: not whitened)."""
+        """Index every corpus shard not in the index yet (a shard is named by its content). A new index
+        first stores its projections, whitened by the pre-training factors under ``pretrain`` (None:
+        not whitened), then its identity."""
         cfg = self.config
         store = self.index_store()
         check_identity(store, identity, "index.path")
         if not store.exists(layout.INDEX_IDENTITY):
+            load = None if pretrain is None else (lambda layer: LayerFactors(
+                *(self.store.load_tensors(layout.factor_layer(pretrain, layer))[0][k] for k in ("Q_A", "Q_S", "lambda"))))
+            for spec in inputs.layers:  # one layer's factors in memory at a time
+                projection = random_projections([spec], cfg.index.dim, cfg.index.seed, factors=load)[spec.name]
+                store.save_tensors(layout.index_projection(identity["projections"], spec.name), projection.tensors())
             store.write_json(layout.INDEX_IDENTITY, identity)
         started = time.monotonic()
         corpus = cfg.data.corpus
         jobs = [ShardJob("index", s, layout.index_shard(s.shard_id), cfg.corpus_model, "documents",
                          (corpus.id_column, corpus.text_column)) for s in inputs.corpus_shards]
-        stats = self._map("index", "index", jobs, store.url(), cfg.index.dim, cfg.index.seed, pretrain, store=store)
+        stats = self._map("index", "index", jobs, store.url(), identity["projections"], store=store)
         if stats["documents"] == 0:
             raise DataError(f"data.corpus: every document is empty ({stats['skipped_empty']} rows skipped)")
         self.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
@@ -438,8 +452,7 @@ class Pipeline:
                            done_record=False)
         return store
 
-    def _index_scores(self, inputs: Inputs, named: dict, query_files: list[str], index: RunDir, pretrain: str | None,
-                      identity: dict) -> None:
+    def _index_scores(self, inputs: Inputs, named: dict, query_files: list[str], index: RunDir, identity: dict) -> None:
         """Scores by the index: each query's best candidates by a matrix product over the index, then
         ``scoring.rerank`` of them re-scored exactly (a forward and backward pass over those documents).
 
@@ -462,8 +475,8 @@ class Pipeline:
             for files in self._pending_chunks(query_files, outputs, per_job):
                 jobs.append(ScanJob(shard.shard_id, layout.index_shard(shard.shard_id), files,
                                     tuple(outputs[f] for f in files)))
-        stats = {"scan": self._map("scan", "scan", jobs, index.url(), num_candidates, cfg.index.dim, cfg.index.seed,
-                                   tuple(inputs.layers), pretrain)}
+        stats = {"scan": self._map("scan", "scan", jobs, index.url(), identity["projections"], num_candidates,
+                                   tuple(s.name for s in inputs.layers))}
         candidates = {}
         for f in query_files:
             candidates[f] = layout.batch_candidates(scan_key, f, corpus_key)
@@ -655,7 +668,7 @@ def check_identity(store: RunDir, identity: dict, key: str) -> None:
     if not store.exists(layout.INDEX_IDENTITY):
         return
     found = store.read_json(layout.INDEX_IDENTITY)
-    differing = [name for name in identity if found.get(name) != identity[name]]
+    differing = [name for name in identity if name != "projections" and found.get(name) != identity[name]]
     if differing:
         details = "; ".join(f"{name}: index has {_short(found.get(name))}, this run {_short(identity[name])}"
                             for name in differing)

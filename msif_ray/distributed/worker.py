@@ -32,12 +32,9 @@ from msif_ray.distributed.checkpoints import Accumulation
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
 from msif_ray.gradients import Fisher
 from msif_ray.influence import Chain, Examples, Method, QueryVectors, TrackedLM, cross_rotations, precondition_queries
-from msif_ray.layout import done_marker, eigen_file, factor_layer
+from msif_ray.layout import done_marker, eigen_file, factor_layer, index_projection
 from msif_ray.models import load_model, load_tokenizer, pick_device, weight_dtype
-from msif_ray.index import (
-    Projection, document_rows, layer_sizes, project_queries, quantize, random_projections, scan,
-)
-from msif_ray.modules import LayerSpec
+from msif_ray.index import Projection, document_rows, layer_sizes, project_queries, quantize, scan
 from msif_ray.scoring import EXTREMES_SCHEMA, QueryGroup, extremes_table, score_windows
 from msif_ray.storage import RunDir
 
@@ -294,11 +291,12 @@ class ShardWorker:
             stats = self._finish(job, output, start, doc_ids, skipped, tokens)
         return stats
 
-    def index(self, job: ShardJob, index_url: str, dim: int, seed: int, factors: str | None) -> dict:
-        """The index pass: whitened projected gradients of every document of the shard, into the index store."""
+    def index(self, job: ShardJob, index_url: str, folder: str) -> dict:
+        """The index pass: projected gradients of every document of the shard (the index's projections
+        under ``folder``), into the index store."""
         start = _start()
         lm = self._load(job.model)
-        projections = self._projections(tuple(lm.taps.specs[n] for n in lm.layers), dim, seed, factors)
+        projections = self._projections(index_url, folder, tuple(lm.layers))
         doc_ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
         batches = lm.batches(examples)
@@ -308,8 +306,7 @@ class ShardWorker:
         store.save_tensors(job.output, {"rows": rows.cpu(), "scale": scale.cpu()}, {"doc_ids": json.dumps(doc_ids)})
         return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
 
-    def scan(self, job: ScanJob, index_url: str, candidates: int, dim: int, seed: int,
-             layers: tuple[LayerSpec, ...], factors: str | None) -> dict:
+    def scan(self, job: ScanJob, index_url: str, folder: str, candidates: int, layers: tuple[str, ...]) -> dict:
         """Estimated scores of one index shard against each query batch; the best ``candidates`` per
         query and side, with the shard id (for the exact re-scoring)."""
         start = _start()
@@ -318,7 +315,7 @@ class ShardWorker:
         doc_ids = json.loads(metadata["doc_ids"])
         rows, scale = tensors["rows"].to(self.device), tensors["scale"].to(self.device)
         for batch, output in zip(job.batches, job.outputs):
-            ids, projected, sizes = self._projected_queries(batch, dim, seed, layers, factors)
+            ids, projected, sizes = self._projected_queries(batch, index_url, folder, layers)
             table = extremes_table(ids, doc_ids, scan(rows, scale, sizes, projected), candidates)
             self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
                                                                                      pa.string())))
@@ -337,24 +334,26 @@ class ShardWorker:
             tokens += batch.num_tokens
         return doc_ids, totals, skipped, tokens
 
-    def _projections(self, layers: tuple[LayerSpec, ...], dim: int, seed: int, factors: str | None
-                     ) -> dict[str, Projection]:
-        key = ("projections", dim, seed, layers, factors)
+    def _projections(self, index_url: str, folder: str, layers: tuple[str, ...]) -> dict[str, Projection]:
+        """The index's projections of ``layers``, read from the index store (kept while they are used)."""
+        key = ("projections", index_url, folder, layers)
         if key not in self._cached:
             self._cached.clear()
-            load = None if factors is None else (lambda layer: self._factors.layer(factors, layer))
-            self._cached[key] = random_projections(list(layers), dim, seed, self.device, load)
+            store = RunDir(index_url)
+            self._cached[key] = {layer: Projection(**store.load_tensors(index_projection(folder, layer))[0]).to(self.device)
+                                 for layer in layers}
         return self._cached[key]
 
-    def _projected_queries(self, batch: str, dim: int, seed: int, layers: tuple[LayerSpec, ...], factors: str | None
+    def _projected_queries(self, batch: str, index_url: str, folder: str, layers: tuple[str, ...]
                            ) -> tuple[list[str], torch.Tensor, list[int]]:
         """A query batch's ids, its projections [Q, D] and the index's layer block sizes (the projections
         and the most recent batches are kept: a worker scans shard after shard against the same batches)."""
-        projections, names = self._projections(layers, dim, seed, factors), [spec.name for spec in layers]
-        key = (batch, dim, seed, layers, factors)
+        projections = self._projections(index_url, folder, layers)
+        key = (batch, index_url, folder, layers)
         if key not in self._projected:
             vectors = load_query_vectors(self.run_dir, [batch])
-            self._projected[key] = vectors.ids, project_queries(vectors, projections, names), layer_sizes(projections, names)
+            self._projected[key] = (vectors.ids, project_queries(vectors, projections, list(layers)),
+                                    layer_sizes(projections, list(layers)))
             while len(self._projected) > PROJECTED_BATCHES_KEPT:
                 self._projected.popitem(last=False)
         return self._projected[key]
