@@ -50,13 +50,14 @@ from msif_ray.distributed.checkpoints import committed_checkpoints
 from msif_ray.distributed.merge import tree_merge
 from msif_ray.distributed.pool import WorkerCrashError, WorkerPool
 from msif_ray.distributed.reduce import eigendecompose, finish_layer, reduce_memory_bytes, run_bounded
-from msif_ray.distributed.worker import ChainSpec, QueryJob, RerankJob, ScanJob, ShardJob, ShardWorker, WorkerSettings
+from msif_ray.distributed.worker import (
+    ChainSpec, QueryJob, RerankJob, ScanJob, ShardJob, ShardWorker, StoredFactors, WorkerSettings,
+)
 from msif_ray.gradients import encode_prompt_completions
 from msif_ray.layout import BOTTOMK, MANIFEST, TOPK, done_marker
 from msif_ray.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
 from msif_ray.modules import LayerSpec, layer_spec, select_modules
 from msif_ray.plan import ResourcePlan, WorkerMemoryError, make_plan
-from msif_ray.curvature import LayerFactors
 from msif_ray.index import random_projections
 from msif_ray.progress import Progress
 from msif_ray.scoring import rank_within_groups
@@ -115,8 +116,6 @@ class Pipeline:
         self._save_manifest(config=redact_secrets(cfg.to_dict()), digests=inputs.digests,
                             shards={"corpus": [s.shard_id for s in inputs.corpus_shards]}, plan=self.plan.to_dict())
         named = self.stage_inputs(inputs)
-        if cfg.scoring.mode == "index":  # before any heavy pass: an index built for other inputs is refused
-            check_identity(self.index_store(), named["index"], "index.path")
         try:
             pretrain = finetune = None
             if cfg.method == "multi_stage":
@@ -183,7 +182,7 @@ class Pipeline:
             _check_pairs(tokenizer, ft_paths, ft.prompt_column, ft.completion_column)
             inputs.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
             digests["data.finetune"] = digest(*[s.shard_id for s in inputs.finetune_shards])
-        if cfg.scoring.mode == "index":
+        if cfg.scoring.mode == "index":  # before any heavy pass: an index built for other inputs is refused
             check_identity(self.index_store(), self.index_identity(inputs), "index.path")
         self.log(f"validated: {len(shards)} corpus shards, {num_queries} queries, method {cfg.method}")
         return inputs
@@ -206,7 +205,7 @@ class Pipeline:
         """
         cfg, d = self.config, inputs.digests
         query_model = "models.finetuned" if cfg.models.finetuned else "models.pretrained"
-        corpus_model = "models.pretrained" if cfg.method == "multi_stage" else query_model
+        corpus_model = _corpus_model_key(cfg)
         corpus, ft, q = cfg.data.corpus, cfg.data.finetune, cfg.data.queries
         common = {"tokenizer": d["tokenizer"], "data.max_length": cfg.data.max_length,
                   "modules": [cfg.modules.include, cfg.modules.exclude]}
@@ -274,7 +273,7 @@ class Pipeline:
         cfg = self.config
         key = named["key"]
         factors = layout.factors_dir(stage, key)
-        if self._is_done(stage, key, layout.factors_index(factors), named):
+        if self._is_done(stage, key, named):
             return factors
         started = time.monotonic()
         sample = sample_quotas(shards, max_examples)
@@ -339,7 +338,7 @@ class Pipeline:
             jobs.append(QueryJob(i, cfg.query_model, paths, (q.id_column, q.prompt_column, q.completion_column), lo,
                                  min(lo + size, len(pairs)), layout.query_batch(chain, batch)))
         files = [j.output for j in jobs]
-        if self._is_done("queries", key, done_marker(files[-1]), named):
+        if self._is_done("queries", key, named):
             return files
         started = time.monotonic()
         spec = ChainSpec(cfg.method, pretrain, finetune, cfg.factors.damping_pretrain, cfg.factors.damping_finetune,
@@ -358,7 +357,7 @@ class Pipeline:
                      and self.store.exists(TOPK) and self.store.exists(BOTTOMK))
         if not published and self.store.exists(layout.stage_record("scores", key)):
             self._publish(key)  # done for this key, but the result in scores/ is another key's
-        return self._is_done("scores", key, TOPK, named)
+        return self._is_done("scores", key, named)
 
     def _scores(self, inputs: Inputs, named: dict, query_files: list[str]) -> None:
         cfg = self.config
@@ -407,11 +406,10 @@ class Pipeline:
         """What the index's rows depend on besides the documents and its projections: it is reused only
         when all of it matches. Whitened (``index.py``) when the method has pre-training factors."""
         cfg = self.config
-        identity = {"corpus model": inputs.digests[_corpus_model_key(cfg)], "tokenizer": tokenizer_digest(inputs.tokenizer),
-                    "modules": [[s.name, s.out_features, s.in_dim] for s in inputs.layers],
-                    "data.max_length": cfg.data.max_length, "index.dim": cfg.index.dim, "index.seed": cfg.index.seed,
-                    "whitened": cfg.method != "grad_dot", "format": INDEX_FORMAT}
-        return identity
+        return {"corpus model": inputs.digests[_corpus_model_key(cfg)], "tokenizer": tokenizer_digest(inputs.tokenizer),
+                "modules": [[s.name, s.out_features, s.in_dim] for s in inputs.layers],
+                "data.max_length": cfg.data.max_length, "index.dim": cfg.index.dim, "index.seed": cfg.index.seed,
+                "whitened": cfg.method != "grad_dot", "format": INDEX_FORMAT}
 
     def _projection_folder(self, pretrain_key: str | None) -> str:
         """The index's projections: those it was built with, else those this run would write (whitened
@@ -430,9 +428,9 @@ class Pipeline:
         store = self.index_store()
         check_identity(store, identity, "index.path")
         if not store.exists(layout.INDEX_IDENTITY):
-            load = None if pretrain is None else (lambda layer: LayerFactors(
-                *(self.store.load_tensors(layout.factor_layer(pretrain, layer))[0][k] for k in ("Q_A", "Q_S", "lambda"))))
-            for spec in inputs.layers:  # one layer's factors in memory at a time
+            factors = StoredFactors(self.store, 0)  # keeps one layer's factors at a time
+            load = None if pretrain is None else (lambda layer: factors.layer(pretrain, layer))
+            for spec in inputs.layers:
                 projection = random_projections([spec], cfg.index.dim, cfg.index.seed, factors=load)[spec.name]
                 store.save_tensors(layout.index_projection(identity["projections"], spec.name), projection.tensors())
             store.write_json(layout.INDEX_IDENTITY, identity)
@@ -610,13 +608,11 @@ class Pipeline:
 
     # ----------------------------------------------------------------------- manifest
 
-    def _is_done(self, stage: str, key: str, output: str, named: dict | None = None) -> bool:
+    def _is_done(self, stage: str, key: str, named: dict) -> bool:
         """Whether ``stage`` is done for ``key`` (then its record is the manifest's again), else start it.
 
-        Done: its done record ``<stage>/<key>/stage.json`` exists; a stage that names no inputs
-        (``named`` None) is also done when the manifest records ``key`` done and ``output`` exists.
-        Logs why the stage is reused or (re)computed, comparing ``named`` with the inputs of its
-        last manifest record.
+        Done: its done record ``<stage>/<key>/stage.json`` exists. Logs why the stage is reused or
+        (re)computed, comparing ``named`` with the inputs of its last manifest record.
         """
         last = self.manifest["stages"].get(stage)
         record_name = layout.stage_record(stage, key)
@@ -625,11 +621,7 @@ class Pipeline:
             self.log(f"[{stage}] up to date, skipped: reused (key {key})")
             self._save_manifest()
             return True
-        if (named is None and last and last.get("fingerprint") == key and last.get("state") == "done"
-                and self.store.exists(output)):
-            self.log(f"[{stage}] up to date, skipped: reused (key {key})")
-            return True
-        named = {n: v for n, v in (named or {}).items() if n != "key"}
+        named = {n: v for n, v in named.items() if n != "key"}
         outcome, reason = _why(key, named, last)
         self.log(f"[{stage}] {reason} (key {key})")
         self.manifest["stages"][stage] = {"fingerprint": key, "state": "running", "inputs": named,
