@@ -2,7 +2,7 @@
 
     python benchmarks/bench_end_to_end.py [--smoke] [--copies 1]
 
-Both explain the demo toy world's queries (``msif_ray.toy.ToySpec()``; the corpus replicated
+Both explain the demo toy world's queries (``msif_ray.demo.toy.ToySpec()``; the corpus replicated
 ``--copies`` times with fresh ids) with single-stage EK-FAC at the fine-tuned model — kronfluence
 has no multi-stage — sampled Fisher, auto damping (0.1 x mean Λ on both), float32, batches of
 16, one torch thread each. msif runs its pipeline (``Pipeline.run``) on an embedded Ray with one
@@ -43,7 +43,7 @@ import torch
 
 from common import new_figure, pearson, print_table, result_paths, save_figure, setup, write_json
 from kf import PaddedTexts, kronfluence_single_stage
-from msif_ray.toy import ToySpec, build_toy_world
+from msif_ray.demo.toy import ToySpec, build_toy_world
 
 SMOKE = replace(ToySpec.small(), pretrain_steps=30, finetune_steps=5)
 
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from msif_ray.config import config_from_dict
-    from msif_ray.influence import Examples
-    from msif_ray.pipeline import Pipeline
+    from msif_ray.engine.api import Examples
+    from msif_ray.pipeline.run import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

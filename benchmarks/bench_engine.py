@@ -79,11 +79,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from msif_ray.curvature import accumulate_covariances, accumulate_lambdas, eigendecompose_layer, finish_factors
-from msif_ray.gradients import Batch, example_gradients, log_prob_objective
-from msif_ray.influence import QueryVectors, precondition
-from msif_ray.scoring import QueryGroup, score_windows
-from msif_ray.modules import LayerTaps, select_modules
+from msif_ray.engine.curvature import accumulate_covariances, accumulate_lambdas, eigendecompose_layer, finish_factors
+from msif_ray.engine.gradients import Batch, example_gradients, log_prob_objective
+from msif_ray.engine.vectors import QueryVectors
+from msif_ray.engine.influence import precondition
+from msif_ray.engine.scoring import QueryGroup, score_windows
+from msif_ray.engine.modules import LayerTaps, select_modules
 
 _CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 _clock = ["cpu"]

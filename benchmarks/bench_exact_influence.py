@@ -2,7 +2,7 @@
 
     python benchmarks/bench_exact_influence.py [--seeds 0 1 2] [--hidden 32] [--smoke]
 
-The model is the toy world's (``msif_ray.toy``), shrunk so that the Fisher over ALL tracked
+The model is the toy world's (``msif_ray.demo.toy``), shrunk so that the Fisher over ALL tracked
 parameters can be handled exactly in float64: pre-trained on ~500 documents, then fully
 fine-tuned on question/answer pairs; ~10 queries about held-out people.
 
@@ -46,10 +46,10 @@ import torch
 from common import (flat, fmt, inverse, load_world, mean_spread, multi_stage_chain, new_figure, pearson, print_table,
                     result_paths, save_figure, setup, spearman, write_json)
 from kf import PaddedTexts, kronfluence_single_stage
-from msif_ray.curvature import (AUTO_DAMPING_SCALE, Factors, LayerFactors, accumulate_covariances, accumulate_lambdas,
-                                eigendecompose_layer, finish_factors)
-from msif_ray.influence import Examples, TrackedLM, precondition
-from msif_ray.toy import ToySpec
+from msif_ray.engine.curvature import AUTO_DAMPING_SCALE, Factors, LayerFactors, accumulate_covariances, accumulate_lambdas, eigendecompose_layer, finish_factors
+from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.engine.influence import precondition
+from msif_ray.demo.toy import ToySpec
 
 FULL = ToySpec(num_entities=50, num_query_entities=5, paraphrases_per_fact=4, num_filler_docs=100,
                hidden_size=32, num_heads=2, pretrain_steps=400, finetune_steps=120)

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fact_tracing.py [--seeds 0 1 2] [--entities 80] [--query-entities 30] [--smoke]
 
-World (``msif_ray.toy`` with distractors): made-up people with a birthplace and an occupation;
+World (``msif_ray.demo.toy`` with distractors): made-up people with a birthplace and an occupation;
 each fact stated by ``paraphrases`` documents among filler, entity distractors (name the person,
 state nothing) and value distractors (name a city or a job, no person). A tiny GPT-NeoX is
 pre-trained on it, then fully fine-tuned on question/answer pairs about the other people; the
@@ -35,8 +35,8 @@ import torch
 
 from common import (corpus_pass, flat, fmt, inverse, load_world, mean_spread, multi_stage_chain, new_figure,
                     print_table, query_entity, result_paths, retrieval, save_figure, setup, write_json)
-from msif_ray.influence import Examples, TrackedLM
-from msif_ray.toy import ToySpec
+from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.demo.toy import ToySpec
 
 FULL = ToySpec(num_entities=80, num_query_entities=30, paraphrases_per_fact=4, num_filler_docs=60,
                entity_distractors=1, value_distractors=3, pretrain_steps=700)

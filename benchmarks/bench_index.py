@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from common import cache_dir, load_world, new_figure, pearson, print_table, result_paths, save_figure, setup, spearman, write_json
-from msif_ray.toy import ToySpec
+from msif_ray.demo.toy import ToySpec
 
 SECTIONS = ("quality", "throughput", "scale", "kronfluence")
 KS = (4, 8, 16, 32, 64)
@@ -93,8 +93,9 @@ def with_rerank(estimates: torch.Tensor, exact: torch.Tensor, r: int) -> tuple[t
 
 
 def section_quality(args) -> dict:
-    from msif_ray.index import document_rows, layer_sizes, project_queries, quantize, random_projections, scan
-    from msif_ray.influence import Chain, Examples, TrackedLM
+    from msif_ray.engine.index import document_rows, layer_sizes, project_queries, quantize, random_projections, scan
+    from msif_ray.engine.influence import Chain
+    from msif_ray.engine.api import Examples, TrackedLM
 
     lw = load_world(SMOKE_SPEC if args.smoke else ToySpec(), 0, log=log)
     pt = TrackedLM(lw.pretrained, lw.tokenizer, max_length=128, batch_size=32)
@@ -152,10 +153,10 @@ def section_throughput(args) -> dict:
 
     from bench_engine import bare_pass, random_batches
     from bench_scale import neox_config
-    from msif_ray.index import document_rows, random_projections
-    from msif_ray.influence import LayerVectors, QueryVectors
-    from msif_ray.modules import LayerTaps, select_modules
-    from msif_ray.scoring import QueryGroup, score_windows
+    from msif_ray.engine.index import document_rows, random_projections
+    from msif_ray.engine.vectors import LayerVectors, QueryVectors
+    from msif_ray.engine.modules import LayerTaps, select_modules
+    from msif_ray.engine.scoring import QueryGroup, score_windows
 
     shape = "smoke" if args.smoke else "160m"
     config = neox_config(shape)
@@ -213,7 +214,7 @@ def scale_world(args):
     and its queries split into A and B."""
     import pyarrow.parquet as pq
 
-    from msif_ray.toy import build_toy_world
+    from msif_ray.demo.toy import build_toy_world
 
     spec = SMOKE_SCALE_SPEC if args.smoke else SCALE_SPEC
     world = build_toy_world(cache_dir() / ("index-scale-smoke" if args.smoke else "index-scale"), spec, log=log)
@@ -243,7 +244,7 @@ def pipeline_run(world, paths: dict[str, Path], run_dir: Path, index_dir: Path, 
     import pyarrow.parquet as pq
 
     from msif_ray.config import config_from_dict
-    from msif_ray.pipeline import Pipeline
+    from msif_ray.pipeline.run import Pipeline
 
     values = {
         "run_dir": str(run_dir),
@@ -278,8 +279,8 @@ def pipeline_run(world, paths: dict[str, Path], run_dir: Path, index_dir: Path, 
 def candidate_files(manifest: dict, scoring: dict) -> list[str]:
     """The merged candidates of each query batch of an index-mode run (``layout.batch_candidates``)."""
     from msif_ray.config import DEFAULT_RERANK
-    from msif_ray.digests import digest
-    from msif_ray.layout import batch_candidates
+    from msif_ray.store.digests import digest
+    from msif_ray.store.layout import batch_candidates
 
     top_k, rerank = scoring.get("top_k", TOP), scoring.get("rerank", DEFAULT_RERANK)
     scan_key = digest(manifest["stages"]["index"]["inputs"], top_k if rerank == 0 else max(rerank, top_k))
@@ -384,7 +385,7 @@ def section_kronfluence(args, tmp: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kf import PaddedTexts, kronfluence_single_stage
-    from msif_ray.influence import Examples
+    from msif_ray.engine.api import Examples
 
     world, corpus, _, queries_a, _ = scale_world(args)
     model = AutoModelForCausalLM.from_pretrained(world.finetuned_dir).float().eval()

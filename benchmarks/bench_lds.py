@@ -2,7 +2,7 @@
 
     python benchmarks/bench_lds.py [--subsets 48] [--seed 0] [--entities 24] [--smoke]
 
-On a small toy world (``msif_ray.toy``): the scores of every method are computed once, at the
+On a small toy world (``msif_ray.demo.toy``): the scores of every method are computed once, at the
 full-corpus models. Then, for each of K random 50% subsets S_k of the corpus, the tiny GPT-NeoX
 is pre-trained again from the same initialisation (same steps, batch size and learning rate, on
 S_k only), followed by the same fine-tuning (same pairs, steps and batch order), and each query's
@@ -30,9 +30,9 @@ from transformers import GPTNeoXForCausalLM
 from bench_fact_tracing import bm25_scores
 from common import (corpus_pass, flat, inverse, load_world, mean_spread, multi_stage_chain, new_figure, print_table,
                     result_paths, save_figure, setup, spearman, write_json)
-from msif_ray import toy
-from msif_ray.influence import Examples, TrackedLM
-from msif_ray.toy import ToySpec
+from msif_ray.demo import toy
+from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.demo.toy import ToySpec
 
 FULL = ToySpec(num_entities=24, num_query_entities=8, paraphrases_per_fact=3, num_filler_docs=20, entity_distractors=1,
                value_distractors=1, hidden_size=64, pretrain_steps=250, pretrain_batch_size=16, finetune_steps=60,

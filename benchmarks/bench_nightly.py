@@ -104,8 +104,8 @@ def night(config: Path, date: str, logs: Path) -> float:
 
 def read_night(run_dir: str, date: str, log_path: Path) -> dict:
     """The night's record, with the pipeline's own time (its ``done in X s`` line) and the report's."""
-    from msif_ray import layout
-    from msif_ray.storage import RunDir
+    from msif_ray.store import layout
+    from msif_ray.store.storage import RunDir
 
     store = RunDir(run_dir)
     record = store.read_json(layout.night_record(date))

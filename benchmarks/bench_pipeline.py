@@ -23,10 +23,11 @@ import pyarrow.parquet as pq
 import ray
 
 from msif_ray.config import config_from_dict
-from msif_ray.demo import demo_config
-from msif_ray.pipeline import MANIFEST, Pipeline
-from msif_ray.storage import RunDir
-from msif_ray.toy import build_toy_world
+from msif_ray.demo.run import demo_config
+from msif_ray.store.layout import MANIFEST
+from msif_ray.pipeline.run import Pipeline
+from msif_ray.store.storage import RunDir
+from msif_ray.demo.toy import build_toy_world
 
 
 def time_demo(workdir: Path) -> float:

@@ -45,10 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from msif_ray.config import config_from_dict  # noqa: E402
-from msif_ray.curvature import LayerFactors  # noqa: E402
-from msif_ray.influence import Chain, TokenGradient, cross_rotations  # noqa: E402
-from msif_ray.modules import LayerSpec, layer_spec, select_modules  # noqa: E402
-from msif_ray.plan import NOMINAL_DEVICES, make_plan  # noqa: E402
+from msif_ray.engine.curvature import LayerFactors  # noqa: E402
+from msif_ray.engine.influence import Chain, TokenGradient, cross_rotations  # noqa: E402
+from msif_ray.engine.modules import LayerSpec, layer_spec, select_modules  # noqa: E402
+from msif_ray.pipeline.plan import NOMINAL_DEVICES, make_plan  # noqa: E402
 
 PYTHIA = {  # hidden, layers, heads, intermediate (vocab 50304, rotary 0.25, untied head)
     "160m": (768, 12, 12, 3072), "410m": (1024, 24, 16, 4096), "1b": (2048, 16, 8, 8192), "6.9b": (4096, 32, 32, 16384),
@@ -67,7 +67,7 @@ def neox_config(shape: str, vocab: int = 50304):
 
 
 def tracked_layers(config) -> tuple[list[LayerSpec], int]:
-    from msif_ray.models import model_skeleton
+    from msif_ray.store.models import model_skeleton
 
     skeleton = model_skeleton(config)
     return ([layer_spec(n, m) for n, m in select_modules(skeleton).items()],
@@ -81,7 +81,7 @@ def build_world(root: Path, shape: str, num_docs: int, num_queries: int) -> dict
     """A random model of ``shape`` saved with save_pretrained, a small BPE, a corpus, fine-tuning pairs, queries."""
     from transformers import AutoModelForCausalLM
 
-    from msif_ray.toy import train_tokenizer
+    from msif_ray.demo.toy import train_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     words = "the of a in to was born lived worked town city river hill north south old new".split()
@@ -137,8 +137,8 @@ class TreeMemory:
 def section_memory(args, results: dict) -> None:
     import ray
 
-    from msif_ray.pipeline import Pipeline
-    from msif_ray.storage import RunDir
+    from msif_ray.pipeline.run import Pipeline
+    from msif_ray.store.storage import RunDir
 
     shape = "smoke" if args.smoke else "160m"
     world = build_world(Path(args.workdir) / f"world-{shape}", shape, 4, 256)  # 4 documents: memory, not speed
@@ -234,8 +234,8 @@ def section_rank(args, results: dict) -> None:
     """Rank-r multi-stage scores against full rank on the demo's trained toy world."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from msif_ray.influence import Examples, TrackedLM
-    from msif_ray.toy import ToySpec, build_toy_world
+    from msif_ray.engine.api import Examples, TrackedLM
+    from msif_ray.demo.toy import ToySpec, build_toy_world
 
     spec = ToySpec.small() if args.smoke else ToySpec()
     world = build_toy_world(Path(args.workdir) / ("toy-small" if args.smoke else "toy"), spec, log=lambda line: None)
@@ -283,7 +283,7 @@ import ray
 sys.path.insert(0, sys.argv[1])
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
 from msif_ray.distributed.merge import tree_merge
-from msif_ray.storage import RunDir
+from msif_ray.store.storage import RunDir
 run_dir, shards, k = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 store = RunDir(run_dir)
@@ -301,7 +301,7 @@ def section_merge(args, results: dict) -> None:
     """Tree merge of synthetic partials; the driver (a fresh process per size) reports its peak RSS."""
     import numpy as np
 
-    from msif_ray.scoring import EXTREMES_SCHEMA
+    from msif_ray.engine.topk import EXTREMES_SCHEMA
 
     sizes = [(10, 20, 5), (100, 20, 5)] if args.smoke else [(100, 1000, 100), (1000, 100, 10), (10000, 100, 10)]
     rows = []
@@ -333,9 +333,9 @@ def section_factors(args, results: dict) -> None:
     """Factor passes on the toy world's pre-trained model with 1 vs 64 shards: bytes and reduce memory."""
     import ray
 
-    from msif_ray.pipeline import Pipeline
-    from msif_ray.storage import RunDir
-    from msif_ray.toy import ToySpec, build_toy_world
+    from msif_ray.pipeline.run import Pipeline
+    from msif_ray.store.storage import RunDir
+    from msif_ray.demo.toy import ToySpec, build_toy_world
 
     spec = ToySpec.small() if args.smoke else ToySpec()
     world = build_toy_world(Path(args.workdir) / ("toy-small" if args.smoke else "toy"), spec, log=lambda line: None)
@@ -397,9 +397,10 @@ def section_scoring(args, results: dict) -> None:
     training step's time, scaled by FLOPs to what scoring needs of it) plus the cheaper per-query form."""
     from transformers import AutoModelForCausalLM
 
-    from msif_ray.gradients import Batch
-    from msif_ray.influence import LayerVectors, QueryVectors, TrackedLM
-    from msif_ray.scoring import QueryGroup, choose_form, score_windows, scoring_flops
+    from msif_ray.engine.gradients import Batch
+    from msif_ray.engine.vectors import LayerVectors, QueryVectors
+    from msif_ray.engine.api import TrackedLM
+    from msif_ray.engine.scoring import QueryGroup, choose_form, score_windows, scoring_flops
 
     hidden, blocks, heads, inter = (64, 2, 4, 256) if args.smoke else (256, 4, 4, 1024)
     from transformers import GPTNeoXConfig

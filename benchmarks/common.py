@@ -1,6 +1,6 @@
 """What the quality benchmarks share: generated worlds, loaded models, metrics, result files.
 
-Every benchmark builds its world with ``msif_ray.toy`` (a ``ToySpec`` and a seed), loads the
+Every benchmark builds its world with ``msif_ray.demo.toy`` (a ``ToySpec`` and a seed), loads the
 pre-trained and fine-tuned models from it, scores with the engine's Python API in-process, and
 writes ``benchmarks/results/<name>.json`` and ``<name>.png`` (``--smoke`` runs write
 ``<name>.smoke.json`` / ``.png`` so that they never overwrite the committed full-size results).
@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from msif_ray import toy
-from msif_ray.toy import ToySpec, ToyWorld
+from msif_ray.demo import toy
+from msif_ray.demo.toy import ToySpec, ToyWorld
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -283,8 +283,8 @@ def corpus_pass(lm, texts: Sequence[str], queries: dict[str, torch.Tensor],
     damping) of ``self_influences``, out[name] [N] = G_mᵀ(H + λI)⁻¹G_m. Every document must fit
     in one window (then its gradient is the window's).
     """
-    from msif_ray.gradients import window_gradients
-    from msif_ray.influence import Examples
+    from msif_ray.engine.gradients import window_gradients
+    from msif_ray.engine.api import Examples
 
     batches = lm.batches(Examples.documents(texts))
     if sum(len(b.examples) for b in batches) != len(texts):

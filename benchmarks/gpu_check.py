@@ -20,7 +20,7 @@
    factors would take minutes of this check's budget. This engine version has no gradient-index
    pass (scoring.mode: exact only), so none is timed.
 
-2. Agreement on the demo's toy world (``msif_ray.toy.ToySpec()``; built on the CPU first if it is
+2. Agreement on the demo's toy world (``msif_ray.demo.toy.ToySpec()``; built on the CPU first if it is
    not cached): multi_stage scores of every query against the corpus computed on the GPU (bf16
    autocast) and on the CPU (float32), same factors' recipe (fit on each device), per-query
    Pearson, with the empirical Fisher (differences are precision only) and the sampled one (the
@@ -45,11 +45,13 @@ from pathlib import Path
 
 import torch
 
-from msif_ray.curvature import Eigenbasis, accumulate_covariances, accumulate_lambdas
-from msif_ray.gradients import Batch, log_prob_objective
-from msif_ray.influence import Examples, LayerVectors, QueryVectors, TrackedLM, precondition
-from msif_ray.scoring import QueryGroup, score_windows
-from msif_ray.modules import LayerTaps, select_modules
+from msif_ray.engine.curvature import Eigenbasis, accumulate_covariances, accumulate_lambdas
+from msif_ray.engine.gradients import Batch, log_prob_objective
+from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.engine.vectors import LayerVectors, QueryVectors
+from msif_ray.engine.influence import precondition
+from msif_ray.engine.scoring import QueryGroup, score_windows
+from msif_ray.engine.modules import LayerTaps, select_modules
 
 SHAPES = {
     "pythia-410m": dict(vocab_size=50304, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -88,7 +90,7 @@ def random_batches(num: int, batch_size: int, seq_len: int, vocab: int, seed: in
 
 def bare_pass(model, batches: list[Batch], device: torch.device) -> None:
     """Forward + backward with parameter gradients, bf16 autocast on CUDA (no optimizer)."""
-    from msif_ray.gradients import autocast_for
+    from msif_ray.engine.gradients import autocast_for
 
     for p in model.parameters():
         p.requires_grad_(True)
@@ -171,7 +173,7 @@ def agreement(device: torch.device, smoke: bool, workdir: Path) -> dict:
     import pyarrow.parquet as pq
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from msif_ray.toy import ToySpec, build_toy_world
+    from msif_ray.demo.toy import ToySpec, build_toy_world
 
     spec = replace(ToySpec.small(), pretrain_steps=30, finetune_steps=5) if smoke else ToySpec()
     t = time.perf_counter()

@@ -3,7 +3,7 @@
 # Pythia-410m/1b-shaped random models and GPU-vs-CPU score agreement on the demo's toy world.
 #
 #   benchmarks/gpu_check.sh                 # on a CUDA machine: < 8 min on one H200, writes benchmarks/results/gpu_check.json
-#   benchmarks/gpu_check.sh --cpu-smoke     # tiny shapes on the CPU in seconds (tests/test_benchmarks.py runs this)
+#   benchmarks/gpu_check.sh --cpu-smoke     # tiny shapes on the CPU in seconds (tests/benchmarks/test_benchmarks.py runs this)
 #
 # Extra flags go to gpu_check.py (--out, --batch-size, --seq-len, --batches, --queries, --workdir).
 set -euo pipefail

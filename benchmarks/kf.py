@@ -1,4 +1,4 @@
-"""kronfluence 1.0.1 driven on msif's own tokenization; tests/test_kronfluence_parity.py checks this very code.
+"""kronfluence 1.0.1 driven on msif's own tokenization; tests/engine/test_kronfluence_parity.py checks this very code.
 
 Its task returns the summed cross-entropy (−log p) over the tokens msif scores, for both the
 training loss and the measurement: gradients flip sign on both sides, so kronfluence's pairwise

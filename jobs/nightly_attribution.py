@@ -2,7 +2,7 @@
 
 Runs ``msif nightly CONFIG``: only what is new since the last good night, under the run
 directory's lock, then the night published under ``<run_dir>/nights/<date>/`` with
-``nights/latest.json`` pointing to it (see msif_ray/nightly.py). ``--date`` defaults to today
+``nights/latest.json`` pointing to it (see msif_ray/ops/nightly.py). ``--date`` defaults to today
 (UTC); jobs/submit.py --nightly and the CronJob's RayJob pass their night's date, so that a
 retry after midnight still publishes the night it belongs to. Exit code 2 means bad input, 3 a
 run directory locked by another run (message on stderr); either is recorded in the history.

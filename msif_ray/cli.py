@@ -1,7 +1,7 @@
 """``msif run | plan | nightly | status | report | demo``: the command line; each command ends with a one-screen summary.
 
 Exit codes: 0 done; 2 bad input (a one-line message naming the culprit, no traceback: only the
-project's own input-error classes count, see ``user_error``); 3 the run directory is locked by
+project's own ``errors.UserError`` classes count); 3 the run directory is locked by
 another live run (the message names it); anything else is a bug and shows its traceback.
 """
 
@@ -9,93 +9,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import sys
 import time
 from pathlib import Path
 
-from msif_ray import layout
-from msif_ray.config import Config, load_config
-from msif_ray.lock import LockHeldError, RunDirLock
-from msif_ray.models import cache_root
-from msif_ray.storage import RunDir, check_run_dir_shared, check_storage
+from msif_ray.config import load_config
+from msif_ray.distributed.runtime import init_ray
+from msif_ray.errors import user_error
+from msif_ray.pipeline.locked import run_locked, stages_now
+from msif_ray.store import layout
+from msif_ray.store.lock import LockHeldError
+from msif_ray.store.models import cache_root
 
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
 
 
-def init_ray(config: Config) -> None:
-    """Join the configured cluster, or start an embedded local Ray (no dashboard)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(address=config.ray.address, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=True, configure_logging=False)
-
-
-def input_error_classes() -> tuple[type[BaseException], ...]:
-    """The project's own classes of bad input. Anything else (KeyError, pyarrow's ValueErrors, a
-    FileNotFoundError of a lost artifact, ...) is a bug or an outage and keeps its traceback."""
-    from msif_ray.config import ConfigError
-    from msif_ray.data import DataError
-    from msif_ray.gradients import InputError
-    from msif_ray.models import ModelError
-    from msif_ray.modules import ModuleSelectionError, NonFiniteWeightsError
-    from msif_ray.plan import PlanError, WorkerMemoryError
-    from msif_ray.distributed.report_pass import ReportError
-    from msif_ray.storage import StorageError
-
-    return (ConfigError, DataError, InputError, ModelError, ModuleSelectionError, NonFiniteWeightsError, StorageError,
-            PlanError, WorkerMemoryError, ReportError)
-
-
-def user_error(err: BaseException) -> BaseException | None:
-    """The input error behind ``err`` (unwrapping Ray's task errors), or None for a bug."""
-    from ray.exceptions import RayTaskError
-
-    while isinstance(err, RayTaskError) and err.cause is not None:
-        err = err.cause
-    return err if isinstance(err, input_error_classes() + (LockHeldError,)) else None
-
-
-def stages_now(run_dir: str) -> dict:
-    """The manifest's stage records as they are now (to tell, at the end, which stages were reused)."""
-    from msif_ray.summary import read_manifest
-
-    return read_manifest(RunDir(run_dir))["stages"]
-
-
-def run_locked(config: Config, command: str, work) -> None:
-    """``work(pipeline, inputs)`` under the run directory's lock, after every early check.
-
-    Order: the run directory is reachable and writable; the lock is taken (a second run stops
-    here); the inputs are validated and the plan checked against the memory budget (before Ray
-    starts); Ray starts; a local run directory is refused on a multi-node cluster. ``msif
-    nightly`` runs its work through this too.
-    """
-    from msif_ray.pipeline import Pipeline
-
-    check_storage(config.run_dir, "run_dir")
-    with RunDirLock(RunDir(config.run_dir), command):
-        pipeline = Pipeline(config)
-        inputs = pipeline.validate()  # fail before starting Ray when the input is bad
-        pipeline.plan = pipeline.resource_plan(inputs)
-        pipeline.plan.check()  # ... or when it cannot fit the memory budget
-        init_ray(config)
-        check_run_dir_shared(config.run_dir, "run_dir", _alive_nodes())
-        work(pipeline, inputs)
-
-
-def _alive_nodes() -> int:
-    import ray
-
-    return sum(1 for node in ray.nodes() if node.get("Alive"))
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from msif_ray.report import build_report
-    from msif_ray.summary import summarize
+    from msif_ray.report.build import build_report
+    from msif_ray.ops.summary import summarize
 
     started = time.monotonic()
     config = load_config(args.config)
@@ -112,14 +44,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
-    """``msif run`` under the lock, then the night published under ``nights/`` (see ``nightly.py``).
+    """``msif run`` under the lock, then the night published under ``nights/`` (see ``ops/nightly.py``).
 
     A night that fails after its config loaded is recorded in the history as failed, and the error
     is raised on, so the exit code is ``msif run``'s.
     """
-    from msif_ray.nightly import Night, today
-    from msif_ray.report import build_report
-    from msif_ray.summary import summarize
+    from msif_ray.ops.nightly import Night, today
+    from msif_ray.report.build import build_report
+    from msif_ray.ops.summary import summarize
 
     started = time.monotonic()
     date = args.date or today()
@@ -144,7 +76,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def _night_date(text: str) -> str:
-    from msif_ray.nightly import parse_date
+    from msif_ray.ops.nightly import parse_date
 
     try:
         return parse_date(text)
@@ -154,8 +86,8 @@ def _night_date(text: str) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Memory, storage and time per stage before anything heavy runs; exit 2 when it cannot fit."""
-    from msif_ray.pipeline import Pipeline
-    from msif_ray.plan import NOMINAL_DEVICES, PlanError
+    from msif_ray.pipeline.run import Pipeline
+    from msif_ray.pipeline.plan import NOMINAL_DEVICES, PlanError
 
     pipeline = Pipeline(load_config(args.config), log=lambda line: None)
     plan = pipeline.resource_plan(pipeline.validate(), NOMINAL_DEVICES.get(args.device))
@@ -166,7 +98,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from msif_ray.status import describe
+    from msif_ray.ops.status import describe
 
     print(describe(args.run_dir))
     return 0
@@ -174,9 +106,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from msif_ray.config import config_from_dict
-    from msif_ray.report import build_report
-    from msif_ray.storage import RunDir
-    from msif_ray.summary import read_manifest, summarize
+    from msif_ray.report.build import build_report
+    from msif_ray.ops.summary import summarize
+    from msif_ray.store.layout import read_manifest
+    from msif_ray.store.storage import RunDir
 
     started = time.monotonic()
     manifest = read_manifest(RunDir(args.run_dir))
@@ -188,8 +121,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from msif_ray.demo import demo_run_dir, run_demo
-    from msif_ray.summary import summarize
+    from msif_ray.demo.run import demo_run_dir, run_demo
+    from msif_ray.ops.summary import summarize
 
     started = time.monotonic()
     run_dir = str(demo_run_dir(Path(args.workdir)))

@@ -1,4 +1,4 @@
-"""The typed run configuration of DESIGN.md section 2, validated when it is loaded.
+"""The typed run configuration of docs/design.md (the public interface), validated when it is loaded.
 
 A config is a YAML mapping; every key has a default except the paths. ``load_config`` reads a
 file, ``config_from_dict`` a mapping already in memory. Either returns a frozen ``Config`` or
@@ -6,7 +6,7 @@ raises ``ConfigError`` naming the dotted key at fault (``data.corpus.id_column``
 
 Paths: a local relative path resolves against the config file's directory (``base_dir``) and
 becomes absolute; ``s3://...`` and other URLs are kept as written. Globs in ``data.*.paths`` are
-kept as patterns (``msif_ray.data.expand_paths`` expands them).
+kept as patterns (``store.data.expand_paths`` expands them).
 
 Which model does what (see also ``Config.query_model`` and ``Config.corpus_model``):
 
@@ -15,7 +15,7 @@ Which model does what (see also ``Config.query_model`` and ``Config.corpus_model
   else ``models.pretrained``. ``data.finetune`` is not used.
 - The tokenizer is ``models.tokenizer`` when given, else that of the query model.
 
-Beyond the keys of DESIGN.md section 2 the config accepts ``models.trust_remote_code`` (off unless
+Beyond the keys of the original interface the config accepts ``models.trust_remote_code`` (off unless
 turned on), ``data.rows_per_shard`` (the unit of work and of resumption), the ``budget`` section
 (memory per worker, layer groups, query batches and groups; see ``Budget``),
 ``ray.num_cpus_per_worker`` (CPU threads per worker), ``ray.precision`` (``auto``: bf16 weights on a
@@ -36,6 +36,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
+from msif_ray.errors import UserError
 
 Method = Literal["multi_stage", "single_stage", "grad_dot"]
 Fisher = Literal["sampled", "empirical"]
@@ -51,7 +52,7 @@ PRECISIONS: tuple[Precision, ...] = ("auto", "bf16", "fp32")
 _REQUIRED: Any = object()  # the default of a key that must be set
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the dotted key and the fix."""
 
 

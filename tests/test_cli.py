@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from msif_ray.cli import main
-from msif_ray.pipeline import MANIFEST, TOPK
-from msif_ray.storage import RunDir
+from msif_ray.store.layout import MANIFEST, TOPK
+from msif_ray.store.storage import RunDir
 from tiny import make_model, make_tokenizer
 
 

@@ -24,9 +24,8 @@ from typing import Protocol
 
 import torch
 
-from msif_ray.storage import RunDir
-
-MARKER = ".json"
+from msif_ray.store.layout import checkpoint_file, checkpoint_marker, is_checkpoint_marker
+from msif_ray.store.storage import RunDir
 
 
 class Sums(Protocol):
@@ -61,11 +60,12 @@ class Accumulation:
         """Write the running sum and its marker; drop the checkpoint it replaces. Returns its name."""
         if not self.uncommitted:
             return self.committed
-        name = f"{self.folder}/{self.worker}-{self.sequence:05d}.safetensors"
+        name = checkpoint_file(self.folder, self.worker, self.sequence)
         self.store.save_tensors(name, self.sums.to_tensors(), {"worker": self.worker})
-        self.store.write_json(name + MARKER, {"shards": self.shards, "replaces": [self.committed] if self.committed else []})
+        self.store.write_json(checkpoint_marker(name),
+                              {"shards": self.shards, "replaces": [self.committed] if self.committed else []})
         if self.committed:
-            self.store.remove(self.committed + MARKER)
+            self.store.remove(checkpoint_marker(self.committed))
             self.store.remove(self.committed)
         self.committed, self.sequence, self.uncommitted = name, self.sequence + 1, 0
         self.last_commit = time.monotonic()
@@ -78,8 +78,8 @@ def committed_checkpoints(store: RunDir, folder: str) -> dict[str, dict[str, dic
     Valid: its marker exists, no other marker replaces it, its tensors exist, and it shares no
     shard with a checkpoint accepted before it (a defensive rule: its shards are then recomputed).
     """
-    markers = {n[: -len(MARKER)]: store.read_json(n) for n in store.list(folder)
-               if n.endswith(".safetensors" + MARKER)}
+    markers = {n.removesuffix(checkpoint_marker("")): store.read_json(n) for n in store.list(folder)
+               if is_checkpoint_marker(n)}
     replaced = {r for m in markers.values() for r in m["replaces"]}
     valid: dict[str, dict[str, dict]] = {}
     seen: set[str] = set()

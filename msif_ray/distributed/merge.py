@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 
 import ray
 
-from msif_ray.layout import BOTTOMK, TOPK
-from msif_ray.scoring import final_table, merge_extremes
-from msif_ray.storage import RunDir
+from msif_ray.store.layout import BOTTOMK, TOPK
+from msif_ray.engine.topk import final_table, merge_extremes
+from msif_ray.store.storage import RunDir
 from msif_ray.distributed.reduce import run_bounded
 
 FAN_IN = 16

@@ -17,10 +17,10 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from msif_ray.curvature import check_finite, symmetric_eigh
+from msif_ray.engine.curvature import check_finite, symmetric_eigh
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
-from msif_ray.layout import eigen_file, factor_layer
-from msif_ray.storage import RunDir
+from msif_ray.store.layout import eigen_file, factor_layer
+from msif_ray.store.storage import RunDir
 
 HEAD_RESOURCE = "node:__internal_head__"
 

@@ -24,14 +24,16 @@ from typing import Sequence
 import ray
 import torch
 
-from msif_ray.data import Shard, read_documents
+from msif_ray.store.data import Shard, read_documents
 from msif_ray.distributed.worker import load_query_vectors as load_batch_files
-from msif_ray.influence import Examples, QueryVectors, TrackedLM
-from msif_ray.layout import MANIFEST
-from msif_ray.models import load_model, load_tokenizer, pick_device
-from msif_ray.storage import RunDir
+from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.engine.vectors import QueryVectors
+from msif_ray.store.layout import MANIFEST
+from msif_ray.store.models import load_model, load_tokenizer, pick_device
+from msif_ray.store.storage import RunDir
+from msif_ray.errors import UserError
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """The run directory cannot be reported on as it is (no finished run, or inputs changed since)."""
 
 

@@ -24,19 +24,20 @@ import pyarrow as pa
 import ray
 import torch
 
-from msif_ray.curvature import (
-    CovarianceSums, Damping, Eigenbasis, LambdaSums, LayerFactors, accumulate_covariances, accumulate_lambdas,
-)
-from msif_ray.data import Shard, read_documents, read_pair_shard, read_pairs, sample_documents
+from msif_ray.engine.curvature import CovarianceSums, Damping, Eigenbasis, LambdaSums, LayerFactors, accumulate_covariances, accumulate_lambdas
+from msif_ray.store.data import Shard, read_documents, read_pair_shard, read_pairs, sample_documents
 from msif_ray.distributed.checkpoints import Accumulation
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
-from msif_ray.gradients import Fisher
-from msif_ray.influence import Chain, Examples, Method, QueryVectors, TrackedLM, cross_rotations, precondition_queries
-from msif_ray.layout import done_marker, eigen_file, factor_layer, index_projection
-from msif_ray.models import load_model, load_tokenizer, pick_device, weight_dtype
-from msif_ray.index import Projection, document_rows, layer_sizes, project_queries, quantize, scan
-from msif_ray.scoring import EXTREMES_SCHEMA, QueryGroup, extremes_table, score_windows
-from msif_ray.storage import RunDir
+from msif_ray.engine.gradients import Fisher
+from msif_ray.engine.influence import Chain, Method, cross_rotations, precondition_queries
+from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.engine.vectors import QueryVectors
+from msif_ray.store.layout import done_marker, eigen_file, factor_layer, index_projection
+from msif_ray.store.models import load_model, load_tokenizer, pick_device, weight_dtype
+from msif_ray.engine.index import Projection, document_rows, layer_sizes, project_queries, quantize, scan
+from msif_ray.engine.topk import EXTREMES_SCHEMA, extremes_table
+from msif_ray.engine.scoring import QueryGroup, score_windows
+from msif_ray.store.storage import RunDir
 
 
 PROJECTED_BATCHES_KEPT = 64  # projected query batches a worker keeps between index shards

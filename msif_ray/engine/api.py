@@ -1,0 +1,156 @@
+"""The engine's Python API (no Ray): a tracked model and the passes a notebook runs on it.
+
+Example::
+
+    pt = TrackedLM(pretrained_model, tokenizer)
+    ft = TrackedLM(finetuned_model, tokenizer)
+    pt_factors = pt.fit_factors(Examples.documents(corpus_texts))
+    ft_factors = ft.fit_factors(Examples.pairs(ft_prompts, ft_completions))
+    v = ft.query_vectors(Examples.pairs(q_prompts, q_completions), Chain.of("multi_stage", pt_factors, ft_factors),
+                         rank=32)
+    scores = pt.score(Examples.documents(corpus_texts), v)     # scores.total: [N docs, Q queries]
+
+The pipeline's workers call the same per-pass functions (``precondition_queries``,
+``scoring.score_windows``, ``index.document_rows``), so both paths give the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from msif_ray.engine.curvature import Factors, fit_factors
+from msif_ray.engine.gradients import (
+    Batch, Fisher, encode_documents, encode_prompt_completions, example_gradients, make_batches, make_windows,
+    model_device, pad_token_id,
+)
+from msif_ray.engine.index import document_rows, project_queries, random_projections
+from msif_ray.engine.influence import Chain, precondition_queries
+from msif_ray.engine.modules import LayerTaps, select_modules
+from msif_ray.engine.scoring import QueryGroup, score_windows, token_scores
+from msif_ray.engine.vectors import QueryVectors, as_query_vectors
+
+@dataclass(frozen=True)
+class Examples:
+    """What a pass runs over: documents (all tokens after the first scored) or prompt/completion pairs."""
+
+    texts: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    completions: tuple[str, ...] = ()
+    ids: tuple[str, ...] | None = None
+
+    @classmethod
+    def documents(cls, texts: Sequence[str]) -> "Examples":
+        return cls(texts=tuple(texts))
+
+    @classmethod
+    def pairs(cls, prompts: Sequence[str], completions: Sequence[str], ids: Sequence[str] | None = None) -> "Examples":
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        return cls(prompts=tuple(prompts), completions=tuple(completions), ids=tuple(ids) if ids is not None else None)
+
+    def __len__(self) -> int:
+        return len(self.texts) or len(self.prompts)
+
+    def encode(self, tokenizer) -> list[tuple[list[int], list[bool]]]:
+        if self.texts:
+            return encode_documents(tokenizer, self.texts)
+        return encode_prompt_completions(tokenizer, self.prompts, self.completions, self.ids)
+
+
+@dataclass
+class Scores:
+    """Scores of N examples against Q queries, split by layer: ``per_layer`` [L, N, Q]."""
+
+    per_layer: torch.Tensor
+    layers: list[str]
+
+    @property
+    def total(self) -> torch.Tensor:
+        """[N, Q]"""
+        return self.per_layer.sum(0)
+
+
+class TrackedLM:
+    """A causal LM, its tokenizer and its tracked layers: the handle every pass works with."""
+
+    def __init__(
+        self, model: nn.Module, tokenizer, include: str | None = None, exclude: str | None = None,
+        max_length: int = 256, batch_size: int = 8,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.taps = LayerTaps(select_modules(model, include, exclude))
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.taps.modules)
+
+    def batches(self, examples: Examples) -> list[Batch]:
+        windows = make_windows(examples.encode(self.tokenizer), self.max_length)
+        return list(make_batches(windows, self.batch_size, pad_token_id(self.tokenizer)))
+
+    def fit_factors(self, examples: Examples, fisher: Fisher = "sampled", seed: int = 0) -> Factors:
+        """EK-FAC factors of this model on ``examples`` (two passes)."""
+        batches = self.batches(examples)
+        meta = {"model": type(self.model).__name__, "num_examples": str(len(examples))}
+        return fit_factors(self.model, self.taps, lambda: batches, fisher, seed, meta)
+
+    def gradients(self, examples: Examples) -> dict[str, torch.Tensor]:
+        """Per-example gradients of log p: name -> [N, out, in(+1)]."""
+        return example_gradients(self.model, self.taps, self.batches(examples), len(examples))
+
+    def query_vectors(self, queries: Examples, chain: Chain, rank: int | None = None) -> QueryVectors:
+        """Ṽ_q of ``queries`` at this model through ``chain``, rank-``rank`` (None: dense)."""
+        ids = queries.ids or [str(i) for i in range(len(queries))]
+        return precondition_queries(self.model, self.taps, self.batches(queries), len(queries), chain, rank, ids)
+
+    def score(self, examples: Examples, vectors: QueryVectors | dict[str, torch.Tensor]) -> Scores:
+        """Scores of every example against every preconditioned query (windows summed)."""
+        group = QueryGroup(as_query_vectors(vectors), model_device(self.model))
+        per_layer = torch.zeros(len(self.layers), len(examples), group.num_queries, dtype=torch.float64,
+                                device=model_device(self.model))
+        for batch in self.batches(examples):
+            per_layer.index_add_(1, batch.examples.to(per_layer.device), score_windows(self.model, self.taps, batch, group))
+        return Scores(per_layer.cpu(), self.layers)
+
+    def index(self, examples: Examples, dim: int, seed: int = 0, factors: Factors | None = None) -> torch.Tensor:
+        """The corpus gradient index of ``examples``: each one's (P_out M) G (P_in N)ᵀ per layer, whitened by
+        this model's ``factors`` when given, flattened [N, D] (``index.py``); ``index_scores`` scans it."""
+        return document_rows(self.model, self.taps, self.batches(examples), len(examples),
+                             self._projections(dim, seed, factors, model_device(self.model)))
+
+    def index_scores(self, rows: torch.Tensor, vectors: QueryVectors, dim: int, seed: int = 0,
+                     factors: Factors | None = None) -> torch.Tensor:
+        """Estimated scores [N, Q] of indexed examples (``rows`` from ``index``, with the same ``dim``,
+        ``seed`` and ``factors``) against preconditioned queries: unbiased estimates of ``score(...).total``."""
+        projected = project_queries(vectors, self._projections(dim, seed, factors, rows.device), self.layers)
+        return rows.double() @ projected.double().t()
+
+    def _projections(self, dim: int, seed: int, factors: Factors | None, device: torch.device):
+        return random_projections(list(self.taps.specs.values()), dim, seed, device,
+                                  None if factors is None else factors.layer)
+
+    def token_scores(self, text: str, vectors: QueryVectors | dict[str, torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+        """Token ids of one document and each token's contribution to its score: [T, Q].
+
+        Tokens are those of the document's windows, in order (the overlap token is listed once).
+        """
+        group = QueryGroup(as_query_vectors(vectors), model_device(self.model))
+        ids, contributions = [], []
+        windows = make_windows(Examples.documents([text]).encode(self.tokenizer), self.max_length)
+        for k, window in enumerate(windows):
+            batch = next(make_batches([window], 1, pad_token_id(self.tokenizer)))
+            per_token = token_scores(self.model, self.taps, batch, group)[0].cpu()
+            skip = 1 if k > 0 else 0  # the overlap token's position 0 contributes in this window too
+            if skip:
+                contributions[-1] = contributions[-1] + per_token[0]
+            ids.extend(window.input_ids[skip:])
+            contributions.extend(per_token[skip:])
+        return ids, torch.stack(contributions)
+

@@ -1,0 +1,56 @@
+"""``msif status RUN_DIR``: what a run has done, read from its manifest and its shard markers; the
+history of its nights (``msif nightly``) and which one ``nights/latest.json`` points to."""
+
+from __future__ import annotations
+
+from msif_ray.store import layout
+from msif_ray.store.layout import MANIFEST
+from msif_ray.store.lock import LOCK_NAME, Holder
+from msif_ray.ops.nightly import status_lines
+from msif_ray.progress import format_duration
+from msif_ray.store.storage import RunDir
+from msif_ray.ops.summary import locations
+
+
+def describe(run_dir: str) -> str:
+    store = RunDir(run_dir)
+    if not store.exists(MANIFEST):
+        return "\n".join([f"{run_dir}: no run here yet (no {MANIFEST})"] + status_lines(store))
+    manifest = store.read_json(MANIFEST)
+    lines = [f"run {run_dir}  method {manifest.get('config', {}).get('method', '?')}"]
+    for stage, record in manifest.get("stages", {}).items():
+        state = record.get("state", "?")
+        took = f"  {format_duration(record['seconds'])}" if "seconds" in record else ""
+        why = f"  ({record['reason']})" if record.get("reason") else ""
+        why = "  (reused: up to date)" if record.get("outcome") == "reused" else why
+        lines.append(f"  {stage:<18} {state}{took}{why}")
+        if state != "done":
+            lines += _running_passes(store, stage, record["fingerprint"])
+        for name, p in record.get("passes", {}).items():
+            if "shards_total" in p:
+                lines.append(
+                    f"    {name:<12} shards {p['shards_total']}/{p['shards_total']} (computed {p['computed']}, "
+                    f"reused {p['reused']})  docs {p['documents']}  tokens {p['tokens']}  {format_duration(p['seconds'])}"
+                )
+    if store.exists(LOCK_NAME):
+        holder = Holder.parse(store.read_bytes(LOCK_NAME))
+        lines.append(f"  locked by {holder.describe() if holder else 'an unreadable lock'} "
+                     "(or left by a run that died; the next run takes it over)")
+    return "\n".join(lines + locations(store) + status_lines(store))
+
+
+def _running_passes(store: RunDir, stage: str, key: str) -> list[str]:
+    """Jobs finished so far in an unfinished stage: .done.json markers, and shards in committed checkpoints."""
+    from msif_ray.distributed.checkpoints import committed_checkpoints
+
+    prefix = layout.stage_dir(stage, key)
+    by_pass: dict[str, int] = {}
+    for path in store.list(prefix):
+        if layout.is_done_marker(path):
+            name = path.rstrip("/").split("/")[-2]
+            by_pass[name] = by_pass.get(name, 0) + 1
+    folders = {p.rsplit("/", 1)[0] for p in store.list(prefix) if layout.is_checkpoint_marker(p)}
+    for folder in sorted(folders):
+        name = "/".join(folder.split("/")[-2:])
+        by_pass[name] = sum(len(s) for s in committed_checkpoints(store, folder).values())
+    return [f"    {name:<12} {count} done so far" for name, count in sorted(by_pass.items())]

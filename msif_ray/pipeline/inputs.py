@@ -1,0 +1,100 @@
+"""What a run maps over, found by ``validate``: every check that needs no heavy compute, so that bad
+input fails in seconds (configs, columns, ids, tokenizer/model fit), and the content digests of the
+named inputs that the stages' keys are made of (``keys.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from msif_ray.config import Config
+from msif_ray.engine.gradients import encode_prompt_completions
+from msif_ray.engine.modules import LayerSpec, layer_spec, select_modules
+from msif_ray.store.data import (
+    PARQUET_SUFFIXES, Shard, check_columns, check_unique_ids, expand_paths, plan_shards, read_documents, read_pairs,
+)
+from msif_ray.store.digests import TOKENIZER_FILES, digest, file_digests, tree_digest
+from msif_ray.store.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
+
+
+@dataclass
+class Inputs:
+    """What validation found: the shards a run maps over, the queries, the tracked layers' shapes."""
+
+    corpus_shards: list[Shard]
+    layers: list[LayerSpec]
+    model_config: object
+    num_params: int
+    tokenizer: object
+    num_queries: int
+    tokens_per_query: float
+    finetune_shards: list[Shard] = field(default_factory=list)
+    # Content digests of the named inputs, computed once per run: "models.pretrained",
+    # "models.finetuned" (when given), "tokenizer" (its files only), "data.corpus" and
+    # "data.finetune" (of their content shard ids), "data.queries" (of the query files).
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def validate(cfg: Config, log: Callable[[str], None]) -> Inputs:
+    """Every check that needs no heavy compute; returns what the stages map over and their digests."""
+    trust = cfg.models.trust_remote_code
+    pretrained = load_config(cfg.models.pretrained, "models.pretrained", trust)
+    if cfg.models.finetuned:
+        check_same_shapes(pretrained, load_config(cfg.models.finetuned, "models.finetuned", trust))
+    skeleton = model_skeleton(pretrained, trust)
+    modules = select_modules(skeleton, cfg.modules.include, cfg.modules.exclude)
+    tokenizer_key = "models.tokenizer" if cfg.models.tokenizer else ("models.finetuned" if cfg.models.finetuned else "models.pretrained")
+    tokenizer = load_tokenizer(cfg.tokenizer, tokenizer_key, trust)
+    check_tokenizer_fits(tokenizer, pretrained, "models.pretrained")
+
+    corpus = cfg.data.corpus
+    corpus_paths = expand_paths(corpus.paths)
+    check_columns(corpus_paths, [corpus.id_column, corpus.text_column])
+    shards = plan_shards(corpus_paths, cfg.data.rows_per_shard)
+    for shard in shards:  # JSON Lines text is decoded (and so checked) only by reading it
+        if not shard.path.endswith(PARQUET_SUFFIXES):
+            read_documents(shard, corpus.id_column, corpus.text_column)
+    check_unique_ids(shards, corpus.id_column)
+    q = cfg.data.queries
+    query_paths = expand_paths(q.paths)
+    num_queries, query_tokens = _check_pairs(tokenizer, query_paths, q.prompt_column, q.completion_column, q.id_column)
+    inputs = Inputs(shards, [layer_spec(n, m) for n, m in modules.items()], pretrained,
+                    sum(p.numel() for p in skeleton.parameters()), tokenizer, num_queries, query_tokens)
+    digests = inputs.digests
+    digests["models.pretrained"] = tree_digest(cfg.models.pretrained)
+    if cfg.models.finetuned:
+        digests["models.finetuned"] = tree_digest(cfg.models.finetuned)
+    digests["tokenizer"] = tree_digest(cfg.tokenizer, TOKENIZER_FILES)
+    digests["data.corpus"] = digest(*[s.shard_id for s in shards])
+    digests["data.queries"] = digest(*file_digests(query_paths))
+    if cfg.method == "multi_stage":
+        ft = cfg.data.finetune
+        ft_paths = expand_paths(ft.paths)
+        _check_pairs(tokenizer, ft_paths, ft.prompt_column, ft.completion_column)
+        inputs.finetune_shards = plan_shards(ft_paths, cfg.data.rows_per_shard)
+        digests["data.finetune"] = digest(*[s.shard_id for s in inputs.finetune_shards])
+    log(f"validated: {len(shards)} corpus shards, {num_queries} queries, method {cfg.method}")
+    return inputs
+
+
+def _check_pairs(tokenizer, paths: list[str], prompt_column: str, completion_column: str,
+                 id_column: str | None = None) -> tuple[int, float]:
+    """Read and tokenize every prompt/completion pair once (errors name the file, row or id).
+
+    Returns how many there are and their mean length in tokens.
+    """
+    check_columns(paths, [prompt_column, completion_column] + ([id_column] if id_column else []))
+    pairs = read_pairs(paths, prompt_column, completion_column, id_column)
+    encoded = encode_prompt_completions(tokenizer, [p.prompt for p in pairs], [p.completion for p in pairs],
+                                        [p.id for p in pairs])
+    return len(pairs), sum(len(ids) for ids, _ in encoded) / max(len(encoded), 1)
+
+
+def tokens_per_document(config: Config, inputs: Inputs, sample: int = 200) -> float:
+    """Mean tokens per document over the first ``sample`` documents of the first shard (for the plan)."""
+    corpus = config.data.corpus
+    docs, _ = read_documents(inputs.corpus_shards[0], corpus.id_column, corpus.text_column)
+    texts = [d.text for d in docs[:sample]]
+    if not texts:
+        return float(config.data.max_length)
+    return sum(len(ids) for ids in inputs.tokenizer(texts)["input_ids"]) / len(texts)

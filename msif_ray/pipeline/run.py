@@ -1,0 +1,110 @@
+"""``Pipeline``: the stages of ``msif run`` in order, over a run directory.
+
+    validate          configs, columns, ids, tokenizer/model fit: cheap checks before any heavy pass
+                      (``inputs.py``); in index mode, an index built for other inputs is refused
+    plan              memory per process, layer groups, query batches and groups (``plan.py``);
+                      a plan that cannot fit the budget is refused here, before any heavy pass
+    factors/finetune  EK-FAC of θ_ft on the fine-tuning data            (multi_stage; ``factors.py``)
+    factors/pretrain  EK-FAC of θ_pt on the corpus (or a sample of it)  (multi_stage, single_stage)
+    queries           G_q, preconditioned by the method's chain, rank-r, in batches (``queries.py``)
+    scores            exact: every corpus document against each query group, top/bottom k per shard,
+                      a tree of bounded merges (``scores.py``); index: the corpus gradient index, a
+                      scan, exact re-scoring of the candidates (``index.py``)
+
+Each stage is keyed by a digest of its named inputs (``keys.py``) and skipped when its done record
+for that key exists (``records.py``); inside a stage, map passes resume where they stopped
+(``passes.py``). The stages share one worker pool, started on first use.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from msif_ray.config import Config, redact_secrets
+from msif_ray.pipeline import factors, index, queries, scores
+from msif_ray.pipeline.context import RunContext
+from msif_ray.pipeline.inputs import Inputs, tokens_per_document, validate
+from msif_ray.pipeline.keys import check_identity, index_identity, index_store, stage_inputs
+from msif_ray.pipeline.passes import FAULT_ENV, Passes
+from msif_ray.pipeline.plan import ResourcePlan, make_plan
+from msif_ray.pipeline.records import StageRecords
+from msif_ray.store.layout import TOPK
+from msif_ray.store.storage import RunDir
+
+__all__ = ["FAULT_ENV", "Inputs", "Pipeline"]
+
+
+class Pipeline:
+    """One run of a config over its run directory; ``run()`` runs or resumes every stage."""
+
+    def __init__(self, config: Config, log: Callable[[str], None] = print):
+        self.config = config
+        self.log = log
+        self.store = RunDir(config.run_dir)
+        self.records = StageRecords(self.store, log)
+        self.plan: ResourcePlan | None = None
+
+    @property
+    def manifest(self) -> dict:
+        return self.records.manifest
+
+    def validate(self) -> Inputs:
+        """Every check that needs no heavy compute, so that bad input fails in seconds."""
+        inputs = validate(self.config, self.log)
+        if self.config.scoring.mode == "index":  # before any heavy pass: an index built for other inputs is refused
+            check_identity(index_store(self.config, self.store), index_identity(self.config, inputs), "index.path")
+        return inputs
+
+    def resource_plan(self, inputs: Inputs, profile=None) -> ResourcePlan:
+        """The memory / storage / time plan of this run (``profile``: a named device instead of this machine's)."""
+        return make_plan(self.config, inputs.model_config, inputs.layers, inputs.num_queries,
+                         sum(s.num_rows for s in inputs.corpus_shards), tokens_per_document(self.config, inputs),
+                         profile, inputs.num_params, sum(s.num_rows for s in inputs.finetune_shards),
+                         inputs.tokens_per_query)
+
+    def run(self, inputs: Inputs | None = None) -> str:
+        """Run (or resume) every stage; returns the path of ``scores/topk.parquet``.
+
+        ``inputs`` is what ``validate()`` returned, when the caller validated first.
+        """
+        started = time.monotonic()
+        cfg = self.config
+        inputs = inputs or self.validate()
+        self.plan = self.plan or self.resource_plan(inputs)
+        self.plan.check()
+        for line in self.plan.summary_lines():
+            self.log(f"[plan] {line}")
+        self.records.save(config=redact_secrets(cfg.to_dict()), digests=inputs.digests,
+                          shards={"corpus": [s.shard_id for s in inputs.corpus_shards]}, plan=self.plan.to_dict())
+        named = stage_inputs(cfg, inputs, self.plan, self.store, self.log)
+        passes = Passes(cfg, self.store, self.plan, self.log)
+        run = RunContext(cfg, self.store, self.plan, self.records, passes, self.log)
+        try:
+            self._stages(run, inputs, named)
+        finally:
+            passes.shutdown()
+        self.log(f"done in {time.monotonic() - started:.1f}s: {self.store.url(TOPK)}")
+        return self.store.url(TOPK)
+
+    @staticmethod
+    def _stages(run: RunContext, inputs: Inputs, named: dict[str, dict]) -> None:
+        """The stages of the config's method, in order."""
+        cfg = run.config
+        pretrain = finetune = None
+        if cfg.method == "multi_stage":
+            ft = cfg.data.finetune
+            finetune = factors.fit_factors(run, "factors/finetune", named["factors/finetune"], cfg.models.finetuned,
+                                           inputs.finetune_shards, "pairs", (ft.prompt_column, ft.completion_column),
+                                           None)
+        if cfg.method in ("multi_stage", "single_stage"):
+            corpus = cfg.data.corpus
+            pretrain = factors.fit_factors(run, "factors/pretrain", named["factors/pretrain"], cfg.corpus_model,
+                                           inputs.corpus_shards, "documents", (corpus.id_column, corpus.text_column),
+                                           cfg.factors.max_examples)
+        query_files = queries.precondition_queries(run, inputs, named["queries"], pretrain, finetune)
+        if cfg.scoring.mode == "index":
+            built = index.build_index(run, inputs, pretrain, named["index"])
+            index.index_scores(run, inputs, named["scores"], query_files, built, named["index"])
+        else:
+            scores.exact_scores(run, inputs, named["scores"], query_files)

@@ -1,0 +1,326 @@
+"""The run directory: named artifacts under one root, local or on an object store, via fsspec.
+
+``RunDir("runs/x")`` and ``RunDir("s3://bucket/prefix")`` behave the same. Artifacts are
+addressed by relative names with ``/`` separators (``factors/pretrain.safetensors``).
+
+Every write is atomic: a reader sees the old content or the new one, never a part. Locally the
+bytes go to a temporary file in the same folder, renamed over the target; on an object store a
+single PUT is atomic already. Formats are safetensors, Parquet and JSON only, never pickle.
+Credentials come from the environment (fsspec / boto's usual chain) and are never logged.
+
+Object stores fail transiently (timeouts, 5xx, throttling) a few times a night. botocore and s3fs
+retry a request a few times within seconds; on top of that every ``RunDir`` operation is retried
+whole by ``with_retries``: up to RETRY_ATTEMPTS attempts, exponential backoff with full jitter
+(sleep uniform in [0, min(RETRY_CAP, RETRY_BASE · 2^attempt)] seconds), for errors that
+``is_transient`` recognises. Every operation is idempotent (a PUT of whole bytes, a read, a list,
+a delete), so a retry can neither lose nor duplicate an artifact. A missing bucket or a denied
+permission is not transient: ``check_storage`` turns it into a ``StorageError`` naming the path
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import posixpath
+import random
+import socket
+import struct
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+from msif_ray.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are saved or loaded: the lock and the checks need no torch
+    import torch
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_ATTEMPTS = int(os.environ.get("MSIF_STORAGE_RETRIES", "8"))  # attempts per operation, first one included
+RETRY_BASE = 0.5  # seconds: the backoff ceiling of the first retry, doubled per attempt
+RETRY_CAP = 30.0  # seconds: the backoff ceiling never grows past this
+# S3 error codes (and HTTP statuses) that mean "try again later".
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable", "500", "502", "503", "504", "429",
+})
+
+
+class StorageError(UserError, OSError):
+    """A run directory or input location that cannot be used (missing bucket, no permission)."""
+
+
+
+class RunDir:
+    """Named artifacts under a root directory (a local path or a URL such as ``s3://bucket/prefix``)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.fs, self.root = fsspec.core.url_to_fs(str(root))
+        self.root = self.root.rstrip("/")
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.url()!r})"
+
+    # ----------------------------------------------------------------------- names
+
+    def path(self, name: str) -> str:
+        """The filesystem path of ``name`` (no protocol); ``name`` must stay inside the run directory."""
+        if name.startswith("/") or ".." in name.split("/"):
+            raise ValueError(f"artifact name {name!r} must be relative and stay inside the run directory")
+        return posixpath.join(self.root, name) if name else self.root
+
+    def url(self, name: str = "") -> str:
+        """A path or URL for ``name`` that ``RunDir``, fsspec and pyarrow accept; ``url()`` is the root."""
+        path = self.path(name)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
+
+    # ----------------------------------------------------------------------- bytes
+
+    def exists(self, name: str) -> bool:
+        def exists() -> bool:
+            self.fs.invalidate_cache()  # another process may have written since this one last listed
+            return self.fs.exists(self.path(name))
+        return with_retries(exists, f"exists {self.url(name)}")
+
+    def read_bytes(self, name: str) -> bytes:
+        try:
+            return with_retries(lambda: self.fs.cat_file(self.path(name)), f"read {self.url(name)}")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no artifact {name!r} in run directory {self.url()}") from None
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write ``data`` atomically, creating parent folders as needed."""
+        path = self.path(name)
+        if self.is_local:
+            _write_local_atomically(path, data)
+        else:
+            with_retries(lambda: self.fs.pipe_file(path, data), f"write {self.url(name)}")
+
+    def copy(self, source: str, target: str) -> None:
+        """Copy one artifact to another name: atomically (local), or as one server-side object copy."""
+        if self.is_local:
+            with open(self.path(source), "rb") as f:
+                _write_local_atomically(self.path(target), f.read())
+        else:
+            with_retries(lambda: self.fs.copy(self.path(source), self.path(target)),
+                         f"copy {self.url(source)} to {self.url(target)}")
+
+    def size(self, name: str) -> int:
+        """Bytes of an artifact."""
+        return int(with_retries(lambda: self.fs.size(self.path(name)), f"size {self.url(name)}"))
+
+    def list(self, prefix: str = "") -> list[str]:
+        """The names of all artifacts under ``prefix`` (recursively), sorted; empty when there is none."""
+        def find() -> list[str]:
+            self.fs.invalidate_cache()
+            start = self.path(prefix)
+            return list(self.fs.find(start)) if self.fs.exists(start) else []
+        return sorted(posixpath.relpath(p, self.root) for p in with_retries(find, f"list {self.url(prefix)}"))
+
+    def remove(self, name: str) -> None:
+        """Delete an artifact (or a folder of them); nothing happens when it does not exist."""
+        def remove() -> None:
+            self.fs.invalidate_cache()
+            if self.fs.exists(self.path(name)):
+                self.fs.rm(self.path(name), recursive=True)
+        with_retries(remove, f"remove {self.url(name)}")
+
+    # ----------------------------------------------------------------------- formats
+
+    def write_json(self, name: str, value: Any) -> None:
+        self.write_bytes(name, (json.dumps(value, indent=2) + "\n").encode("utf-8"))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.read_bytes(name))
+
+    def save_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        """Save contiguous CPU-or-device tensors as safetensors, with string metadata."""
+        from safetensors.torch import save as save_safetensors
+
+        self.write_bytes(name, save_safetensors(tensors, metadata))
+
+    def load_tensors(self, name: str, keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """The tensors (on CPU) and the string metadata of a safetensors artifact.
+
+        With ``keys``, only those tensors are read, by byte ranges (one layer of a file of many).
+        """
+        import torch
+        from safetensors.torch import load as load_safetensors
+
+        if keys is None:
+            data = self.read_bytes(name)
+            return load_safetensors(data), safetensors_metadata(data)
+        header = self.tensor_header(name)
+        start = 8 + header.pop("__size__")
+        metadata = header.pop("__metadata__", {})
+        tensors = {}
+        for key in keys:
+            if key not in header:
+                raise KeyError(f"no tensor {key!r} in {self.url(name)}")
+            info = header[key]
+            lo, hi = info["data_offsets"]
+            data = self._read_range(name, start + lo, start + hi) if hi > lo else b""
+            dtype = getattr(torch, SAFETENSORS_DTYPES[info["dtype"]])
+            tensors[key] = (torch.frombuffer(bytearray(data), dtype=dtype).reshape(info["shape"]) if data
+                            else torch.zeros(info["shape"], dtype=dtype))
+        return tensors, metadata
+
+    def tensor_header(self, name: str) -> dict[str, Any]:
+        """The JSON header of a safetensors artifact (tensor names, dtypes, shapes, offsets), read alone."""
+        (size,) = struct.unpack("<Q", self._read_range(name, 0, 8))
+        header = json.loads(self._read_range(name, 8, 8 + size))
+        header["__size__"] = size
+        return header
+
+    def _read_range(self, name: str, start: int, end: int) -> bytes:
+        try:
+            return with_retries(lambda: self.fs.cat_file(self.path(name), start=start, end=end),
+                                f"read {self.url(name)}[{start}:{end}]")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no artifact {name!r} in run directory {self.url()}") from None
+
+    def write_parquet(self, name: str, table: pa.Table) -> None:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(name, sink.getvalue().to_pybytes())
+
+    def read_parquet(self, name: str) -> pa.Table:
+        return pq.read_table(pa.BufferReader(self.read_bytes(name)))
+
+
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}  # names in torch
+
+
+# --------------------------------------------------------------------------- transient errors
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether ``err`` (or an error it was raised from) is worth retrying: timeouts, dropped
+    connections, 5xx and throttling. Missing objects, denied access and bad requests are not."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError)):
+            return False
+        if isinstance(err, ClientError):
+            response = err.response or {}
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return code in TRANSIENT_CODES or status >= 500 or status == 429
+        if isinstance(err, (BotoConnectionError, HTTPClientError, TimeoutError, socket.timeout, ConnectionError)):
+            return True  # botocore's ReadTimeout / ConnectTimeout / EndpointConnection / ConnectionClosed errors
+        if isinstance(err, OSError) and err.errno in (errno.EBUSY, errno.EREMOTEIO, errno.ETIMEDOUT, errno.ECONNRESET):
+            return True  # s3fs's translation of SlowDown / 503 and InternalError / 500
+        if type(err).__module__.startswith("aiohttp") and type(err).__name__.startswith(("Server", "ClientConnect", "ClientPayload", "ClientOS")):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def with_retries(operation: Callable[[], T], what: str, attempts: int | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> T:
+    """``operation()``, retried on transient errors with exponential backoff and full jitter.
+
+    ``what`` names the operation and its path in the log line of each retry. The last error is
+    raised as is when every attempt failed or when it is not transient.
+    """
+    attempts = attempts or RETRY_ATTEMPTS
+    for attempt in range(1, attempts + 1):
+        try:
+            return operation()
+        except Exception as err:  # noqa: BLE001 - re-raised unless transient
+            if attempt == attempts or not is_transient(err):
+                raise
+            delay = random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1)))
+            log.warning("%s: transient error (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err,
+                        attempt, attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def check_storage(url: str, key: str, write: bool = True) -> None:
+    """Fail early, naming ``key`` and ``url``, when a location cannot be used.
+
+    Object stores: the bucket must exist and (``write``) accept a small probe object, written
+    and deleted again; a bucket that exists but denies access says so. Local paths: the nearest
+    existing parent must be a writable directory. Raises ``StorageError``.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or (write and not os.access(parent, os.W_OK | os.X_OK)):
+            raise StorageError(f"{key}: cannot write under {url} ({parent} is not a writable directory)")
+        return
+    bucket = path.split("/", 1)[0]
+    try:
+        with_retries(lambda: _head_bucket(fs, bucket), f"check bucket {bucket}")
+    except FileNotFoundError:
+        raise StorageError(f"{key}: bucket {bucket!r} of {url} does not exist (or this account cannot see it); "
+                           "create it or fix the path") from None
+    except PermissionError as err:
+        raise StorageError(f"{key}: access denied to bucket {bucket!r} of {url} ({err}); check the credentials "
+                           "and the bucket policy") from None
+    if write:
+        probe = f"{path.rstrip('/')}/.msif-write-check-{uuid.uuid4().hex}"
+        try:
+            with_retries(lambda: fs.pipe_file(probe, b""), f"write {url}")
+            with_retries(lambda: fs.rm(probe), f"remove {url}")
+        except PermissionError as err:
+            raise StorageError(f"{key}: cannot write under {url}: access denied ({err}); check the credentials "
+                               "and the bucket policy") from None
+        except FileNotFoundError as err:
+            raise StorageError(f"{key}: cannot write under {url} ({err}); check that the bucket exists") from None
+
+
+def check_run_dir_shared(url: str, key: str, alive_nodes: int) -> None:
+    """Refuse a local run directory on a Ray cluster of more than one node.
+
+    Workers on other nodes would write their shard results to their own disks, where the driver
+    never finds them. Raises ``StorageError`` naming the path and the fix.
+    """
+    fs, _ = fsspec.core.url_to_fs(url)
+    if alive_nodes > 1 and isinstance(fs, LocalFileSystem):
+        raise StorageError(f"{key}: {url} is a local path, but the Ray cluster has {alive_nodes} nodes: workers on "
+                           "other nodes would write to their own disks. Use shared storage (s3://bucket/prefix)")
+
+
+def _head_bucket(fs: fsspec.AbstractFileSystem, bucket: str) -> None:
+    """Raise FileNotFoundError / PermissionError unless ``bucket`` exists and is accessible."""
+    fs.invalidate_cache()
+    if hasattr(fs, "call_s3"):  # s3fs: one HEAD request, whatever the bucket holds
+        fs.call_s3("head_bucket", Bucket=bucket)
+    elif not fs.exists(bucket):
+        raise FileNotFoundError(bucket)
+
+
+def safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors bytes: an 8-byte little-endian header size, then a JSON header."""
+    (header_size,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
+
+
+def _write_local_atomically(path: str, data: bytes) -> None:
+    """Write to a temporary name in the target's folder, then rename it over the target."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)

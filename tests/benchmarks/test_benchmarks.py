@@ -1,0 +1,213 @@
+"""The quality benchmarks at their --smoke sizes (so none can rot), and the pieces they rest on.
+
+The smoke runs check that each benchmark runs end to end and writes its JSON and PNG; the figures
+of a smoke world (a model trained for seconds) mean nothing and are not asserted, except where a
+result is exact by construction. The solvers and metrics the figures rest on are checked against
+independent references.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_exact_influence  # noqa: E402
+import bench_fact_tracing  # noqa: E402
+import bench_lds  # noqa: E402
+from common import pearson, ranks, retrieval, spearman  # noqa: E402
+
+from msif_ray.demo import toy  # noqa: E402
+from msif_ray.demo.toy import ToySpec  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def bench_cache(tmp_path_factory, monkeypatch):
+    """Built worlds go to one temp cache per test session, never to the user's."""
+    monkeypatch.setenv("MSIF_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bench-cache"))
+
+
+def _outputs(payload_dir: Path, name: str) -> dict:
+    json_path, png_path = payload_dir / f"{name}.smoke.json", payload_dir / f"{name}.smoke.png"
+    assert png_path.stat().st_size > 1000
+    return json.loads(json_path.read_text())
+
+
+# --------------------------------------------------------------------------- solvers and metrics
+
+
+def test_woodbury_and_cg_match_a_dense_solve():
+    g = torch.Generator().manual_seed(0)
+    j = torch.randn(30, 80, generator=g, dtype=torch.float64)
+    v = torch.randn(3, 80, generator=g, dtype=torch.float64)
+    damping = 0.05
+    dense = torch.linalg.solve(j.t() @ j / 30 + damping * torch.eye(80, dtype=torch.float64), v.t()).t()
+    torch.testing.assert_close(bench_exact_influence.woodbury_inverse(j, damping, v), dense, rtol=1e-10, atol=1e-12)
+    x, iterations = bench_exact_influence.conjugate_gradient(j, damping, v)
+    # CG stops at a relative residual of 1e-6; the error is at most that times the condition number (~1e2 here).
+    assert float((x - dense).norm() / dense.norm()) < 1e-4
+    assert iterations < 200
+
+
+def test_retrieval_metrics_and_rank_correlations_by_hand():
+    scores = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.5, 0.7], [0.1, 0.2]])
+    # Query 0: gold {2}; doc 2 ties doc 1 at 0.5 and ties go against gold -> rank 3.
+    # Query 1: gold {2, 3}: ranks 1 and 3.
+    m = retrieval(scores, [[2], [2, 3]], cutoffs=(1, 2))
+    assert m["mrr"] == pytest.approx((1 / 3 + 1) / 2)
+    assert m["recall@1"] == pytest.approx((0 + 0.5) / 2)
+    assert m["recall@2"] == pytest.approx((0 + 0.5) / 2)
+    assert ranks(torch.tensor([[3.0], [1.0], [2.0], [2.0]])).flatten().tolist() == [3.0, 0.0, 1.5, 1.5]
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.allclose(spearman(x, x.exp()), torch.ones(2, dtype=torch.float64))  # monotone: rank correlation 1
+    assert torch.allclose(pearson(x, 3 * x + 1), torch.ones(2, dtype=torch.float64))
+    assert float(pearson(x[:, :1], -x[:, :1])) == pytest.approx(-1)
+
+
+def test_lds_is_one_for_an_exactly_additive_model():
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    masks = torch.rand(25, 40, generator=g) < 0.5
+    measured = masks.double() @ scores + 7.0
+    assert torch.allclose(bench_lds.lds(scores, masks, measured), torch.ones(3, dtype=torch.float64))
+    assert float(bench_lds.lds(-scores, masks, measured).mean()) == pytest.approx(-1)
+
+
+# --------------------------------------------------------------------------- the generated world
+
+
+def test_distractors_share_entity_or_value_and_state_no_fact():
+    spec = replace(ToySpec.small(), entity_distractors=2, value_distractors=1)
+    rng = random.Random(0)
+    facts = toy.make_facts(spec, rng)
+    corpus = toy.make_corpus(facts, spec, rng)
+    values = {}
+    for f in facts:
+        values.setdefault(f.entity, set()).add(f.value)
+    entity_docs = [d for d in corpus if d.get("distractor", ("",))[0] == "entity"]
+    value_docs = [d for d in corpus if d.get("distractor", ("",))[0] == "value"]
+    assert len(entity_docs) == 2 * spec.num_entities
+    assert len(value_docs) == sum(len(v) for v, _, _ in toy.RELATIONS.values())
+    for d in entity_docs:
+        entity = d["distractor"][1]
+        assert entity in d["text"] and not any(v in d["text"] for v in values[entity])
+    for d in value_docs:
+        assert d["distractor"][1] in d["text"] and not any(e in d["text"] for e in values)
+    # Gold documents are still exactly the documents that name an entity and one of its values.
+    for f in facts:
+        naming = [d for d in corpus if f.entity in d["text"] and f.value in d["text"]]
+        assert all(d["fact"] == f for d in naming) and len(naming) == spec.paraphrases_per_fact
+
+
+def test_default_spec_draws_the_same_world_as_before_distractors():
+    """No distractors asked for: no random draw is added, so the demo's world is unchanged."""
+    spec = ToySpec.small()
+    with_fields = toy.make_corpus(toy.make_facts(spec, random.Random(3)), spec, random.Random(4))
+    assert all("distractor" not in d for d in with_fields)
+    assert len(with_fields) == 12 * 2 * spec.paraphrases_per_fact + spec.num_filler_docs
+
+
+# --------------------------------------------------------------------------- smoke runs
+
+
+@pytest.mark.slow
+def test_fact_tracing_smoke(tmp_path):
+    payload = bench_fact_tracing.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "fact_tracing")
+    assert saved["summary"].keys() == payload["summary"].keys() >= set(bench_fact_tracing.MAIN)
+    # BM25 sees the entity's name and the answer in the query: on this world it must find a gold document first.
+    assert saved["summary"]["bm25"]["mrr"]["mean"] == pytest.approx(1.0)
+    for kinds in saved["top10_kinds"].values():
+        assert sum(kinds.values()) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_exact_influence_smoke(tmp_path):
+    bench_exact_influence.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "exact_influence")
+    for seed in saved["per_seed"]:
+        # Woodbury and CG are independent solvers of the same float64 system.
+        assert seed["cg_check"]["relative_difference"] < 1e-4
+    assert -1 <= saved["at_auto"]["multi_stage"]["pearson"]["mean"] <= 1
+
+
+@pytest.mark.slow
+def test_lds_smoke(tmp_path):
+    bench_lds.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "lds")
+    assert saved["num_subsets"] == 4 and set(saved["results"]) >= {"multi_stage", "single_stage", "bm25", "random"}
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, PYTHON=sys.executable)
+    subprocess.run([str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", "--out", str(out), "--workdir", str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert set(report["throughput"]["tiny"]["passes"]) == {"bare", "cov", "lambda", "score"}
+    # CPU against CPU: the same computation twice must agree exactly (the plumbing of the GPU comparison).
+    assert report["agreement"]["empirical"]["pearson_min"] > 0.999999
+
+
+@pytest.mark.slow
+def test_end_to_end_smoke(tmp_path, ray_session):
+    import bench_end_to_end
+
+    payload = bench_end_to_end.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "end_to_end")
+    assert saved["pass_seconds"].keys() == payload["pass_seconds"].keys()
+    # Same model, data, queries, Fisher recipe and damping rule: the scores must agree closely
+    # (sampled labels differ between the two libraries, so not to the last digit).
+    assert saved["agreement_pearson"]["mean"] > 0.9
+
+
+@pytest.mark.slow
+def test_index_smoke(tmp_path, ray_session):
+    import bench_index
+
+    bench_index.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "index")
+    assert set(saved["sections"]) == set(bench_index.SECTIONS)
+    quality = saved["sections"]["quality"]
+    for entry in quality["by_k"].values():
+        # Re-ranking every document (R >= N) returns the exact scores: top-10 overlap and Spearman 1.
+        assert entry["rerank 100/top10"] == pytest.approx(1.0) and entry["rerank 100/spearman"] == pytest.approx(1.0)
+        assert entry["bytes_per_document"] == 2 * entry["D"] + 4 * 8  # fp16 rows + one fp32 scale per tracked layer
+    scale = saved["sections"]["scale"]
+    assert scale["facts"]["index shards computed in (2) (must be 0)"] == 0
+    assert scale["facts"]["duplicate texts dropped"] >= 0 and scale["facts"]["documents"] > 300
+    assert 0 < scale["speed"]["ratio: (3) exact scores / (2) new-query work"]
+    assert set(saved["summary"]) == {"msif run (1) wall s", "kronfluence wall s", "kronfluence / msif"}
+
+
+@pytest.mark.slow
+def test_nightly_smoke(tmp_path):
+    """Six ``msif nightly`` processes on the small scale world (~5 min on 2 shared cores): what each
+    night recomputed must follow what changed."""
+    import bench_nightly
+
+    bench_nightly.main(["--smoke", "--out-dir", str(tmp_path), "--workdir", str(tmp_path / "work")])
+    saved = _outputs(tmp_path, "nightly")
+    nights = saved["nights"]
+    assert list(nights) == [name for _, name in bench_nightly.NIGHTS] + [bench_nightly.EXACT[1]]
+    recomputed = {name: {s for s, stage in n["stages"].items() if stage["recomputed"]} for name, n in nights.items()}
+    first, nothing, queries, corpus, finetune = (name for _, name in bench_nightly.NIGHTS)
+    assert recomputed[first] == {"factors/finetune", "factors/pretrain", "queries", "index", "scores"}
+    assert recomputed[nothing] == set()
+    assert recomputed[queries] == {"queries", "scores"}
+    assert recomputed[corpus] == {"index", "scores"}  # the pre-training factors are kept
+    assert nights[corpus]["stages"]["index"]["shards_computed"] == 1
+    assert recomputed[finetune] == {"factors/finetune", "queries", "scores"}
+    assert nights[finetune]["stages"]["index"]["shards_computed"] == 0
+    assert nights[first]["fraction_of_night_1"] == 1.0 and all(n["wall_seconds"] > 0 for n in nights.values())

@@ -1,0 +1,125 @@
+"""Faults that bite unattended runs (issue 8), each mended: duplicate corpus ids, a second
+``Pipeline.run()`` in one process, credentials in the manifest, any ValueError taken for bad input,
+pickled model weights, a local run directory on a multi-node cluster."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from msif_ray.cli import main
+from msif_ray.errors import user_error
+from msif_ray.config import ConfigError, config_from_dict
+from msif_ray.store.data import DataError, check_unique_ids, plan_shards, read_documents
+from msif_ray.store.layout import MANIFEST, TOPK
+from msif_ray.pipeline.run import Pipeline
+from msif_ray.store.storage import StorageError, check_run_dir_shared
+
+
+def run_cli(tmp_path: Path, world, capsys, **overrides) -> tuple[int, str]:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(world.config(tmp_path / "run", **overrides)))
+    capsys.readouterr()
+    code = main(["run", str(config)])
+    return code, capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- duplicate ids
+
+
+def test_ids_equal_as_text_within_a_shard_are_duplicates(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": 1, "text": "a"}\n{"id": 2, "text": "b"}\n{"id": "1", "text": "c"}\n')
+    [shard] = plan_shards([str(path)], 10)
+    with pytest.raises(DataError, match=r"row 2: duplicate id '1'.*first at .*row 0 \(1, int, and '1', str"):
+        read_documents(shard, "id", "text")
+
+
+@pytest.mark.parametrize("ids_in_memory", [4_000_000, 3])  # one spill file; several (the bounded-memory path)
+def test_duplicate_ids_across_shards_and_files(tmp_path, ids_in_memory):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(10)], "text": ["x"] * 10}), a)
+    pq.write_table(pa.table({"id": [f"e{i}" for i in range(10)], "text": ["x"] * 10}), b)
+    shards = plan_shards([str(a), str(b)], 4)
+    check_unique_ids(shards, "id", ids_in_memory)  # no duplicate: passes
+    pq.write_table(pa.table({"id": [f"e{i}" for i in range(9)] + ["d7"], "text": ["x"] * 10}), b)
+    with pytest.raises(DataError, match=r"b\.parquet, row 9: duplicate id 'd7'.*first at .*a\.parquet, row 7"):
+        check_unique_ids(plan_shards([str(a), str(b)], 4), "id", ids_in_memory)
+
+
+def test_msif_run_refuses_a_corpus_listing_a_document_twice(tmp_path, world, capsys):
+    corpus = tmp_path / "corpus.parquet"
+    rows = pq.read_table(world.corpus).to_pylist()
+    pq.write_table(pa.Table.from_pylist(rows + [rows[0]]), corpus)  # the first document again, in a later shard
+    code, message = run_cli(tmp_path, world, capsys, **{"data.corpus.paths": [str(corpus)]})
+    assert code == 2 and f"duplicate id {rows[0]['id']!r}" in message and "row 0" in message, message
+
+
+# --------------------------------------------------------------------------- user errors
+
+
+def test_only_the_projects_input_errors_are_reported_without_traceback():
+    assert user_error(DataError("bad row")) is not None
+    assert user_error(ConfigError("bad key")) is not None
+    assert user_error(pa.ArrowInvalid("a bug in the engine's Arrow code")) is None  # a ValueError
+    assert user_error(KeyError("layer")) is None
+    assert user_error(FileNotFoundError("a lost partial result")) is None
+    assert user_error(ValueError("anything else")) is None
+
+
+# --------------------------------------------------------------------------- models
+
+
+def test_a_model_with_pickled_weights_is_refused_before_loading(tmp_path, world, capsys):
+    pickled = tmp_path / "pt-pickled"
+    shutil.copytree(world.pretrained, pickled)
+    model = AutoModelForCausalLM.from_pretrained(world.pretrained)
+    (pickled / "model.safetensors").unlink()
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    code, message = run_cli(tmp_path, world, capsys, method="single_stage", **{
+        "models.pretrained": str(pickled), "models.finetuned": None})
+    assert code == 2, message
+    assert f"models.pretrained: no safetensors weights in {str(pickled)!r}" in message
+    assert "pytorch_model.bin" in message and "safe_serialization=True" in message
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+def test_a_local_run_dir_is_refused_on_a_multi_node_cluster(tmp_path):
+    check_run_dir_shared(str(tmp_path), "run_dir", 1)  # one node: its disk is everybody's
+    check_run_dir_shared("s3://bucket/run", "run_dir", 8)
+    with pytest.raises(StorageError, match=r"run_dir: .* is a local path, but the Ray cluster has 3 nodes.*s3://"):
+        check_run_dir_shared(str(tmp_path), "run_dir", 3)
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def test_second_run_in_one_process_and_no_credentials_in_the_manifest(world, ray_session, tmp_path):
+    secret_address = "ray://admin:hunter2@127.0.0.1:10001?token=s3cret"  # not used: Ray is already up
+    config = config_from_dict(world.config(tmp_path / "run", method="grad_dot", **{"ray.address": secret_address}),
+                              world.root)
+    pipeline = Pipeline(config, log=lambda _: None)
+    pipeline.run()
+    manifest = (tmp_path / "run" / MANIFEST).read_text()
+    assert "hunter2" not in manifest and "s3cret" not in manifest
+    assert json.loads(manifest)["config"]["ray"]["address"] == "ray://admin:REDACTED@127.0.0.1:10001?token=REDACTED"
+    first = pq.read_table(tmp_path / "run" / TOPK)
+
+    shutil.rmtree(tmp_path / "run" / "scores")  # every score shard must be computed again, by workers
+    outcome = []
+    second = threading.Thread(target=lambda: outcome.append(pipeline.run()), daemon=True)
+    second.start()
+    second.join(timeout=120)  # with the first run's dead actors it waited on them for minutes
+    assert outcome, "the second run() of one Pipeline did not finish within 120 s"
+    assert pq.read_table(tmp_path / "run" / TOPK).equals(first)

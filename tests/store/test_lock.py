@@ -1,0 +1,116 @@
+"""The run-directory lock: two runs at once (separate processes, local and on moto S3), a stale lock
+left by a killed run taken over, the S3 lease kept alive by its heartbeat, and `msif run` refused
+while another run holds the lock."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from msif_ray.cli import EXIT_LOCKED, main
+from msif_ray.store.lock import LOCK_NAME, LockHeldError, RunDirLock
+from msif_ray.store.layout import MANIFEST
+from msif_ray.store.storage import RunDir
+
+REPO = Path(__file__).resolve().parents[2]
+# A run holding the lock: waits for the file `go` (so that every process starts at once, after its
+# imports), takes the lock, says so, holds it for HOLD seconds. Exit 3 with the message when locked.
+HOLDER = """
+import os, sys, time
+from msif_ray.store.lock import LockHeldError, RunDirLock
+from msif_ray.store.storage import RunDir
+url, ttl, hold, go = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+while not os.path.exists(go):
+    time.sleep(0.01)
+try:
+    with RunDirLock(RunDir(url), ttl=ttl):
+        print("acquired", os.getpid(), flush=True)
+        time.sleep(hold)
+except LockHeldError as err:
+    print(err, file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def start_holders(url: str, count: int, go: Path, ttl: float = 30, hold: float = 3) -> list[subprocess.Popen]:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return [subprocess.Popen([sys.executable, "-c", HOLDER, url, str(ttl), str(hold), str(go)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
+
+
+def wait_acquired(process: subprocess.Popen, timeout: float = 60) -> None:
+    line = process.stdout.readline()
+    assert line.startswith("acquired"), (line, process.stderr.read() if process.poll() is not None else "")
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_runs_at_once_one_runs_the_other_names_the_holder(where, tmp_path, request):
+    url = str(tmp_path / "run") if where == "local" else f"{request.getfixturevalue('s3_bucket')}/run"
+    go = tmp_path / "go"
+    processes = start_holders(url, 2, go)
+    time.sleep(0.5)
+    go.touch()
+    results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in processes]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 3], results
+    (_, winner_out, _), = [r for r in results if r[0] == 0]
+    (_, _, loser_err), = [r for r in results if r[0] == 3]
+    winner_pid = winner_out.split()[1]
+    assert f"pid {winner_pid}" in loser_err and "locked by `msif run` on host" in loser_err, loser_err
+    assert not RunDir(url).exists(LOCK_NAME)  # released
+
+
+def test_stale_local_lock_of_a_killed_run_is_taken_over(tmp_path):
+    go = tmp_path / "go"
+    go.touch()
+    [holder] = start_holders(str(tmp_path / "run"), 1, go, hold=60)
+    wait_acquired(holder)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    messages = []
+    with RunDirLock(RunDir(tmp_path / "run"), log=messages.append):
+        assert RunDir(tmp_path / "run").read_json(LOCK_NAME)["pid"] == os.getpid()
+    assert len(messages) == 1 and "taking over the stale lock" in messages[0] and f"pid {holder.pid}" in messages[0]
+
+
+def test_s3_lease_is_renewed_while_held_and_taken_over_once_its_holder_died(s3_bucket, tmp_path):
+    url = f"{s3_bucket}/run"
+    go = tmp_path / "go"
+    go.touch()
+    ttl = 2.0  # seconds; the holder renews every ttl/3
+    [holder] = start_holders(url, 1, go, ttl=ttl, hold=60)
+    wait_acquired(holder)
+    time.sleep(2 * ttl)  # without renewals the lease would be stale by now
+    with pytest.raises(LockHeldError, match=f"pid {holder.pid}"):
+        RunDirLock(RunDir(url)).acquire()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with pytest.raises(LockHeldError):  # its last renewal is younger than the lease
+        RunDirLock(RunDir(url)).acquire()
+    time.sleep(ttl + 1.5)  # the object store's clock has a one-second resolution
+    messages = []
+    with RunDirLock(RunDir(url), log=messages.append):
+        assert RunDir(url).read_json(LOCK_NAME)["pid"] == os.getpid()
+    assert len(messages) == 1 and "taking over the stale lock" in messages[0] and f"pid {holder.pid}" in messages[0]
+    assert not RunDir(url).exists(LOCK_NAME)
+
+
+def test_msif_run_refused_while_another_run_holds_the_lock(world, tmp_path, capsys):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(world.config(tmp_path / "run")))
+    with RunDirLock(RunDir(tmp_path / "run")):
+        capsys.readouterr()
+        assert main(["run", str(config)]) == EXIT_LOCKED
+        message = capsys.readouterr().err
+        assert not (tmp_path / "run" / MANIFEST).exists()  # the refused run wrote nothing
+        RunDir(tmp_path / "run").write_json(MANIFEST, {"stages": {}})
+        assert main(["status", str(tmp_path / "run")]) == 0
+        assert "locked by `msif run` on host" in capsys.readouterr().out
+    assert message.startswith("msif: error: run directory") and f"pid {os.getpid()}" in message, message
