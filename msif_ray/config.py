@@ -72,11 +72,29 @@ class Models:
 
 @dataclass(frozen=True)
 class Corpus:
-    """Pre-training documents: one document per row."""
+    """Pre-training documents: one document per row, as text or as the token ids it was trained on.
+
+    ``token_column``: a column of token-id lists, read as they are (no tokenizer in the loop); the
+    token formats (Megatron, arrays of sequences) always are. ``sequence_length`` and
+    ``token_dtype``: the layout of a raw array of token ids without a header (``store/formats/memmap.py``).
+    """
 
     paths: tuple[str, ...]
     id_column: str = "id"
     text_column: str = "text"
+    token_column: str | None = None
+    sequence_length: int | None = None
+    token_dtype: str = "uint16"
+
+    @property
+    def layout(self) -> str | None:
+        """A raw token array's ``"<dtype>x<length>"``, or None."""
+        return f"{self.token_dtype}x{self.sequence_length}" if self.sequence_length else None
+
+    @property
+    def columns(self) -> tuple[str, str, str | None]:
+        """(id, text, token) columns: what a worker reads a corpus shard with."""
+        return self.id_column, self.text_column, self.token_column
 
 
 @dataclass(frozen=True)
@@ -132,6 +150,7 @@ class Modules:
 
 
 DEFAULT_QUERY_RANK = 32  # chosen from benchmarks/bench_scale.py's rank table (benchmarks/README.md)
+TOKEN_DTYPES = ("uint16", "int32", "uint32", "int64")
 DEFAULT_RERANK = 100  # chosen from benchmarks/bench_index.py's table (benchmarks/README.md)
 DEFAULT_INDEX_DIM = 32  # chosen from benchmarks/bench_index.py's quality table (benchmarks/README.md)
 
@@ -284,7 +303,9 @@ def _data(s: _Section) -> Data:
     corpus, finetune, queries = s.section("corpus"), s.section("finetune"), s.section("queries")
     data = Data(
         max_length=s.positive_integer("max_length", 256),
-        corpus=Corpus(corpus.paths("paths"), corpus.text("id_column", "id"), corpus.text("text_column", "text")),
+        corpus=Corpus(corpus.paths("paths"), corpus.text("id_column", "id"), corpus.text("text_column", "text"),
+                      corpus.text("token_column", None), corpus.positive_integer("sequence_length", None),
+                      corpus.choice("token_dtype", TOKEN_DTYPES, "uint16")),
         finetune=Finetune(finetune.paths("paths", ()), finetune.text("prompt_column", "prompt"),
                           finetune.text("completion_column", "completion")),
         queries=Queries(queries.paths("paths"), queries.text("id_column", "id"), queries.text("prompt_column", "prompt"),

@@ -17,6 +17,7 @@ The results are small (a float per token per shown pair) and return to the drive
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -68,8 +69,7 @@ class ExplainJob:
     """The shown documents of one shard: ``wanted`` is ((doc_id, (query id, ...)), ...)."""
 
     shard: Shard
-    id_column: str
-    text_column: str
+    columns: tuple[str | None, ...]  # (id, text, token), as the corpus is read
     wanted: tuple[tuple[str, tuple[int, ...]], ...]
 
 
@@ -114,6 +114,18 @@ class ReportWorker:
             raise ReportError(f"queries {unknown[:5]} are not among the run's preconditioned queries; rerun msif run")
         return self._vectors.select([self._query_index[q] for q in query_ids])
 
+    def _display(self, doc, ids: list[int]) -> tuple[str, list[list[int]]]:
+        """The text shown for a document and each token's character span in it. A token document is
+        shown as its tokens decoded one by one (the tokenizer is used for display only)."""
+        if doc.input_ids is not None:
+            pieces = [self.tokenizer.decode([t]) for t in ids]
+            ends = list(itertools.accumulate(len(p) for p in pieces))
+            return "".join(pieces), [[end - len(p), end] for p, end in zip(pieces, ends)]
+        encoding = self.tokenizer(doc.text, add_special_tokens=True, return_offsets_mapping=True)
+        if list(encoding["input_ids"]) != list(ids):
+            raise RuntimeError(f"document {doc.doc_id!r}: windows do not reproduce the tokenization")
+        return doc.text, [list(o) for o in encoding["offset_mapping"]]
+
     def explain(self, job: ExplainJob) -> dict:
         """Breakdowns of the shard's wanted documents: {"layers", "documents", "tokens", "seconds"}.
 
@@ -123,25 +135,26 @@ class ReportWorker:
         start = time.monotonic()
         lm = self._load()
         wanted = dict(job.wanted)
-        documents = [d for d in read_documents(job.shard, job.id_column, job.text_column)[0] if d.doc_id in wanted]
+        documents = [d for d in read_documents(job.shard, *job.columns)[0] if d.doc_id in wanted]
         missing = sorted(set(wanted) - {d.doc_id for d in documents})
         if missing:
             raise ReportError(f"{job.shard.path} rows {job.shard.row_start}-{job.shard.row_stop}: documents "
                              f"{missing[:5]} are no longer there; the corpus changed since the run (rerun msif run)")
         union = sorted({q for d in documents for q in wanted[d.doc_id]})
         column = {q: i for i, q in enumerate(union)}
-        per_layer = lm.score(Examples.documents([d.text for d in documents]), self._select(union)).per_layer
+        token_docs = [d.input_ids for d in documents if d.input_ids is not None]
+        examples = Examples.tokens(token_docs) if token_docs else Examples.documents([d.text for d in documents])
+        per_layer = lm.score(examples, self._select(union)).per_layer
         out, tokens = [], 0
         for k, doc in enumerate(documents):
             queries = wanted[doc.doc_id]
-            ids, per_position = lm.token_scores(doc.text, self._select(queries))
-            encoding = self.tokenizer(doc.text, add_special_tokens=True, return_offsets_mapping=True)
-            if list(encoding["input_ids"]) != list(ids):
-                raise RuntimeError(f"document {doc.doc_id!r}: windows do not reproduce the tokenization")
+            ids, per_position = lm.token_scores(doc.input_ids if doc.input_ids is not None else doc.text,
+                                                self._select(queries))
+            text, offsets = self._display(doc, ids)
             credited = credit_predicted_tokens(per_position)
             tokens += len(ids)
             out.append({
-                "doc_id": doc.doc_id, "text": doc.text, "offsets": [list(o) for o in encoding["offset_mapping"]],
+                "doc_id": doc.doc_id, "text": text, "offsets": offsets,
                 "queries": {q: {"tokens": credited[:, i].tolist(), "layers": per_layer[:, k, column[q]].tolist()}
                             for i, q in enumerate(queries)},
             })

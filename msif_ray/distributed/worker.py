@@ -71,7 +71,7 @@ class ShardJob:
     output: str  # the shard's own output (query and scoring passes) or its checkpoint folder (factor passes)
     model: str
     kind: Literal["documents", "pairs"]
-    columns: tuple[str, ...]  # (id, text) for documents; (prompt, completion) for pairs
+    columns: tuple[str | None, ...]  # (id, text, token) for documents; (prompt, completion) for pairs
     seed: int = 0
     sample: int | None = None  # this shard's quota of a seeded corpus sample (None: every document)
     doc_ids: frozenset[str] | None = None  # only these documents of the shard (None: every one)
@@ -187,7 +187,9 @@ class ShardWorker:
         docs = sample_documents(docs, job.sample, job.seed, job.shard)
         if job.doc_ids is not None:
             docs = [d for d in docs if d.doc_id in job.doc_ids]
-        return [d.doc_id for d in docs], Examples.documents([d.text for d in docs]), skipped
+        tokens = [d.input_ids for d in docs if d.input_ids is not None]
+        examples = Examples.tokens(tokens) if tokens else Examples.documents([d.text for d in docs])
+        return [d.doc_id for d in docs], examples, skipped
 
     def _maybe_crash(self, pass_name: str) -> None:
         """Fault injection for tests: die (a real process exit) once, on a shard of ``pass_name``."""

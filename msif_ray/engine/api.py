@@ -35,16 +35,29 @@ from msif_ray.engine.vectors import QueryVectors, as_query_vectors
 
 @dataclass(frozen=True)
 class Examples:
-    """What a pass runs over: documents (all tokens after the first scored) or prompt/completion pairs."""
+    """What a pass runs over: documents (all tokens after the first scored), as text or as token ids
+    read as they are, or prompt/completion pairs."""
 
     texts: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
     completions: tuple[str, ...] = ()
     ids: tuple[str, ...] | None = None
+    token_ids: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def documents(cls, texts: Sequence[str]) -> "Examples":
         return cls(texts=tuple(texts))
+
+    @classmethod
+    def tokens(cls, token_ids: Sequence[Sequence[int]]) -> "Examples":
+        """Documents given as the token ids they were trained on (no tokenizer in the loop)."""
+        return cls(token_ids=tuple(tuple(int(t) for t in ids) for ids in token_ids))
+
+    @classmethod
+    def from_dataset(cls, dataset, text_column: str = "text", token_column: str | None = None) -> "Examples":
+        """The documents of a ``datasets.Dataset`` (or any table indexed by column name): its
+        ``token_column`` of token-id lists when given, else its ``text_column``."""
+        return cls.tokens(dataset[token_column]) if token_column else cls.documents(dataset[text_column])
 
     @classmethod
     def pairs(cls, prompts: Sequence[str], completions: Sequence[str], ids: Sequence[str] | None = None) -> "Examples":
@@ -53,9 +66,11 @@ class Examples:
         return cls(prompts=tuple(prompts), completions=tuple(completions), ids=tuple(ids) if ids is not None else None)
 
     def __len__(self) -> int:
-        return len(self.texts) or len(self.prompts)
+        return len(self.texts) or len(self.prompts) or len(self.token_ids)
 
     def encode(self, tokenizer) -> list[tuple[list[int], list[bool]]]:
+        if self.token_ids:
+            return [(list(ids), [False] + [True] * (len(ids) - 1)) for ids in self.token_ids]
         if self.texts:
             return encode_documents(tokenizer, self.texts)
         return encode_prompt_completions(tokenizer, self.prompts, self.completions, self.ids)
@@ -136,14 +151,16 @@ class TrackedLM:
         return random_projections(list(self.taps.specs.values()), dim, seed, device,
                                   None if factors is None else factors.layer)
 
-    def token_scores(self, text: str, vectors: QueryVectors | dict[str, torch.Tensor]) -> tuple[list[int], torch.Tensor]:
-        """Token ids of one document and each token's contribution to its score: [T, Q].
+    def token_scores(self, document: str | Sequence[int], vectors: QueryVectors | dict[str, torch.Tensor]
+                     ) -> tuple[list[int], torch.Tensor]:
+        """Token ids of one document (text, or its token ids) and each token's contribution to its score: [T, Q].
 
         Tokens are those of the document's windows, in order (the overlap token is listed once).
         """
         group = QueryGroup(as_query_vectors(vectors), model_device(self.model))
         ids, contributions = [], []
-        windows = make_windows(Examples.documents([text]).encode(self.tokenizer), self.max_length)
+        examples = Examples.documents([document]) if isinstance(document, str) else Examples.tokens([document])
+        windows = make_windows(examples.encode(self.tokenizer), self.max_length)
         for k, window in enumerate(windows):
             batch = next(make_batches([window], 1, pad_token_id(self.tokenizer)))
             per_token = token_scores(self.model, self.taps, batch, group)[0].cpu()

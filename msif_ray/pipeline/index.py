@@ -41,7 +41,7 @@ def build_index(run: RunContext, inputs: Inputs, pretrain: str | None, identity:
     started = time.monotonic()
     corpus = cfg.data.corpus
     jobs = [ShardJob("index", s, layout.index_shard(s.shard_id), cfg.corpus_model, "documents",
-                     (corpus.id_column, corpus.text_column)) for s in inputs.corpus_shards]
+                     corpus.columns) for s in inputs.corpus_shards]
     stats = run.passes.map("index", "index", jobs, store.url(), identity["projections"], store=store)
     check_documents(stats)
     run.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
@@ -114,7 +114,7 @@ def rescore_candidates(run: RunContext, inputs: Inputs, scan_key: str, query_fil
         batches = [f for f in query_files if f in here]
         for chunk in run.passes.pending_chunks(batches, outputs, run.plan.query_group_batches):
             documents = frozenset(d for f in chunk for _, d, _ in here[f])
-            read = ShardJob("rerank", shard, "", cfg.corpus_model, "documents", (corpus.id_column, corpus.text_column),
+            read = ShardJob("rerank", shard, "", cfg.corpus_model, "documents", corpus.columns,
                             doc_ids=documents)
             jobs.append(RerankJob(read, chunk, tuple(here[f] for f in chunk), tuple(outputs[f] for f in chunk)))
     return files, run.passes.map("rerank", "rescore", jobs)

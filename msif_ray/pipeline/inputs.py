@@ -11,8 +11,10 @@ from msif_ray.config import Config
 from msif_ray.engine.gradients import encode_prompt_completions
 from msif_ray.engine.modules import LayerSpec, layer_spec, select_modules
 from msif_ray.store.data import (
-    PARQUET_SUFFIXES, Shard, check_columns, check_unique_ids, expand_paths, plan_shards, read_documents, read_pairs,
+    Shard, check_columns, check_corpus_columns, check_token_ids, check_unique_ids, expand_paths, plan_shards,
+    read_documents, read_pairs,
 )
+from msif_ray.store.formats.jsonl import JsonLines
 from msif_ray.store.digests import TOKENIZER_FILES, digest, file_digests, tree_digest
 from msif_ray.store.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
 
@@ -49,11 +51,12 @@ def validate(cfg: Config, log: Callable[[str], None]) -> Inputs:
 
     corpus = cfg.data.corpus
     corpus_paths = expand_paths(corpus.paths)
-    check_columns(corpus_paths, [corpus.id_column, corpus.text_column])
-    shards = plan_shards(corpus_paths, cfg.data.rows_per_shard)
-    for shard in shards:  # JSON Lines text is decoded (and so checked) only by reading it
-        if not shard.path.endswith(PARQUET_SUFFIXES):
-            read_documents(shard, corpus.id_column, corpus.text_column)
+    check_corpus_columns(corpus_paths, *corpus.columns, corpus.layout)
+    shards = plan_shards(corpus_paths, cfg.data.rows_per_shard, corpus.layout)
+    for shard in shards:  # JSON Lines is decoded (and so checked) only by reading it
+        if isinstance(shard.format, JsonLines):
+            read_documents(shard, *corpus.columns)
+    check_token_ids(shards, *corpus.columns, pretrained.vocab_size)
     check_unique_ids(shards, corpus.id_column)
     q = cfg.data.queries
     query_paths = expand_paths(q.paths)
@@ -93,8 +96,13 @@ def _check_pairs(tokenizer, paths: list[str], prompt_column: str, completion_col
 def tokens_per_document(config: Config, inputs: Inputs, sample: int = 200) -> float:
     """Mean tokens per document over the first ``sample`` documents of the first shard (for the plan)."""
     corpus = config.data.corpus
-    docs, _ = read_documents(inputs.corpus_shards[0], corpus.id_column, corpus.text_column)
-    texts = [d.text for d in docs[:sample]]
-    if not texts:
+    first = inputs.corpus_shards[0]
+    if first.num_tokens is not None:
+        return first.num_tokens / max(first.num_rows, 1)
+    docs, _ = read_documents(first, *corpus.columns)
+    docs = docs[:sample]
+    if not docs:
         return float(config.data.max_length)
-    return sum(len(ids) for ids in inputs.tokenizer(texts)["input_ids"]) / len(texts)
+    if docs[0].input_ids is not None:
+        return sum(len(d.input_ids) for d in docs) / len(docs)
+    return sum(len(ids) for ids in inputs.tokenizer([d.text for d in docs])["input_ids"]) / len(docs)

@@ -33,6 +33,12 @@ def corpus_model_key(config: Config) -> str:
     return "models.finetuned" if config.method != "multi_stage" and config.models.finetuned else "models.pretrained"
 
 
+def corpus_columns(config: Config) -> list[str]:
+    """The corpus columns a stage reads (the token column only when set, so text corpora keep their keys)."""
+    corpus = config.data.corpus
+    return [corpus.id_column, corpus.text_column] + ([corpus.token_column] if corpus.token_column else [])
+
+
 def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunDir,
                  log: Callable[[str], None]) -> dict[str, dict]:
     """The named inputs of every stage of this run's method, each stage's key (``"key"``) among them.
@@ -45,7 +51,7 @@ def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunD
     cfg, d = config, inputs.digests
     query_model = "models.finetuned" if cfg.models.finetuned else "models.pretrained"
     corpus_model = corpus_model_key(cfg)
-    corpus, ft, q = cfg.data.corpus, cfg.data.finetune, cfg.data.queries
+    ft, q = cfg.data.finetune, cfg.data.queries
     common = {"tokenizer": d["tokenizer"], "data.max_length": cfg.data.max_length,
               "modules": [cfg.modules.include, cfg.modules.exclude]}
     fitting = {"factors.fisher": cfg.factors.fisher, "ray.batch_size": cfg.ray.batch_size, "seed": cfg.seed}
@@ -64,7 +70,7 @@ def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunD
     if cfg.method in ("multi_stage", "single_stage"):
         named = common | fitting | {
             corpus_model: d[corpus_model], "data.corpus": d["data.corpus"],
-            "data.corpus.columns": [corpus.id_column, corpus.text_column],
+            "data.corpus.columns": corpus_columns(cfg),
             "factors.max_examples": cfg.factors.max_examples}
         if not cfg.factors.refit:
             named = kept_factors(store, named, [s.shard_id for s in inputs.corpus_shards], log) or named
@@ -83,7 +89,7 @@ def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunD
                                 "scoring.rerank": cfg.scoring.rerank})
     else:
         add("scores", common | scores | {
-            corpus_model: d[corpus_model], "data.corpus.columns": [corpus.id_column, corpus.text_column],
+            corpus_model: d[corpus_model], "data.corpus.columns": corpus_columns(cfg),
             "budget.query_group_size": plan.query_group_batches})
     return stages
 

@@ -125,6 +125,7 @@ class ResourcePlan:
     factor_cache_bytes: int
     stages: list[StagePlan] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    corpus: str = ""  # documents and tokens of the corpus, and where the count comes from
 
     @property
     def query_group_size(self) -> int:
@@ -143,7 +144,7 @@ class ResourcePlan:
                 "on more machines")
 
     def summary_lines(self) -> list[str]:
-        return [
+        return ([self.corpus] if self.corpus else []) + [
             f"{self.device.name}; budget {_gb(self.budget_bytes)} per worker, {self.num_workers} worker(s)",
             f"layer groups {len(self.layer_groups)}, query batches of {self.query_batch_size}, "
             f"query groups of {self.query_group_size}",
@@ -258,8 +259,11 @@ def _sizes(config: Config, model_config, layers: list[LayerSpec], profile: Devic
 
 def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries: int, corpus_rows: int,
               tokens_per_document: float, profile: DeviceProfile | None = None, num_params: int | None = None,
-              finetune_rows: int = 0, tokens_per_query: float = 32.0) -> ResourcePlan:
-    """The plan of ``config`` for a model of ``layers`` (tracked) on ``profile`` (default: measured here)."""
+              finetune_rows: int = 0, tokens_per_query: float = 32.0, corpus_tokens: int | None = None) -> ResourcePlan:
+    """The plan of ``config`` for a model of ``layers`` (tracked) on ``profile`` (default: measured here).
+
+    ``corpus_tokens``: the corpus's exact token count where the files' metadata has it (token formats);
+    else it is estimated from ``tokens_per_document``."""
     problems: list[str] = []
     z = _sizes(config, model_config, layers, profile or local_profile(config), num_params, problems)
     groups = _layer_groups(layers, config.budget.layer_groups, z.free - 2 * z.batch * z.largest * F32,
@@ -276,6 +280,11 @@ def make_plan(config: Config, model_config, layers: list[LayerSpec], num_queries
     _stage(plan, z, "queries", z.base + min(query_batch, max(num_queries, 1)) * per_query + factor_cache,
            num_queries * z.vector_bytes, query_flops, note=f"batches of {query_batch}")
     _scoring_stages(plan, z, num_queries, corpus_rows, tokens_per_document)
+    if corpus_tokens is not None:
+        plan.corpus = f"corpus: {corpus_rows:,} documents, {corpus_tokens:,} tokens (from the files' metadata)"
+    else:
+        plan.corpus = (f"corpus: {corpus_rows:,} documents, ~{round(corpus_rows * tokens_per_document):,} tokens "
+                       f"(~{tokens_per_document:.0f} per document, from a sample of the first shard)")
     return plan
 
 

@@ -58,10 +58,12 @@ class Pipeline:
 
     def resource_plan(self, inputs: Inputs, profile=None) -> ResourcePlan:
         """The memory / storage / time plan of this run (``profile``: a named device instead of this machine's)."""
+        shards = inputs.corpus_shards
+        known = all(s.num_tokens is not None for s in shards)
         return make_plan(self.config, inputs.model_config, inputs.layers, inputs.num_queries,
-                         sum(s.num_rows for s in inputs.corpus_shards), tokens_per_document(self.config, inputs),
+                         sum(s.num_rows for s in shards), tokens_per_document(self.config, inputs),
                          profile, inputs.num_params, sum(s.num_rows for s in inputs.finetune_shards),
-                         inputs.tokens_per_query)
+                         inputs.tokens_per_query, sum(s.num_tokens for s in shards) if known else None)
 
     def run(self, inputs: Inputs | None = None) -> str:
         """Run (or resume) every stage; returns the path of ``scores/topk.parquet``.
@@ -100,7 +102,7 @@ class Pipeline:
         if cfg.method in ("multi_stage", "single_stage"):
             corpus = cfg.data.corpus
             pretrain = factors.fit_factors(run, "factors/pretrain", named["factors/pretrain"], cfg.corpus_model,
-                                           inputs.corpus_shards, "documents", (corpus.id_column, corpus.text_column),
+                                           inputs.corpus_shards, "documents", corpus.columns,
                                            cfg.factors.max_examples)
         query_files = queries.precondition_queries(run, inputs, named["queries"], pretrain, finetune)
         if cfg.scoring.mode == "index":

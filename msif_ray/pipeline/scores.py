@@ -57,7 +57,7 @@ def exact_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
     stats, partials = {}, []
     for g, files in enumerate(groups):
         jobs = [ShardJob("scores", s, layout.score_partial(key, g, s.shard_id), cfg.corpus_model, "documents",
-                         (corpus.id_column, corpus.text_column)) for s in inputs.corpus_shards]
+                         corpus.columns) for s in inputs.corpus_shards]
         name = "scores" if len(groups) == 1 else f"scores/g{g}"
         stats[name] = run.passes.map(name, "scores", jobs, files, cfg.scoring.top_k)
         partials += [j.output for j in jobs]

@@ -181,7 +181,7 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
     seconds the workers spent on the jobs, model loading included, actor start-up not).
     """
     corpus = config.data.corpus
-    shards = plan_shards(expand_paths(corpus.paths), config.data.rows_per_shard)
+    shards = plan_shards(expand_paths(corpus.paths), config.data.rows_per_shard, corpus.layout)
     if [s.shard_id for s in shards] != manifest.get("shards", {}).get("corpus"):
         raise ReportError(f"data.corpus: the files at {list(corpus.paths)} are not the ones this run scored "
                          "(their shards differ); rerun msif run before the report")
@@ -194,9 +194,9 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
     for shard in shards:
         if not remaining:
             break
-        here = remaining & _doc_ids(store, partials.get(shard.shard_id, []), shard, corpus.id_column, corpus.text_column)
+        here = remaining & _doc_ids(store, partials.get(shard.shard_id, []), shard, corpus.columns)
         if here:
-            jobs.append(ExplainJob(shard, corpus.id_column, corpus.text_column,
+            jobs.append(ExplainJob(shard, corpus.columns,
                                    tuple((doc, tuple(sorted(wanted[doc]))) for doc in sorted(here))))
             remaining -= here
     if remaining:
@@ -222,8 +222,8 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
     return layers, explained, tokens, seconds
 
 
-def _doc_ids(store: RunDir, partials: list[str], shard, id_column: str, text_column: str) -> set[str]:
+def _doc_ids(store: RunDir, partials: list[str], shard, columns: tuple[str | None, ...]) -> set[str]:
     """The ids a shard may hold among the scored ones: from its partial top/bottom k when stored, else its rows."""
     if partials:
         return {d for name in partials for d in store.read_parquet(name).column("doc_id").to_pylist()}
-    return {d.doc_id for d in read_documents(shard, id_column, text_column)[0]}
+    return {d.doc_id for d in read_documents(shard, *columns)[0]}

@@ -1,49 +1,42 @@
-"""Corpora, fine-tuning data and queries: Parquet or JSON Lines files, local or remote (``s3://``).
-
-Every file is opened through fsspec, so a local path and a URL take the same code path.
-
-Formats, chosen by extension: ``.parquet``; ``.jsonl`` and ``.json`` (JSON Lines: one JSON object
-per line; blank lines are ignored). A *row* is one record, numbered from 0 within its file.
+"""Corpora, fine-tuning data and queries in any form ``formats/`` reads, local or remote (``s3://``).
 
 A corpus is read shard by shard: ``plan_shards`` cuts every file into contiguous row ranges from
-metadata alone (Parquet footers; one streaming pass over a JSON Lines file to count its lines),
-and ``read_documents`` reads one shard, so memory holds one shard at a time. Fine-tuning data
-and queries are small and read whole with ``read_pairs`` (or per shard with ``read_pair_shard``).
+metadata alone where the format has it (Parquet footers, Megatron indexes, array headers; one
+streaming pass over JSON Lines to count its lines; a compressed file is one shard), and
+``read_documents`` reads one shard, so memory holds one shard at a time. A document is text, or
+the token ids it was trained on (a token column, a Megatron dataset, an array of sequences), read
+as they are. Fine-tuning data and queries are small and read whole with ``read_pairs`` (or per
+shard with ``read_pair_shard``).
 
 Errors in the input raise ``DataError`` naming the file, the row and the column. Transient
-object-store errors are retried (``store.storage.with_retries``) around whole operations: a
-listing, a footer, a whole shard or file of pairs, which are re-read from their start.
+object-store errors are retried (``storage.with_retries``) around whole operations: a listing, a
+footer, a whole shard or file of pairs, which are re-read from their start.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
-import json
 import os
 import random
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import fsspec
 import numpy as np
-import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from msif_ray.store.digests import file_digests
+from msif_ray.store.digests import digest, file_digests
+from msif_ray.store.formats import (
+    TOKENS, DataError, Format, format_of, is_token_format, require_columns, save_to_disk_files,
+)
+from msif_ray.store.formats.megatron import Megatron
+from msif_ray.store.formats.megatron import prefix as megatron_prefix
+from msif_ray.store.formats.memmap import TokenMemmap
 from msif_ray.store.storage import with_retries
-from msif_ray.errors import UserError
 
-PARQUET_SUFFIXES = (".parquet",)
-JSONL_SUFFIXES = (".jsonl", ".json")
-BATCH_ROWS = 1024  # Parquet rows decoded at a time
-READ_BUFFER = 1 << 20  # bytes; Parquet column chunks are streamed through a buffer this large
-
-
-class DataError(UserError, ValueError):
-    """Input data that cannot be used; the message names the file, the row and the column."""
+__all__ = ["DataError", "Document", "PromptCompletion", "Shard", "check_columns", "check_unique_ids", "expand_paths",
+           "plan_shards", "read_documents", "read_pairs", "read_pair_shard", "sample_documents", "sample_quotas"]
 
 
 @dataclass(frozen=True)
@@ -53,8 +46,10 @@ class Shard:
     ``shard_id`` follows the file's content and the rows, never its path (``shard_id``): the same
     file anywhere (another folder, another machine) has the same shard ids, a file rewritten in
     place new ones. ``path`` is where the rows are read from, and what messages name.
-    ``byte_offset`` is where row ``row_start`` begins in a JSON Lines file (0 for Parquet),
-    so that reading a shard does not re-read the lines before it.
+    ``byte_offset`` is where row ``row_start`` begins in a JSON Lines file (0 for the other
+    formats), so that reading a shard does not re-read the lines before it. ``layout`` is a raw
+    token array's ``"<dtype>x<length>"`` (``formats/memmap.py``), None for every other file.
+    ``num_tokens`` is known from metadata for the token formats (None: count by reading).
     """
 
     path: str
@@ -62,6 +57,12 @@ class Shard:
     row_stop: int
     shard_id: str
     byte_offset: int = 0
+    layout: str | None = None
+    num_tokens: int | None = None
+
+    @property
+    def format(self) -> Format:
+        return format_of(self.path, self.layout)
 
     @property
     def num_rows(self) -> int:
@@ -70,8 +71,11 @@ class Shard:
 
 @dataclass(frozen=True)
 class Document:
+    """One corpus row: its text, or (token formats and token columns) the token ids it was trained on."""
+
     doc_id: str
-    text: str
+    text: str | None = None
+    input_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,12 +91,17 @@ class PromptCompletion:
 def expand_paths(patterns: Sequence[str]) -> list[str]:
     """The files matching each path or glob pattern, sorted within a pattern, without duplicates.
 
-    Local results are absolute paths; remote ones URLs (``s3://bucket/key``). A pattern that
-    matches no file raises ``DataError`` naming it.
+    Local results are absolute paths; remote ones URLs (``s3://bucket/key``). A ``save_to_disk``
+    folder stands for its Arrow files, in order; a Megatron pair for its ``.bin`` file. A pattern
+    that matches no file raises ``DataError`` naming it.
     """
     files: list[str] = []
     for pattern in patterns:
         fs, path = fsspec.core.url_to_fs(pattern)
+        saved = save_to_disk_files(pattern)
+        if saved is not None:
+            files += [f for f in saved if f not in files]
+            continue
         try:
             matches = with_retries(lambda: fs.glob(path, detail=True), f"list {pattern}")
         except PermissionError as err:
@@ -100,7 +109,8 @@ def expand_paths(patterns: Sequence[str]) -> list[str]:
         found = sorted(_url(fs, p) for p, info in matches.items() if info["type"] == "file")
         if not found:
             raise DataError(f"{pattern}: no file matches this path or pattern; check data paths in the config")
-        files += [f for f in found if f not in files]
+        found = [megatron_prefix(f) + ".bin" if f.endswith(".idx") else f for f in found]
+        files += [f for f in dict.fromkeys(found) if f not in files]
     return files
 
 
@@ -108,53 +118,23 @@ def _url(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def _format(path: str) -> str:
-    """``"parquet"`` or ``"jsonl"``, from the file's extension."""
-    lowered = path.lower()
-    if lowered.endswith(PARQUET_SUFFIXES):
-        return "parquet"
-    if lowered.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    raise DataError(f"{path}: unknown file format; use Parquet (.parquet) or JSON Lines (.jsonl, .json)")
-
-
-def _open(path: str) -> BinaryIO:
-    """A binary file object for a local path or a URL."""
-    fs, local = fsspec.core.url_to_fs(path)
-    return fs.open(local, "rb")
-
-
-def check_columns(paths: Sequence[str], columns: Sequence[str]) -> None:
+def check_columns(paths: Sequence[str], columns: Sequence[str], layout: str | None = None) -> None:
     """Raise ``DataError`` early when a file lacks one of ``columns``.
 
-    Parquet: from the schema in the footer. JSON Lines: from the keys of the file's first record
-    (a later record without the column is caught when it is read).
+    Parquet and Arrow: from the schema. JSON Lines: from the keys of the file's first record (a
+    later record without the column is caught when it is read). Token formats: ``id``, ``input_ids``.
     """
     for path in paths:
-        _require_columns(path, with_retries(lambda: _columns_of(path), f"read {path}"), columns)
-
-
-def _columns_of(path: str) -> list[str]:
-    if _format(path) == "parquet":
-        with _open(path) as f:
-            return pq.ParquetFile(f).schema_arrow.names
-    first = next(_jsonl_records(path, 0, 1, 0), None)
-    return list(first[1]) if first else []
-
-
-def _require_columns(path: str, available: Sequence[str], columns: Sequence[str], row: int | None = None) -> None:
-    where = path if row is None else f"{path}, row {row}"
-    for column in columns:
-        if column not in available:
-            raise DataError(f"{where}: no column {column!r}; available columns: {', '.join(map(str, available)) or 'none'}."
-                            " Set the matching *_column in the config")
+        available = with_retries(lambda: format_of(path, layout).columns(path), f"read {path}")
+        require_columns(path, available, columns)
 
 
 # --------------------------------------------------------------------------- shards
 
 
-def plan_shards(paths: Sequence[str], rows_per_shard: int) -> list[Shard]:
-    """Cut the files into shards of ``rows_per_shard`` rows (the last of each file may be shorter).
+def plan_shards(paths: Sequence[str], rows_per_shard: int, layout: str | None = None) -> list[Shard]:
+    """Cut the files into shards of ``rows_per_shard`` rows (the last of each file may be shorter; a
+    compressed file is one shard).
 
     Deterministic: the same file contents and size give the same shards and ids, wherever the
     files are. Raises ``DataError`` when the files hold no row at all, or when two of them have the
@@ -169,14 +149,30 @@ def plan_shards(paths: Sequence[str], rows_per_shard: int) -> list[Shard]:
             raise DataError(f"{path}: the same content as {first[content]} (a copy of one file); its rows would be "
                             "counted twice: list only one of them")
         first[content] = path
-        num_rows, byte_offsets = with_retries(lambda: _count_rows(path, rows_per_shard), f"read {path}")
-        for start in range(0, num_rows, rows_per_shard):
-            stop = min(start + rows_per_shard, num_rows)
-            shards.append(Shard(path, start, stop, shard_id(content, start, stop), byte_offsets.get(start, 0)))
+        fmt = format_of(path, layout)
+        content = _content(path, fmt, content, layout)
+        num_rows, byte_offsets = with_retries(lambda: fmt.count(path, rows_per_shard), f"read {path}")
+        step = max(num_rows, 1) if fmt.whole_file else rows_per_shard
+        tokens = getattr(fmt, "tokens", None)
+        per_row = tokens(path) / max(num_rows, 1) if tokens else None
+        for start in range(0, num_rows, step):
+            stop = min(start + step, num_rows)
+            shards.append(Shard(path, start, stop, shard_id(content, start, stop), byte_offsets.get(start, 0), layout,
+                                None if per_row is None else round(per_row * (stop - start))))
     if not shards:
         listed = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
         raise DataError(f"{listed}: no rows at all; an empty corpus or data set cannot be used")
     return shards
+
+
+def _content(path: str, fmt: Format, content: str, layout: str | None) -> str:
+    """The digest that names a file's shards: its bytes, and what else decides its rows (a Megatron
+    index, a raw array's layout)."""
+    if isinstance(fmt, Megatron):
+        return digest(content, file_digests([megatron_prefix(path) + ".idx"])[0])
+    if isinstance(fmt, TokenMemmap) and layout:
+        return digest(content, layout)
+    return content
 
 
 def shard_id(content: str, row_start: int, row_stop: int) -> str:
@@ -188,89 +184,12 @@ def shard_id(content: str, row_start: int, row_stop: int) -> str:
     return f"{content[:12]}-{row_start}-{row_stop}"
 
 
-def _count_rows(path: str, rows_per_shard: int) -> tuple[int, dict[int, int]]:
-    """A file's row count, and the byte offsets of the rows where its shards begin (JSON Lines only)."""
-    return _parquet_offsets(path) if _format(path) == "parquet" else _jsonl_offsets(path, rows_per_shard)
-
-
-def _parquet_offsets(path: str) -> tuple[int, dict[int, int]]:
-    """The row count from the Parquet footer; Parquet shards need no byte offsets."""
-    with _open(path) as f:
-        return pq.ParquetFile(f).metadata.num_rows, {}
-
-
-def _jsonl_offsets(path: str, rows_per_shard: int) -> tuple[int, dict[int, int]]:
-    """The record count of a JSON Lines file, and the byte offset of every ``rows_per_shard``-th record."""
-    num_rows, position, offsets = 0, 0, {}
-    with _open(path) as f:
-        for line in f:
-            if line.strip():
-                if num_rows % rows_per_shard == 0:
-                    offsets[num_rows] = position
-                num_rows += 1
-            position += len(line)
-    return num_rows, offsets
-
-
 # --------------------------------------------------------------------------- rows
 
 
-def _rows(path: str, columns: Sequence[str], start: int = 0, stop: int | None = None,
-          byte_offset: int = 0) -> Iterator[tuple[int, dict]]:
-    """``(row, record)`` for rows ``[start, stop)`` of a file, streamed; records hold ``columns``."""
-    if _format(path) == "parquet":
-        yield from _parquet_records(path, columns, start, stop)
-        return
-    for row, record in _jsonl_records(path, start, stop, byte_offset):
-        _require_columns(path, list(record), columns, row)
-        yield row, record
-
-
-def _parquet_records(path: str, columns: Sequence[str], start: int, stop: int | None) -> Iterator[tuple[int, dict]]:
-    """Rows of a Parquet file, decoding only the row groups that overlap ``[start, stop)``."""
-    with _open(path) as f:
-        parquet = pq.ParquetFile(f, buffer_size=READ_BUFFER)
-        _require_columns(path, parquet.schema_arrow.names, columns)
-        stop = parquet.metadata.num_rows if stop is None else stop
-        sizes = [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)]
-        firsts = list(itertools.accumulate(sizes, initial=0))  # the first row of each group
-        groups = [g for g, size in enumerate(sizes) if firsts[g] < stop and firsts[g] + size > start]
-        if not groups:
-            return
-        row = firsts[groups[0]]
-        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=groups, columns=list(columns)):
-            lo, hi = max(start - row, 0), min(stop - row, batch.num_rows)
-            for offset, record in enumerate(batch.slice(lo, max(hi - lo, 0)).to_pylist()):
-                yield row + lo + offset, record
-            row += batch.num_rows
-            if row >= stop:
-                return
-
-
-def _jsonl_records(path: str, start: int, stop: int | None, byte_offset: int) -> Iterator[tuple[int, dict]]:
-    """Records ``[start, stop)`` of a JSON Lines file whose row ``start`` begins at ``byte_offset``."""
-    with _open(path) as f:
-        f.seek(byte_offset)
-        row = start
-        for line in f:
-            if stop is not None and row >= stop:
-                return
-            if not line.strip():
-                continue
-            yield row, _parse_line(path, row, line)
-            row += 1
-
-
-def _parse_line(path: str, row: int, line: bytes) -> dict:
-    try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path}, row {row}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}, row {row}: not valid JSON ({err.msg}); JSON Lines needs one object per line") from None
-    if not isinstance(record, dict):
-        raise DataError(f"{path}, row {row}: expected a JSON object, got {type(record).__name__}")
-    return record
+def _rows(shard: Shard, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
+    """``(row, record)`` for the rows of a shard, streamed; records hold ``columns``."""
+    return shard.format.records(shard.path, columns, shard.row_start, shard.row_stop, shard.byte_offset)
 
 
 def _text(path: str, row: int, column: str, value: object) -> str:
@@ -293,31 +212,90 @@ def _identifier(path: str, row: int, column: str, value: object) -> str:
 # --------------------------------------------------------------------------- documents
 
 
-def read_documents(shard: Shard, id_column: str, text_column: str) -> tuple[list[Document], int]:
-    """The documents of one shard, and how many rows were skipped for an empty text.
+def read_documents(shard: Shard, id_column: str, text_column: str,
+                   token_column: str | None = None) -> tuple[list[Document], int]:
+    """The documents of one shard, and how many rows were skipped as empty.
 
-    A text that is null, empty or only whitespace is skipped (and counted); one that is not a
-    string or not valid UTF-8 raises ``DataError``. Ids are returned as strings and must be unique
-    within the shard after that conversion (``1`` and ``"1"`` collide); ``check_unique_ids``
-    compares them across shards.
+    Text: a text that is null, empty or only whitespace is skipped (and counted); one that is not a
+    string or not valid UTF-8 raises ``DataError``. Tokens (``token_column`` set, or a token
+    format, whose column is ``input_ids``): a list of non-negative integers, read as it is; an empty
+    or null list is skipped. Ids are returned as strings and must be unique within the shard after
+    that conversion (``1`` and ``"1"`` collide); ``check_unique_ids`` compares them across shards.
     """
-    return with_retries(lambda: _read_documents(shard, id_column, text_column), f"read {shard.path}")
+    return with_retries(lambda: _read_documents(shard, id_column, text_column, token_column), f"read {shard.path}")
 
 
-def _read_documents(shard: Shard, id_column: str, text_column: str) -> tuple[list[Document], int]:
+def token_column_of(shard: Shard, token_column: str | None) -> str | None:
+    """The column a shard's documents are token ids in (None: they are text)."""
+    return _token_column(shard.format, token_column)
+
+
+def _token_column(fmt: Format, token_column: str | None) -> str | None:
+    return token_column or (TOKENS if is_token_format(fmt) else None)
+
+
+def check_corpus_columns(paths: Sequence[str], id_column: str, text_column: str, token_column: str | None,
+                         layout: str | None = None) -> None:
+    """``check_columns`` for a corpus: the id column, and the token column (token formats: ``input_ids``)
+    or else the text column."""
+    for path in paths:
+        fmt = format_of(path, layout)
+        available = with_retries(lambda: fmt.columns(path), f"read {path}")
+        require_columns(path, available, [id_column, _token_column(fmt, token_column) or text_column])
+
+
+def _read_documents(shard: Shard, id_column: str, text_column: str,
+                    token_column: str | None) -> tuple[list[Document], int]:
     documents, skipped = [], 0
     seen: dict[str, tuple[int, object]] = {}
-    for row, record in _rows(shard.path, [id_column, text_column], shard.row_start, shard.row_stop, shard.byte_offset):
+    tokens = token_column_of(shard, token_column)
+    column = tokens or text_column
+    for row, record in _rows(shard, [id_column, column]):
         doc_id = _identifier(shard.path, row, id_column, record[id_column])
         if doc_id in seen:
             raise _duplicate(doc_id, id_column, (shard.path, *seen[doc_id]), (shard.path, row, record[id_column]))
         seen[doc_id] = (row, record[id_column])
-        text = record[text_column]
-        if text is None or (isinstance(text, str) and not text.strip()):
+        value = record[column]
+        if tokens:
+            ids = _token_ids(shard.path, row, column, value)
+            if not ids:
+                skipped += 1
+                continue
+            documents.append(Document(doc_id, input_ids=ids))
+            continue
+        if value is None or (isinstance(value, str) and not value.strip()):
             skipped += 1
             continue
-        documents.append(Document(doc_id, _text(shard.path, row, text_column, text)))
+        documents.append(Document(doc_id, _text(shard.path, row, column, value)))
     return documents, skipped
+
+
+def _token_ids(path: str, row: int, column: str, value: object) -> tuple[int, ...]:
+    """``value`` as token ids: a list of non-negative integers (null: none), else a ``DataError``."""
+    if value is None:
+        return ()
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        kind = type(value).__name__ if not isinstance(value, (list, tuple)) else "a list that is not all integers"
+        raise DataError(f"{path}, row {row}: column {column!r} holds {kind}; a token column needs lists of token "
+                        "ids (integers)")
+    if value and min(value) < 0:
+        raise DataError(f"{path}, row {row}: column {column!r} holds a negative token id ({min(value)})")
+    return tuple(value)
+
+
+def check_token_ids(shards: Sequence[Shard], id_column: str, text_column: str, token_column: str | None,
+                    vocab_size: int) -> None:
+    """Raise ``DataError`` naming the file and row of the first token id at or above ``vocab_size``
+    (a corpus tokenized for another model). Reads every token shard once; text shards are skipped."""
+    for shard in shards:
+        column = token_column_of(shard, token_column)
+        if column is None:
+            continue
+        for row, record in _rows(shard, [id_column, column]):
+            ids = _token_ids(shard.path, row, column, record[column])
+            if ids and max(ids) >= vocab_size:
+                raise DataError(f"{shard.path}, row {row}: token id {max(ids)} in column {column!r} is not below the "
+                                f"model's vocabulary size {vocab_size}; was the corpus tokenized for another model?")
 
 
 def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int = 4_000_000) -> None:
@@ -362,7 +340,7 @@ def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int
 
 def _shard_ids(shard: Shard, id_column: str) -> Iterator[tuple[str, tuple[int, object]]]:
     """``(id as a string, (row, id as stored))`` for every row of a shard."""
-    for row, record in _rows(shard.path, [id_column], shard.row_start, shard.row_stop, shard.byte_offset):
+    for row, record in _rows(shard, [id_column]):
         yield _identifier(shard.path, row, id_column, record[id_column]), (row, record[id_column])
 
 
@@ -447,7 +425,7 @@ def _pairs(path: str, prompt_column: str, completion_column: str, id_column: str
            stop: int | None = None, byte_offset: int = 0) -> Iterator[tuple[PromptCompletion, str]]:
     """Checked pairs of a file (or of rows of it), each with where it was read (``file, row n``)."""
     columns = [prompt_column, completion_column] + ([id_column] if id_column else [])
-    for row, record in _rows(path, columns, start, stop, byte_offset):
+    for row, record in format_of(path).records(path, columns, start, stop, byte_offset):
         where = f"{path}, row {row}"
         pair_id = _identifier(path, row, id_column, record[id_column]) if id_column else str(row)
         prompt = _text(path, row, prompt_column, record[prompt_column])

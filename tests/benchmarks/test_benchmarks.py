@@ -211,3 +211,18 @@ def test_nightly_smoke(tmp_path):
     assert recomputed[finetune] == {"factors/finetune", "queries", "scores"}
     assert nights[finetune]["stages"]["index"]["shards_computed"] == 0
     assert nights[first]["fraction_of_night_1"] == 1.0 and all(n["wall_seconds"] > 0 for n in nights.values())
+
+
+@pytest.mark.slow
+def test_readers_smoke(tmp_path):
+    """Every corpus form is read, token forms skip the tokenizer, and no reader is slower than the
+    covariance pass (even the smoke model's, ~1k tok/s, against readers at ~100k tok/s and more)."""
+    import bench_readers
+
+    bench_readers.main(["--smoke", "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "readers")
+    forms = saved["forms"]
+    assert set(forms) == {"parquet", "jsonl", "jsonl.gz", "jsonl.zst", "save_to_disk", "parquet tokens", "megatron",
+                          "npy", "raw uint16x256"}
+    assert all(f["read"]["median"] == f["read+tokenize"]["median"] for f in forms.values() if not f["text"])
+    assert all(f["ratio"]["read+tokenize"] > 1 for f in forms.values())
