@@ -75,7 +75,9 @@ class Corpus:
     """Pre-training documents: one document per row, as text or as the token ids it was trained on.
 
     ``token_column``: a column of token-id lists, read as they are (no tokenizer in the loop); the
-    token formats (Megatron, arrays of sequences) always are. ``sequence_length`` and
+    token formats (Megatron, arrays of sequences) always are. ``boundary_column``: for packed
+    training sequences, a column of the token offsets where each source document inside the
+    sequence starts; scores stay per sequence, the report splits them per source document. ``sequence_length`` and
     ``token_dtype``: the layout of a raw array of token ids without a header (``store/formats/memmap.py``).
     """
 
@@ -83,6 +85,7 @@ class Corpus:
     id_column: str = "id"
     text_column: str = "text"
     token_column: str | None = None
+    boundary_column: str | None = None
     sequence_length: int | None = None
     token_dtype: str = "uint16"
 
@@ -92,9 +95,9 @@ class Corpus:
         return f"{self.token_dtype}x{self.sequence_length}" if self.sequence_length else None
 
     @property
-    def columns(self) -> tuple[str, str, str | None]:
-        """(id, text, token) columns: what a worker reads a corpus shard with."""
-        return self.id_column, self.text_column, self.token_column
+    def columns(self) -> tuple[str, str, str | None, str | None]:
+        """(id, text, token, boundary) columns: what a worker reads a corpus shard with."""
+        return self.id_column, self.text_column, self.token_column, self.boundary_column
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,8 @@ def _data(s: _Section) -> Data:
     data = Data(
         max_length=s.positive_integer("max_length", 256),
         corpus=Corpus(corpus.paths("paths"), corpus.text("id_column", "id"), corpus.text("text_column", "text"),
-                      corpus.text("token_column", None), corpus.positive_integer("sequence_length", None),
+                      corpus.text("token_column", None), corpus.text("boundary_column", None),
+                      corpus.positive_integer("sequence_length", None),
                       corpus.choice("token_dtype", TOKEN_DTYPES, "uint16")),
         finetune=Finetune(finetune.paths("paths", ()), finetune.text("prompt_column", "prompt"),
                           finetune.text("completion_column", "completion")),

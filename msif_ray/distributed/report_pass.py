@@ -28,6 +28,7 @@ import torch
 from msif_ray.store.data import Shard, read_documents
 from msif_ray.distributed.worker import load_query_vectors as load_batch_files
 from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.engine.scoring import credit_predicted_tokens, segment_scores
 from msif_ray.engine.vectors import QueryVectors
 from msif_ray.store.layout import MANIFEST
 from msif_ray.store.models import load_model, load_tokenizer, pick_device
@@ -71,17 +72,6 @@ class ExplainJob:
     shard: Shard
     columns: tuple[str | None, ...]  # (id, text, token), as the corpus is read
     wanted: tuple[tuple[str, tuple[int, ...]], ...]
-
-
-def credit_predicted_tokens(per_position: torch.Tensor) -> torch.Tensor:
-    """[T, Q] contributions by input position -> by predicted token: row t + 1 gets position t's.
-
-    Row 0 is zero (token 0 is predicted by nothing); the last position's term, which predicts no
-    token (and is exactly zero in a causal model), is dropped.
-    """
-    credited = torch.zeros_like(per_position)
-    credited[1:] = per_position[:-1]
-    return credited
 
 
 @ray.remote
@@ -129,8 +119,9 @@ class ReportWorker:
     def explain(self, job: ExplainJob) -> dict:
         """Breakdowns of the shard's wanted documents: {"layers", "documents", "tokens", "seconds"}.
 
-        Each document: {"doc_id", "text", "offsets": [[start, end], ...] per token, "queries":
-        {query id: {"tokens": [T] credited to predicted tokens, "layers": [L]}}}.
+        Each document: {"doc_id", "text", "offsets": [[start, end], ...] per token, "starts": the token
+        offsets of the source documents packed in it (empty when not packed), "queries": {query id:
+        {"tokens": [T] credited to predicted tokens, "layers": [L], "segments": [S] per source document}}}.
         """
         start = time.monotonic()
         lm = self._load()
@@ -152,10 +143,13 @@ class ReportWorker:
                                                 self._select(queries))
             text, offsets = self._display(doc, ids)
             credited = credit_predicted_tokens(per_position)
+            segments = segment_scores(credited, doc.starts) if doc.starts is not None else None
             tokens += len(ids)
             out.append({
                 "doc_id": doc.doc_id, "text": text, "offsets": offsets,
-                "queries": {q: {"tokens": credited[:, i].tolist(), "layers": per_layer[:, k, column[q]].tolist()}
+                "starts": sorted({0, *doc.starts}) if doc.starts is not None else [],
+                "queries": {q: {"tokens": credited[:, i].tolist(), "layers": per_layer[:, k, column[q]].tolist(),
+                                "segments": segments[:, i].tolist() if segments is not None else []}
                             for i, q in enumerate(queries)},
             })
         return {"layers": lm.layers, "documents": out, "tokens": tokens, "seconds": round(time.monotonic() - start, 3)}

@@ -17,7 +17,7 @@ intermediate products are computed over blocks of queries so that the working se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -183,3 +183,22 @@ def token_scores(model: nn.Module, taps: LayerTaps, batch: Batch, group: QueryGr
 
     backward_through_layers(model, taps, batch, add_layer)
     return out
+
+
+def credit_predicted_tokens(per_position: torch.Tensor) -> torch.Tensor:
+    """[T, Q] contributions by input position -> by predicted token: row t + 1 gets position t's.
+
+    Row 0 is zero (token 0 is predicted by nothing); the last position's term, which predicts no
+    token (and is exactly zero in a causal model), is dropped.
+    """
+    credited = torch.zeros_like(per_position)
+    credited[1:] = per_position[:-1]
+    return credited
+
+
+def segment_scores(credited: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
+    """[S, Q] scores of the source documents packed into one training sequence: rows of ``credited``
+    ([T, Q], by predicted token) summed over each document's tokens ``[starts[i], starts[i + 1])``
+    (the first from 0, the last to T). The rows add up to the sequence's score, since its tokens do."""
+    edges = sorted({0, *starts}) + [credited.shape[0]]
+    return torch.stack([credited[lo:hi].sum(0) for lo, hi in zip(edges, edges[1:])])

@@ -36,7 +36,7 @@ def corpus_model_key(config: Config) -> str:
 def corpus_columns(config: Config) -> list[str]:
     """The corpus columns a stage reads (the token column only when set, so text corpora keep their keys)."""
     corpus = config.data.corpus
-    return [corpus.id_column, corpus.text_column] + ([corpus.token_column] if corpus.token_column else [])
+    return [corpus.id_column, corpus.text_column] + [c for c in (corpus.token_column, corpus.boundary_column) if c]
 
 
 def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunDir,

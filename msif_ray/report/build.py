@@ -43,7 +43,7 @@ from msif_ray.report.html import QueryView, RunView, ShownDocument, index_page, 
 from msif_ray.store.storage import RunDir
 from msif_ray.ops.summary import stage_rows
 
-REPORT_VERSION = 1  # bump when the pages change, so that reruns of msif run / demo rebuild them
+REPORT_VERSION = 2  # bump when the pages change, so that reruns of msif run / demo rebuild them
 Rows = dict[str, list[tuple[int, str, float]]]  # query id -> [(rank, doc_id, score)] in rank order
 
 
@@ -117,6 +117,8 @@ def breakdowns_table(views: list[QueryView]) -> pa.Table:
         "layer_scores": pa.array([d.layers for _, _, d in rows], pa.list_(pa.float64())),
         "token_scores": pa.array([d.tokens for _, _, d in rows], pa.list_(pa.float64())),
         "token_offsets": pa.array([[list(o) for o in d.offsets] for _, _, d in rows], pa.list_(pa.list_(pa.int32()))),
+        "segment_starts": pa.array([d.starts for _, _, d in rows], pa.list_(pa.int32())),
+        "segment_scores": pa.array([d.segments for _, _, d in rows], pa.list_(pa.float64())),
     })
 
 
@@ -166,7 +168,7 @@ def _shown(rows: list[tuple[int, str, float]], explained: dict[str, dict], query
         doc = explained[doc_id]
         breakdown = doc["queries"][query_id]
         shown.append(ShownDocument(rank, doc_id, score, doc["text"], [tuple(o) for o in doc["offsets"]],
-                                   breakdown["tokens"], breakdown["layers"]))
+                                   breakdown["tokens"], breakdown["layers"], doc["starts"], breakdown["segments"]))
     return shown
 
 

@@ -40,6 +40,8 @@ class ShownDocument:
     offsets: list[tuple[int, int]]
     tokens: list[float]
     layers: list[float]
+    starts: list[int] = field(default_factory=list)  # a packed training sequence: its source documents' first tokens
+    segments: list[float] = field(default_factory=list)  # ... and their shares of the score (they add up to it)
 
 
 @dataclass
@@ -229,6 +231,7 @@ input[type=search] { width: 100%; max-width: 460px; padding: 8px 12px; font-size
 .chip { display: inline-block; border-radius: 999px; padding: 0 8px; margin: 2px 2px 0 0; font-size: 13px; background: #f1f5f9; white-space: pre; }
 .chip.pos { background: #dcfce7; color: #14532d; } .chip.neg { background: #fee2e2; color: #7f1d1d; }
 .tops { font-size: 13px; margin-top: 6px; color: var(--muted); }
+.segments { font-size: 13px; margin-top: 6px; color: var(--muted); }
 figure { margin: 0; } figcaption { font-size: 12px; color: var(--muted); }
 svg.plot { max-width: 100%; height: auto; } svg .axis { font-size: 10px; fill: var(--muted); }
 details summary { cursor: pointer; color: var(--muted); margin: 10px 0; }
@@ -373,7 +376,17 @@ def _document(d: ShownDocument, layers: list[str], kind: str) -> str:
 <div class="body"><div><div class="text">{highlight(d.text, d.offsets, d.tokens)}</div>
 <div class="tops">{"raise" if sign > 0 else "lower"} the query most: {top_tokens(d.text, d.offsets, d.tokens, sign)}</div></div>
 <figure>{layer_plot(d.layers, layers)}<figcaption>score per layer (Σ = {fmt(sum(d.layers))})</figcaption></figure></div>
-</article>"""
+{_segments(d)}</article>"""
+
+
+def _segments(d: ShownDocument) -> str:
+    """A packed training sequence's score split over the source documents inside it."""
+    if not d.starts:
+        return ""
+    edges = d.starts + [len(d.tokens)]
+    parts = " · ".join(f'tokens {lo}–{hi - 1}: <span class="{"pos" if s > 0 else "neg"}">{fmt(s)}</span>'
+                       for lo, hi, s in zip(edges, edges[1:], d.segments))
+    return f'<div class="segments">source documents in this training sequence: {parts}</div>\n'
 
 
 def _rows_table(title: str, rows: list[tuple[int, str, float]]) -> str:

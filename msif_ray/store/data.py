@@ -76,6 +76,7 @@ class Document:
     doc_id: str
     text: str | None = None
     input_ids: tuple[int, ...] | None = None
+    starts: tuple[int, ...] | None = None  # a packed sequence: where each source document in it starts
 
 
 @dataclass(frozen=True)
@@ -212,17 +213,19 @@ def _identifier(path: str, row: int, column: str, value: object) -> str:
 # --------------------------------------------------------------------------- documents
 
 
-def read_documents(shard: Shard, id_column: str, text_column: str,
-                   token_column: str | None = None) -> tuple[list[Document], int]:
+def read_documents(shard: Shard, id_column: str, text_column: str, token_column: str | None = None,
+                   boundary_column: str | None = None) -> tuple[list[Document], int]:
     """The documents of one shard, and how many rows were skipped as empty.
 
     Text: a text that is null, empty or only whitespace is skipped (and counted); one that is not a
     string or not valid UTF-8 raises ``DataError``. Tokens (``token_column`` set, or a token
     format, whose column is ``input_ids``): a list of non-negative integers, read as it is; an empty
-    or null list is skipped. Ids are returned as strings and must be unique within the shard after
+    or null list is skipped. ``boundary_column``: a packed sequence's document starts, increasing
+    token offsets inside it (``Document.starts``). Ids are returned as strings and must be unique within the shard after
     that conversion (``1`` and ``"1"`` collide); ``check_unique_ids`` compares them across shards.
     """
-    return with_retries(lambda: _read_documents(shard, id_column, text_column, token_column), f"read {shard.path}")
+    return with_retries(lambda: _read_documents(shard, id_column, text_column, token_column, boundary_column),
+                        f"read {shard.path}")
 
 
 def token_column_of(shard: Shard, token_column: str | None) -> str | None:
@@ -235,22 +238,26 @@ def _token_column(fmt: Format, token_column: str | None) -> str | None:
 
 
 def check_corpus_columns(paths: Sequence[str], id_column: str, text_column: str, token_column: str | None,
-                         layout: str | None = None) -> None:
-    """``check_columns`` for a corpus: the id column, and the token column (token formats: ``input_ids``)
-    or else the text column."""
+                         boundary_column: str | None = None, layout: str | None = None) -> None:
+    """``check_columns`` for a corpus: the id column, the token column (token formats: ``input_ids``)
+    or else the text column, and the boundary column when set."""
     for path in paths:
         fmt = format_of(path, layout)
         available = with_retries(lambda: fmt.columns(path), f"read {path}")
-        require_columns(path, available, [id_column, _token_column(fmt, token_column) or text_column])
+        columns = [id_column, _token_column(fmt, token_column) or text_column]
+        require_columns(path, available, columns + ([boundary_column] if boundary_column else []))
 
 
-def _read_documents(shard: Shard, id_column: str, text_column: str,
-                    token_column: str | None) -> tuple[list[Document], int]:
+def _read_documents(shard: Shard, id_column: str, text_column: str, token_column: str | None,
+                    boundary_column: str | None) -> tuple[list[Document], int]:
     documents, skipped = [], 0
     seen: dict[str, tuple[int, object]] = {}
     tokens = token_column_of(shard, token_column)
     column = tokens or text_column
-    for row, record in _rows(shard, [id_column, column]):
+    if boundary_column and not tokens:
+        raise DataError(f"{shard.path}: data.corpus.boundary_column needs token documents (a token_column or a token "
+                        "format): document starts are token offsets")
+    for row, record in _rows(shard, [id_column, column] + ([boundary_column] if boundary_column else [])):
         doc_id = _identifier(shard.path, row, id_column, record[id_column])
         if doc_id in seen:
             raise _duplicate(doc_id, id_column, (shard.path, *seen[doc_id]), (shard.path, row, record[id_column]))
@@ -261,7 +268,8 @@ def _read_documents(shard: Shard, id_column: str, text_column: str,
             if not ids:
                 skipped += 1
                 continue
-            documents.append(Document(doc_id, input_ids=ids))
+            starts = _starts(shard.path, row, boundary_column, record[boundary_column], len(ids)) if boundary_column else None
+            documents.append(Document(doc_id, input_ids=ids, starts=starts))
             continue
         if value is None or (isinstance(value, str) and not value.strip()):
             skipped += 1
@@ -283,16 +291,27 @@ def _token_ids(path: str, row: int, column: str, value: object) -> tuple[int, ..
     return tuple(value)
 
 
+def _starts(path: str, row: int, column: str, value: object, length: int) -> tuple[int, ...]:
+    """Document starts of a packed sequence: increasing integer offsets in ``[0, length)``."""
+    starts = _token_ids(path, row, column, value)
+    if any(b <= a for a, b in zip(starts, starts[1:])) or (starts and starts[-1] >= length):
+        raise DataError(f"{path}, row {row}: column {column!r} must hold increasing token offsets below the "
+                        f"sequence's length {length}, got {list(starts)}")
+    return starts
+
+
 def check_token_ids(shards: Sequence[Shard], id_column: str, text_column: str, token_column: str | None,
-                    vocab_size: int) -> None:
+                    boundary_column: str | None, vocab_size: int) -> None:
     """Raise ``DataError`` naming the file and row of the first token id at or above ``vocab_size``
     (a corpus tokenized for another model). Reads every token shard once; text shards are skipped."""
     for shard in shards:
         column = token_column_of(shard, token_column)
         if column is None:
             continue
-        for row, record in _rows(shard, [id_column, column]):
+        for row, record in _rows(shard, [id_column, column] + ([boundary_column] if boundary_column else [])):
             ids = _token_ids(shard.path, row, column, record[column])
+            if boundary_column:
+                _starts(shard.path, row, boundary_column, record[boundary_column], len(ids))
             if ids and max(ids) >= vocab_size:
                 raise DataError(f"{shard.path}, row {row}: token id {max(ids)} in column {column!r} is not below the "
                                 f"model's vocabulary size {vocab_size}; was the corpus tokenized for another model?")

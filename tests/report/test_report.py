@@ -22,7 +22,7 @@ import torch
 from browser import check_report_pages, chromium, screenshot
 from msif_ray.cli import main
 from msif_ray.config import config_from_dict
-from msif_ray.distributed.report_pass import credit_predicted_tokens
+from msif_ray.engine.scoring import credit_predicted_tokens
 from msif_ray.store.layout import TOPK
 from msif_ray.pipeline.run import Pipeline
 from msif_ray.report.build import _distribution, build_report

@@ -230,3 +230,87 @@ def test_plan_counts_tokens_from_metadata(world, forms, tmp_path):
     line = pipeline.resource_plan(inputs).summary_lines()[0]
     rows = sum(s.num_rows for s in inputs.corpus_shards)
     assert line == f"corpus: {rows:,} documents, {rows * SEQUENCE:,} tokens (from the files' metadata)"
+
+
+# --------------------------------------------------------------------------- packed sequences, split per source document
+
+
+def packed_with_starts(world, root: Path) -> tuple[Path, list[list[int]], list[list[int]]]:
+    """The corpus's documents packed two by two into training sequences, with the token offset where
+    each source document starts (a boundary column)."""
+    tokenizer = load_tokenizer(str(world.pretrained))
+    ids = [tokenizer(d["text"])["input_ids"] for d in corpus_documents()]
+    sequences, starts = [], []
+    for a, b in zip(ids[0::2], ids[1::2]):
+        sequences.append(a + b)
+        starts.append([0, len(a)])
+    path = root / "packed-with-starts.parquet"
+    pq.write_table(pa.table({"id": [f"s{i}" for i in range(len(sequences))], "input_ids": sequences,
+                             "starts": starts}), path)
+    return path, sequences, starts
+
+
+def test_the_parts_of_a_packed_sequence_add_up_to_its_score(world, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from msif_ray.engine.scoring import credit_predicted_tokens, segment_scores
+
+    _, sequences, starts = packed_with_starts(world, tmp_path)
+    lm = TrackedLM(AutoModelForCausalLM.from_pretrained(world.pretrained).eval(),
+                   load_tokenizer(str(world.pretrained)), max_length=64)
+    queries = {n: torch.randn(3, *g.shape[1:]) for n, g in lm.gradients(Examples.tokens(sequences[:1])).items()}
+    totals = lm.score(Examples.tokens(sequences), queries).total
+    for k, (sequence, first) in enumerate(zip(sequences, starts)):
+        ids, per_position = lm.token_scores(sequence, queries)
+        parts = segment_scores(credit_predicted_tokens(per_position), first)
+        assert ids == sequence and parts.shape == (2, 3)
+        # float32 per-token terms against the float64 sum of per-window scores: 1e-5 relative
+        assert torch.allclose(parts.sum(0).double(), totals[k], rtol=1e-5, atol=1e-7)
+
+
+def test_document_starts_are_read_and_checked(world, tmp_path):
+    path, _, starts = packed_with_starts(world, tmp_path)
+    shards = plan_shards([str(path)], 100)
+    docs = read_documents(shards[0], "id", "text", "input_ids", "starts")[0]
+    assert [list(d.starts) for d in docs] == starts
+    bad = tmp_path / "bad-starts.parquet"
+    pq.write_table(pa.table({"id": ["a"], "input_ids": [[1, 2, 3]], "starts": [[0, 5]]}), bad)
+    with pytest.raises(DataError, match=r"bad-starts.parquet, row 0: column 'starts' must hold increasing token offsets"):
+        read_documents(plan_shards([str(bad)], 100)[0], "id", "text", "input_ids", "starts")
+    with pytest.raises(DataError, match=r"boundary_column needs token documents"):
+        read_documents(plan_shards([str(world.corpus)], 100)[0], "id", "text", None, "starts")
+
+
+@pytest.mark.slow
+def test_the_report_splits_a_packed_sequence_over_its_source_documents(world, ray_session, tmp_path):
+    from msif_ray.report.build import build_report
+    from msif_ray.store.layout import BREAKDOWNS
+
+    path, _, starts = packed_with_starts(world, tmp_path)
+    run_dir = tmp_path / "run"
+    config = world.config(run_dir, **{"data.corpus.paths": [str(path)], "data.corpus.token_column": "input_ids",
+                                      "data.corpus.boundary_column": "starts", "data.max_length": 64})
+    Pipeline(config_from_dict(config, base_dir=world.root), log=lambda line: None).run()
+    build_report(str(run_dir), show=3, log=lambda line: None)
+    rows = pq.read_table(run_dir / BREAKDOWNS).to_pylist()
+    assert rows and all(r["segment_starts"] == starts[int(r["doc_id"][1:])] for r in rows)
+    for r in rows:
+        assert sum(r["segment_scores"]) == pytest.approx(r["score"], rel=1e-4, abs=1e-6)
+    page = next((run_dir / "report" / "queries").iterdir()).read_text()
+    assert "source documents in this training sequence: tokens 0–" in page
+
+
+def test_finetuning_data_and_queries_take_the_same_forms(world, tmp_path):
+    """Prompt/completion pairs from a save_to_disk folder and from gzip JSON Lines read as from Parquet."""
+    from msif_ray.store.data import read_pairs
+
+    pairs = pq.read_table(world.finetune).to_pylist()
+    datasets.Dataset.from_list(pairs).save_to_disk(str(tmp_path / "ft"))
+    (tmp_path / "ft.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(p) + "\n" for p in pairs).encode()))
+    reference = read_pairs([str(world.finetune)], "prompt", "completion")
+    for source in (tmp_path / "ft", tmp_path / "ft.jsonl.gz"):
+        assert read_pairs(expand_paths([str(source)]), "prompt", "completion") == reference
+    validate(world, tmp_path, world.corpus)  # and a run takes them as data.finetune
+    config = world.config(tmp_path / "run2", **{"data.finetune.paths": [str(tmp_path / "ft")]})
+    inputs = Pipeline(config_from_dict(config, base_dir=world.root), log=lambda line: None).validate()
+    assert sum(s.num_rows for s in inputs.finetune_shards) == len(pairs)
