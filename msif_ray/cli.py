@@ -132,6 +132,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    """Ad hoc queries against a finished index-mode run: exact scores of the index's candidates."""
+    from msif_ray.ops.query import QueryError, ask, format_answers
+    from msif_ray.store.data import PromptCompletion, read_pairs
+
+    if args.file:
+        queries = read_pairs([args.file], "prompt", "completion", "id")
+    elif args.prompt is not None and args.completion is not None:
+        queries = [PromptCompletion(args.id, args.prompt, args.completion)]
+    else:
+        raise QueryError("msif query: give --prompt and --completion, or --file")
+    print(format_answers(ask(args.run_dir, queries, args.top)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msif", description="Multi-stage influence functions on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="the run directory (local path or s3://...)")
     report.add_argument("--show", type=int, default=5, help="proponents and opponents shown per query (default 5)")
     report.set_defaults(handler=cmd_report)
+    query = commands.add_parser("query", help="ad hoc queries against a finished index-mode run: the index's candidates, "
+                                "re-scored exactly, with their text")
+    query.add_argument("run_dir")
+    query.add_argument("--prompt", help="the query's prompt")
+    query.add_argument("--completion", help="the completion to explain (usually starts with a space)")
+    query.add_argument("--id", default="query", help="the query's id in the output (default: query)")
+    query.add_argument("--file", help="JSON Lines or Parquet of queries (columns id, prompt, completion) instead")
+    query.add_argument("--top", type=int, default=10, help="documents shown per query (default 10)")
+    query.set_defaults(handler=cmd_query)
     demo = commands.add_parser("demo", help="the built-in toy world, end to end, on local Ray")
     demo.add_argument("--workdir", default=str(cache_root() / "demo"), help="where the toy world and the run live")
     demo.add_argument("--workers", type=int, default=2, help="Ray workers (one CPU thread each)")

@@ -263,11 +263,7 @@ class ShardWorker:
         ids = [q.id for q in queries]
         self._maybe_crash("precondition")
         batches = lm.batches(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries], ids))
-        load = lambda folder: None if folder is None else (lambda layer: self._factors.layer(folder, layer))  # noqa: E731
-        cross = (lambda layer: self._factors.cross(spec.pretrain, spec.finetune, layer)) if spec.finetune else None
-        chain = Chain(spec.method, load(spec.pretrain), load(spec.finetune), spec.damping_pretrain, spec.damping_finetune,
-                      cross)
-        vectors = precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
+        vectors = precondition_queries(lm.model, lm.taps, batches, len(ids), self._factors.chain(spec), spec.rank, ids)
         self.run_dir.save_tensors(job.output, vectors.to_tensors(), {"query_ids": json.dumps(ids), "method": spec.method})
         return self._finish(job, job.output, start, ids, 0, sum(b.num_tokens for b in batches))
 
@@ -280,16 +276,20 @@ class ShardWorker:
         return self._finish(job, job.output, start, doc_ids, skipped, tokens)
 
     def rescore(self, job: RerankJob) -> dict:
-        """Exact scores of each batch's candidate (query, document) pairs in one shard."""
+        """Exact scores of each batch's candidate (query, document) pairs in one shard.
+
+        A re-scored pair competes on both sides by its exact score, whichever side its estimate
+        proposed it for: a document the index placed among the opponents can still rank as a proponent."""
         start = _start()
         group = self._query_group(job.batches)
         doc_ids, totals, skipped, tokens = self._exact_scores(job.read, group)
         row, column = {d: i for i, d in enumerate(doc_ids)}, {q: i for i, q in enumerate(group.ids)}
         for pairs, output in zip(job.pairs, job.outputs):
-            pairs = [p for p in pairs if p[1] in row]  # a document left out as empty has no score
-            table = pa.table({"query_id": [q for q, _, _ in pairs], "doc_id": [d for _, d, _ in pairs],
-                              "score": [float(totals[row[d], column[q]]) for q, d, _ in pairs],
-                              "side": [side for _, _, side in pairs]}, schema=EXTREMES_SCHEMA)
+            pairs = sorted({(q, d) for q, d, _ in pairs if d in row})  # a document left out as empty has no score
+            scores = [float(totals[row[d], column[q]]) for q, d in pairs]
+            table = pa.table({"query_id": [q for q, _ in pairs] * 2, "doc_id": [d for _, d in pairs] * 2,
+                              "score": scores * 2, "side": ["top"] * len(pairs) + ["bottom"] * len(pairs)},
+                             schema=EXTREMES_SCHEMA)
             self.run_dir.write_parquet(output, table)
             stats = self._finish(job, output, start, doc_ids, skipped, tokens)
         return stats
@@ -396,6 +396,13 @@ class StoredFactors:
             return tensors["Q_A"], tensors["Q_S"], tensors["lambda"]
 
         return LayerFactors(*self._cached(("layer", factors, layer), load))
+
+    def chain(self, spec: ChainSpec) -> Chain:
+        """The preconditioning chain of ``spec``, its factors read layer by layer as it needs them."""
+        load = lambda folder: None if folder is None else (lambda layer: self.layer(folder, layer))  # noqa: E731
+        cross = (lambda layer: self.cross(spec.pretrain, spec.finetune, layer)) if spec.finetune else None
+        return Chain(spec.method, load(spec.pretrain), load(spec.finetune), spec.damping_pretrain,
+                     spec.damping_finetune, cross)
 
     def cross(self, pretrain: str, finetune: str, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self._cached(("cross", pretrain, finetune, layer),

@@ -1,0 +1,188 @@
+"""``msif query RUN_DIR``: ad hoc queries against a finished index-mode run, in one process, no Ray.
+
+A query is preconditioned with the run's stored factors, by the run's chain (method, dampings,
+rank); scanned against the corpus gradient index (a matrix product per index shard); and its best
+candidates (``scoring.rerank``, at least ``top_k``) are re-scored exactly by a forward and backward
+pass over those documents only. So the printed scores are exact, as ``topk.parquet``'s are, and a
+query gets the top documents ``msif run`` would give it in index mode. The steps call the engine
+functions the pipeline's workers call (``precondition_queries``, ``index.scan``, ``score``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from msif_ray.config import Config, config_from_dict
+from msif_ray.distributed.worker import ChainSpec, StoredFactors
+from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.engine.index import Projection, layer_sizes, project_queries, scan
+from msif_ray.engine.influence import precondition_queries
+from msif_ray.engine.vectors import QueryVectors
+from msif_ray.errors import UserError
+from msif_ray.store import layout
+from msif_ray.store.data import Document, PromptCompletion, expand_paths, plan_shards, read_documents
+from msif_ray.store.models import load_model, load_tokenizer, pick_device, weight_dtype
+from msif_ray.store.storage import RunDir
+
+FACTOR_CACHE_BYTES = 1 << 30
+
+
+class QueryError(UserError, ValueError):
+    """The run directory cannot answer ad hoc queries (not an index-mode run, or not finished)."""
+
+
+@dataclass
+class Ranked:
+    rank: int
+    doc_id: str
+    score: float
+    text: str
+
+
+@dataclass
+class Answer:
+    """One query's top documents by exact score, and what it took to find them."""
+
+    query_id: str
+    top: list[Ranked]
+    candidates: int  # documents re-scored exactly
+    seconds: dict[str, float]
+
+
+def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
+        log: Callable[[str], None] = print) -> list[Answer]:
+    """The top ``show`` (default: the run's ``scoring.top_k``) documents of each query, exact scores.
+
+    The candidates are the run's: its ``scoring.rerank`` (at least ``top_k``) best estimates and its
+    ``top_k`` lowest, so that the answer is the run's top k, whatever ``show`` is."""
+    store = RunDir(run_dir)
+    manifest = layout.read_manifest(store)
+    config = _index_run_config(store, manifest)
+    top_k = config.scoring.top_k
+    show = show or top_k
+    device = pick_device(config.ray.num_gpus_per_worker)
+    dtype = weight_dtype(config.ray.precision, device)
+    tokenizer = load_tokenizer(config.tokenizer, trust_remote_code=config.models.trust_remote_code)
+    seconds: dict[str, float] = {}
+
+    started = time.monotonic()
+    vectors = _precondition(store, manifest, config, tokenizer, device, dtype, queries)
+    seconds["precondition"] = time.monotonic() - started
+
+    started = time.monotonic()
+    index = RunDir(config.index.path or store.url("index"))
+    wanted = max(config.scoring.rerank, top_k)
+    candidates = _scan(index, manifest["shards"]["corpus"], vectors, wanted, top_k)
+    seconds["scan"] = time.monotonic() - started
+
+    started = time.monotonic()
+    exact, documents = _rescore(config, tokenizer, device, dtype, vectors, candidates)
+    seconds["rerank"] = time.monotonic() - started
+    answers = []
+    for q, query_id in enumerate(vectors.ids):
+        order = sorted(exact[q], key=lambda doc: (-exact[q][doc], doc))[:show]
+        top = [Ranked(r + 1, doc, exact[q][doc], _shown_text(documents[doc], tokenizer)) for r, doc in enumerate(order)]
+        answers.append(Answer(query_id, top, len(exact[q]), seconds))
+    log(f"[query] {len(queries)} queries: preconditioned in {seconds['precondition']:.1f}s, index scanned in "
+        f"{seconds['scan']:.1f}s, {sum(len(e) for e in exact)} candidates re-scored in {seconds['rerank']:.1f}s")
+    return answers
+
+
+def _index_run_config(store: RunDir, manifest: dict) -> Config:
+    scores = manifest.get("stages", {}).get("scores", {})
+    if "config" not in manifest or scores.get("state") != "done":
+        raise QueryError(f"{store.url()}: no finished run here; run msif run on an index-mode config first")
+    config = config_from_dict(manifest["config"], base_dir=".")
+    if config.scoring.mode != "index":
+        raise QueryError(f"{store.url()}: this run scored in scoring.mode: {config.scoring.mode}; msif query scans the "
+                         "corpus gradient index, so it needs a run with scoring.mode: index")
+    return config
+
+
+def _precondition(store: RunDir, manifest: dict, config: Config, tokenizer, device, dtype,
+                  queries: list[PromptCompletion]) -> QueryVectors:
+    """Ṽ_q of the queries by the run's chain, its factors read from the run directory."""
+    folders = {stage: layout.factors_dir(stage, manifest["stages"][stage]["fingerprint"])
+               for stage in ("factors/pretrain", "factors/finetune") if stage in manifest["stages"]}
+    spec = ChainSpec(config.method, folders.get("factors/pretrain"), folders.get("factors/finetune"),
+                     config.factors.damping_pretrain, config.factors.damping_finetune, config.scoring.query_rank)
+    lm = _tracked(config, config.query_model, tokenizer, device, dtype)
+    ids = [q.id for q in queries]
+    batches = lm.batches(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries], ids))
+    chain = StoredFactors(store, FACTOR_CACHE_BYTES).chain(spec)
+    return precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
+
+
+def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int, opponents: int
+          ) -> list[dict[str, str]]:
+    """Per query, the documents to re-score exactly, {doc id: shard id}: its ``wanted`` best by the
+    index's estimate and its ``opponents`` lowest, as ``msif run`` re-scores them."""
+    identity = index.read_json(layout.INDEX_IDENTITY)
+    layers = [name for name, _, _ in identity["modules"]]  # the order of the rows' blocks
+    projections = {layer: Projection(**index.load_tensors(layout.index_projection(identity["projections"], layer))[0])
+                   for layer in layers}
+    projected, sizes = project_queries(vectors, projections, layers), layer_sizes(projections, layers)
+    sides = {1.0: wanted, -1.0: opponents}
+    best = {(q, sign): (torch.empty(0, dtype=torch.float64), []) for q in range(len(vectors.ids)) for sign in sides}
+    for shard in shard_ids:
+        tensors, metadata = index.load_tensors(layout.index_shard(shard))
+        estimates = scan(tensors["rows"], tensors["scale"], sizes, projected)  # [N, Q]
+        here = [(d, shard) for d in json.loads(metadata["doc_ids"])]
+        for (q, sign), (values, found) in best.items():
+            merged, pairs = torch.cat([values, sign * estimates[:, q]]), found + here
+            keep = torch.topk(merged, min(sides[sign], merged.numel())).indices.tolist()
+            best[q, sign] = merged[keep], [pairs[i] for i in keep]
+    return [dict(best[q, 1.0][1] + best[q, -1.0][1]) for q in range(len(vectors.ids))]
+
+
+def _rescore(config: Config, tokenizer, device, dtype, vectors: QueryVectors, candidates: list[dict[str, str]]
+             ) -> tuple[list[dict[str, float]], dict[str, Document]]:
+    """Exact scores of each query's candidates ({doc id: score} per query), and the documents read."""
+    corpus = config.data.corpus
+    shards = {s.shard_id: s for s in plan_shards(expand_paths(corpus.paths), config.data.rows_per_shard, corpus.layout)}
+    by_shard: dict[str, set[str]] = {}
+    for found in candidates:
+        for doc, shard in found.items():
+            by_shard.setdefault(shard, set()).add(doc)
+    missing = sorted(set(by_shard) - set(shards))
+    if missing:
+        raise QueryError(f"data.corpus: shards {missing[:3]} of the index are not in the corpus files any more; "
+                         "rerun msif run")
+    lm = _tracked(config, config.corpus_model, tokenizer, device, dtype)
+    documents: dict[str, Document] = {}
+    totals: dict[str, torch.Tensor] = {}
+    for shard_id, wanted in by_shard.items():
+        docs = [d for d in read_documents(shards[shard_id], *corpus.columns)[0] if d.doc_id in wanted]
+        tokens = [d.input_ids for d in docs if d.input_ids is not None]
+        examples = Examples.tokens(tokens) if tokens else Examples.documents([d.text for d in docs])
+        scores = lm.score(examples, vectors).total  # [N, Q]
+        for k, doc in enumerate(docs):
+            documents[doc.doc_id], totals[doc.doc_id] = doc, scores[k]
+    exact = [{doc: float(totals[doc][q]) for doc in found if doc in totals} for q, found in enumerate(candidates)]
+    return exact, documents
+
+
+def _tracked(config: Config, model_path: str, tokenizer, device, dtype) -> TrackedLM:
+    model = load_model(model_path, device, config.models.trust_remote_code, dtype)
+    return TrackedLM(model, tokenizer, config.modules.include, config.modules.exclude, config.data.max_length,
+                     config.ray.batch_size)
+
+
+def _shown_text(doc: Document, tokenizer) -> str:
+    return doc.text if doc.text is not None else tokenizer.decode(list(doc.input_ids))
+
+
+def format_answers(answers: list[Answer], width: int = 100) -> str:
+    """The answers as a person reads them: per query, rank, exact score, document id and the start of its text."""
+    lines = []
+    for a in answers:
+        lines.append(f"query {a.query_id}: top {len(a.top)} of {a.candidates} candidates re-scored exactly")
+        for r in a.top:
+            text = " ".join(r.text.split())
+            lines.append(f"  {r.rank:>3}  {r.score:+.4e}  {r.doc_id}  {text[:width]}{'…' if len(text) > width else ''}")
+    return "\n".join(lines)
