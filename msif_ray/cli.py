@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from msif_ray.config import load_config
+from msif_ray.config import load_config, redact_text
 from msif_ray.distributed.runtime import init_ray
 from msif_ray.errors import user_error
 from msif_ray.pipeline.locked import run_locked, stages_now
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         cause = user_error(err)
         if cause is None:
             raise
-        print(f"msif: error: {cause}", file=sys.stderr)
+        print(f"msif: error: {redact_text(str(cause))}", file=sys.stderr)  # credentials in URLs masked
         return EXIT_LOCKED if isinstance(cause, LockHeldError) else EXIT_BAD_INPUT
 
 

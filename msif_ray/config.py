@@ -529,6 +529,17 @@ class _Section:
 REDACTED = "REDACTED"
 
 
+def redact_text(text: str) -> str:
+    """``text`` (an error message, a log line) with every URL in it passed through ``redact_secrets``
+    (punctuation that ends a sentence after a URL stays outside it)."""
+    def redact(match: re.Match) -> str:
+        url = match.group()
+        core = url.rstrip(":,;.)'\"")
+        return redact_secrets(core) + url[len(core):]
+
+    return re.sub(r"[A-Za-z][\w+.-]*://\S+", redact, text)
+
+
 def redact_secrets(value: object) -> object:
     """``value`` (a config's ``to_dict()``, or any nested dicts/lists) with credentials in URLs masked.
 

@@ -47,6 +47,18 @@ def test_missing_file(tmp_path, world, capsys):
     fails_early(write_config(tmp_path, world, **{"data.corpus.paths": [missing]}), capsys, missing)
 
 
+def test_credentials_in_a_url_are_masked_in_the_error(tmp_path, world, capsys):
+    """An error naming a URL with a password and a signed query prints neither (fsspec's in-memory
+    file system: a real URL that no network is needed to resolve)."""
+    url = "memory://reader:s3cr3t@bucket/corpus-*.parquet?X-Amz-Signature=abc123"
+    config = write_config(tmp_path, world, **{"data.corpus.paths": [url]})
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 2
+    message = capsys.readouterr().err
+    assert "memory://reader:REDACTED@bucket/corpus-*.parquet?X-Amz-Signature=REDACTED: no file matches" in message
+    assert "s3cr3t" not in message and "abc123" not in message
+
+
 def test_missing_column(tmp_path, world, capsys):
     config = write_config(tmp_path, world, **{"data.corpus.text_column": "body"})
     fails_early(config, capsys, "'body'", str(world.corpus), "text")

@@ -34,7 +34,7 @@ import datetime as dt
 import re
 import uuid
 
-from msif_ray.config import redact_secrets
+from msif_ray.config import redact_text
 from msif_ray.errors import user_error
 from msif_ray.store import layout
 from msif_ray.progress import format_duration
@@ -77,7 +77,7 @@ def one_line(err: BaseException) -> str:
     cause = user_error(err) if isinstance(err, Exception) else None
     text = str(cause) if cause is not None else f"{type(err).__name__}: {err}"
     text = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    text = re.sub(r"[A-Za-z][\w+.-]*://\S+", lambda url: redact_secrets(url.group()), text)
+    text = redact_text(text)
     return text if len(text) <= 500 else text[:497] + "..."
 
 
