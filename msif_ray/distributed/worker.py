@@ -276,20 +276,16 @@ class ShardWorker:
         return self._finish(job, job.output, start, doc_ids, skipped, tokens)
 
     def rescore(self, job: RerankJob) -> dict:
-        """Exact scores of each batch's candidate (query, document) pairs in one shard.
-
-        A re-scored pair competes on both sides by its exact score, whichever side its estimate
-        proposed it for: a document the index placed among the opponents can still rank as a proponent."""
+        """Exact scores of each batch's candidate (query, document) pairs in one shard."""
         start = _start()
         group = self._query_group(job.batches)
         doc_ids, totals, skipped, tokens = self._exact_scores(job.read, group)
         row, column = {d: i for i, d in enumerate(doc_ids)}, {q: i for i, q in enumerate(group.ids)}
         for pairs, output in zip(job.pairs, job.outputs):
-            pairs = sorted({(q, d) for q, d, _ in pairs if d in row})  # a document left out as empty has no score
-            scores = [float(totals[row[d], column[q]]) for q, d in pairs]
-            table = pa.table({"query_id": [q for q, _ in pairs] * 2, "doc_id": [d for _, d in pairs] * 2,
-                              "score": scores * 2, "side": ["top"] * len(pairs) + ["bottom"] * len(pairs)},
-                             schema=EXTREMES_SCHEMA)
+            pairs = [p for p in pairs if p[1] in row]  # a document left out as empty has no score
+            table = pa.table({"query_id": [q for q, _, _ in pairs], "doc_id": [d for _, d, _ in pairs],
+                              "score": [float(totals[row[d], column[q]]) for q, d, _ in pairs],
+                              "side": [side for _, _, side in pairs]}, schema=EXTREMES_SCHEMA)
             self.run_dir.write_parquet(output, table)
             stats = self._finish(job, output, start, doc_ids, skipped, tokens)
         return stats

@@ -58,8 +58,8 @@ def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
         log: Callable[[str], None] = print) -> list[Answer]:
     """The top ``show`` (default: the run's ``scoring.top_k``) documents of each query, exact scores.
 
-    The candidates are the run's: its ``scoring.rerank`` (at least ``top_k``) best estimates and its
-    ``top_k`` lowest, so that the answer is the run's top k, whatever ``show`` is."""
+    The candidates are the run's: its ``scoring.rerank`` (at least ``top_k``) best estimates, so that
+    the answer is the run's top k, whatever ``show`` is."""
     store = RunDir(run_dir)
     manifest = layout.read_manifest(store)
     config = _index_run_config(store, manifest)
@@ -77,7 +77,7 @@ def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
     started = time.monotonic()
     index = RunDir(config.index.path or store.url("index"))
     wanted = max(config.scoring.rerank, top_k)
-    candidates = _scan(index, manifest["shards"]["corpus"], vectors, wanted, top_k)
+    candidates = _scan(index, manifest["shards"]["corpus"], vectors, wanted)
     seconds["scan"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -118,26 +118,24 @@ def _precondition(store: RunDir, manifest: dict, config: Config, tokenizer, devi
     return precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
 
 
-def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int, opponents: int
-          ) -> list[dict[str, str]]:
-    """Per query, the documents to re-score exactly, {doc id: shard id}: its ``wanted`` best by the
-    index's estimate and its ``opponents`` lowest, as ``msif run`` re-scores them."""
+def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int) -> list[dict[str, str]]:
+    """Per query, its ``wanted`` best documents by the index's estimate: {doc id: shard id} (the top
+    candidates ``msif run`` re-scores exactly and ranks the top k among)."""
     identity = index.read_json(layout.INDEX_IDENTITY)
     layers = [name for name, _, _ in identity["modules"]]  # the order of the rows' blocks
     projections = {layer: Projection(**index.load_tensors(layout.index_projection(identity["projections"], layer))[0])
                    for layer in layers}
     projected, sizes = project_queries(vectors, projections, layers), layer_sizes(projections, layers)
-    sides = {1.0: wanted, -1.0: opponents}
-    best = {(q, sign): (torch.empty(0, dtype=torch.float64), []) for q in range(len(vectors.ids)) for sign in sides}
+    best = [(torch.empty(0, dtype=torch.float64), []) for _ in vectors.ids]
     for shard in shard_ids:
         tensors, metadata = index.load_tensors(layout.index_shard(shard))
         estimates = scan(tensors["rows"], tensors["scale"], sizes, projected)  # [N, Q]
         here = [(d, shard) for d in json.loads(metadata["doc_ids"])]
-        for (q, sign), (values, found) in best.items():
-            merged, pairs = torch.cat([values, sign * estimates[:, q]]), found + here
-            keep = torch.topk(merged, min(sides[sign], merged.numel())).indices.tolist()
-            best[q, sign] = merged[keep], [pairs[i] for i in keep]
-    return [dict(best[q, 1.0][1] + best[q, -1.0][1]) for q in range(len(vectors.ids))]
+        for q, (values, found) in enumerate(best):
+            merged, pairs = torch.cat([values, estimates[:, q]]), found + here
+            keep = torch.topk(merged, min(wanted, merged.numel())).indices.tolist()
+            best[q] = merged[keep], [pairs[i] for i in keep]
+    return [dict(found) for _, found in best]
 
 
 def _rescore(config: Config, tokenizer, device, dtype, vectors: QueryVectors, candidates: list[dict[str, str]]
