@@ -26,8 +26,9 @@ import ray
 import torch
 
 from msif_ray.store.data import Shard, read_documents
+from msif_ray.distributed.worker import document_examples
 from msif_ray.distributed.worker import load_query_vectors as load_batch_files
-from msif_ray.engine.api import Examples, TrackedLM
+from msif_ray.engine.api import TrackedLM
 from msif_ray.engine.scoring import credit_predicted_tokens, segment_scores
 from msif_ray.engine.vectors import QueryVectors
 from msif_ray.store.layout import MANIFEST
@@ -133,9 +134,7 @@ class ReportWorker:
                              f"{missing[:5]} are no longer there; the corpus changed since the run (rerun msif run)")
         union = sorted({q for d in documents for q in wanted[d.doc_id]})
         column = {q: i for i, q in enumerate(union)}
-        token_docs = [d.input_ids for d in documents if d.input_ids is not None]
-        examples = Examples.tokens(token_docs) if token_docs else Examples.documents([d.text for d in documents])
-        per_layer = lm.score(examples, self._select(union)).per_layer
+        per_layer = lm.score(document_examples(documents), self._select(union)).per_layer
         out, tokens = [], 0
         for k, doc in enumerate(documents):
             queries = wanted[doc.doc_id]

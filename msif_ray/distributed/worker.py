@@ -25,7 +25,7 @@ import ray
 import torch
 
 from msif_ray.engine.curvature import CovarianceSums, Damping, Eigenbasis, LambdaSums, LayerFactors, accumulate_covariances, accumulate_lambdas
-from msif_ray.store.data import Shard, read_documents, read_pair_shard, read_pairs, sample_documents
+from msif_ray.store.data import Document, Shard, read_documents, read_pair_shard, read_pairs, sample_documents
 from msif_ray.distributed.checkpoints import Accumulation
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
 from msif_ray.engine.gradients import Fisher
@@ -187,9 +187,7 @@ class ShardWorker:
         docs = sample_documents(docs, job.sample, job.seed, job.shard)
         if job.doc_ids is not None:
             docs = [d for d in docs if d.doc_id in job.doc_ids]
-        tokens = [d.input_ids for d in docs if d.input_ids is not None]
-        examples = Examples.tokens(tokens) if tokens else Examples.documents([d.text for d in docs])
-        return [d.doc_id for d in docs], examples, skipped
+        return [d.doc_id for d in docs], document_examples(docs), skipped
 
     def _maybe_crash(self, pass_name: str) -> None:
         """Fault injection for tests: die (a real process exit) once, on a shard of ``pass_name``."""
@@ -412,6 +410,12 @@ class StoredFactors:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
         return self.cache[key]
+
+
+def document_examples(docs: list[Document]) -> Examples:
+    """Corpus documents as the engine takes them: their token ids when read as tokens, else their text."""
+    tokens = [d.input_ids for d in docs if d.input_ids is not None]
+    return Examples.tokens(tokens) if tokens else Examples.documents([d.text for d in docs])
 
 
 def query_ids(store: RunDir, name: str) -> list[str]:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from msif_ray.config import Config, config_from_dict
-from msif_ray.distributed.worker import ChainSpec, StoredFactors
+from msif_ray.distributed.worker import ChainSpec, StoredFactors, document_examples
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.engine.index import Projection, layer_sizes, project_queries, scan
 from msif_ray.engine.influence import precondition_queries
@@ -156,9 +156,7 @@ def _rescore(config: Config, tokenizer, device, dtype, vectors: QueryVectors, ca
     totals: dict[str, torch.Tensor] = {}
     for shard_id, wanted in by_shard.items():
         docs = [d for d in read_documents(shards[shard_id], *corpus.columns)[0] if d.doc_id in wanted]
-        tokens = [d.input_ids for d in docs if d.input_ids is not None]
-        examples = Examples.tokens(tokens) if tokens else Examples.documents([d.text for d in docs])
-        scores = lm.score(examples, vectors).total  # [N, Q]
+        scores = lm.score(document_examples(docs), vectors).total  # [N, Q]
         for k, doc in enumerate(docs):
             documents[doc.doc_id], totals[doc.doc_id] = doc, scores[k]
     exact = [{doc: float(totals[doc][q]) for doc in found if doc in totals} for q, found in enumerate(candidates)]
