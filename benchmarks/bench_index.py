@@ -1,25 +1,32 @@
-"""The corpus gradient index (``scoring.mode: index``): quality vs k, build cost, scale, end to end.
+"""The corpus gradient index (``scoring.mode: index``): designs compared, build cost, scale, end to end.
 
-    python benchmarks/bench_index.py [--smoke] [--sections quality,throughput,scale,kronfluence]
+    python benchmarks/bench_index.py [--smoke] [--sections designs,throughput,scale,kronfluence]
+                                     [--worlds demo,facts,20k]
 
 Sections (each selectable; results are merged into ``benchmarks/results/index.json`` so that
-sections can run in separate processes; ``index.png`` is redrawn from whatever is there):
+sections, and the worlds of ``designs``, can run in separate processes; ``index.png`` is redrawn
+from whatever is there):
 
-quality      On the demo's trained world (``load_world(ToySpec(), 0)``): exact multi-stage scores
-             through the engine API (EK-FAC on the corpus at θ_pt and on the fine-tuning pairs at
-             θ_ft, sampled Fisher, rank-32 query vectors, ``TrackedLM.score``) against index
-             estimates (``document_rows`` -> ``quantize`` -> ``scan`` of ``project_queries``) for
-             k in KS and 3 projection seeds. Metrics, mean over queries and seeds: top-10 overlap
-             and Spearman over all documents of (a) the index alone and (b) index + rerank R: the
-             top-R candidates by estimate get their exact score, the rest keep their estimate
-             (Spearman of that vector); top 10 = the best 10 candidates by exact score (what the
-             pipeline returns). A random ranking's top-10 overlap is 10 / N (0.023 at 444). Also
-             the index alone's Pearson vs exact, and its bytes per document and per token.
+designs      Per world (``--worlds``: the demo's ``ToySpec()``, 444 documents; the fact-tracing
+             world of bench_fact_tracing, with distractors; the 20,080-document ``SCALE_SPEC``):
+             exact multi-stage scores through the engine API (EK-FAC on a 2,000-document sample at
+             θ_pt, as ``factors.max_examples``, and on the fine-tuning pairs at θ_ft, sampled
+             Fisher, rank-32 query vectors, ``TrackedLM.score``) against three index designs at
+             equal bytes per layer: the whitened random k x k sketch the project used before
+             (``sketch_maps``), a fixed top k x k block of the eigenbasis (``block_maps``), and each
+             document's top terms (``TrackedLM.index``, the engine's index: k²/3 terms of 6 bytes
+             for the sketch's 2k² bytes), plus the default ``index.terms``. Metrics, mean over
+             queries: Pearson and Spearman vs exact over all documents; top-10 overlap with exact
+             of the index alone and of index + rerank R (each query's R best estimates re-scored
+             exactly, the best 10 returned: what the pipeline does) at R = 1%, 2%, 5% of the
+             corpus (at least 10) and R = 100 (the default); the gold-source MRR of index +
+             rerank 100 beside exact's; bytes per token; CPU time of the index build + scan as a
+             ratio to a bare forward+backward over the same batches.
 throughput   A random Pythia-160m-shaped GPT-NeoX (``bench_scale.neox_config("160m")``), batches
              of 8 x 128 random tokens, float32, CPU: best-of-3 CPU time (``time.process_time``),
              the passes interleaved round by round: a bare forward+backward (``bench_engine.bare_pass``),
-             the index pass (``document_rows``) at k = 16 and 32, and the exact scoring pass
-             (``scoring.score_windows``) against 100 random rank-32 queries.
+             the index pass (``document_terms``) at the default terms and a quarter of them, and
+             the exact scoring pass (``scoring.score_windows``) against 100 random rank-32 queries.
 scale        A toy world of >= 20,000 documents and 200 queries (``ToySpec(num_entities=160,
              num_query_entities=100, num_filler_docs=18800)``; duplicate filler texts dropped),
              queries split into A and B (100 each), four ``Pipeline.run`` in one run directory
@@ -40,6 +47,7 @@ import argparse
 import fcntl
 import json
 import logging
+import math
 import sys
 import tempfile
 import time
@@ -49,12 +57,12 @@ from pathlib import Path
 import torch
 
 from common import cache_dir, load_world, new_figure, pearson, print_table, result_paths, save_figure, setup, spearman, write_json
+from bench_fact_tracing import FULL as FACTS_SPEC
+from msif_ray.config import DEFAULT_INDEX_TERMS
 from msif_ray.demo.toy import ToySpec
 
-SECTIONS = ("quality", "throughput", "scale", "kronfluence")
-KS = (4, 8, 16, 32, 64)
-SEEDS = (0, 1, 2)
-RERANKS = (20, 50, 100)
+SECTIONS = ("designs", "throughput", "scale", "kronfluence")
+WORLDS = ("demo", "facts", "20k")
 TOP = 10
 RANK = 32
 SMOKE_SPEC = replace(ToySpec.small(), pretrain_steps=30, finetune_steps=5)
@@ -89,60 +97,158 @@ def with_rerank(estimates: torch.Tensor, exact: torch.Tensor, r: int) -> tuple[t
     return out, returned
 
 
-# --------------------------------------------------------------------------- 1. quality vs k
+# --------------------------------------------------------------------------- 1. index designs
 
 
-def section_quality(args) -> dict:
-    from msif_ray.engine.index import document_rows, layer_sizes, project_queries, quantize, random_projections, scan
-    from msif_ray.engine.influence import Chain
+def sketch_maps(lm, factors, k: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The index this project used before (kept here for the comparison): Gaussian P_out [k, out],
+    P_in [k, in] of variance 1/k, whitened halfway by a rank-one fit Λ ≈ d_S d_Aᵀ of the pre-training
+    eigenvalues (M = D_S^-½ Q_Sᵀ, N = D_A^-½ Q_Aᵀ): documents (P M, P N), queries (P M⁻ᵀ, P N⁻ᵀ)."""
+    maps = {}
+    for i, (name, spec) in enumerate(lm.taps.specs.items()):
+        f = factors.layer(name)
+        lam = f.lambdas.double().clamp_min(0)
+        g = torch.Generator().manual_seed(seed * 1000 + i)
+        sides = []
+        for q, d, width in ((f.s_vectors, lam.mean(1), spec.out_features), (f.a_vectors, lam.mean(0), spec.in_dim)):
+            d = d / float(lam.mean()) ** 0.5
+            d = d + 0.1 * float(d.mean()) + 1e-30
+            p = torch.randn(k, width, generator=g, dtype=torch.float64) / k ** 0.5
+            sides.append((p @ (d.rsqrt()[:, None] * q.double().t()), p @ (d.sqrt()[:, None] * q.double().t())))
+        (out, q_out), (inp, q_inp) = sides
+        maps[name] = (out.float(), inp.float(), q_out.float(), q_inp.float())
+    return maps
+
+
+def block_maps(lm, factors, k: int) -> dict[str, tuple[torch.Tensor, ...]]:
+    """A fixed top block of each layer's eigenbasis: the k eigenvectors of S and of A whose rows and
+    columns of Λ/(Λ + λ) sum highest (the same block for every document; exact on the block)."""
+    maps = {}
+    for name in lm.layers:
+        f = factors.layer(name)
+        lam = f.lambdas.double()
+        share = lam / (lam + f.damping("auto"))
+        rows, cols = share.sum(1).topk(min(k, lam.shape[0])).indices, share.sum(0).topk(min(k, lam.shape[1])).indices
+        out, inp = f.s_vectors[:, rows].t().float(), f.a_vectors[:, cols].t().float()
+        maps[name] = (out, inp, out, inp)
+    return maps
+
+
+def mapped_estimates(lm, batches, n: int, maps, vectors) -> torch.Tensor:
+    """Σ_layers ⟨(P_q,out Ṽ_q P_q,inᵀ), (P_out G_m P_inᵀ)⟩ with document blocks stored in float16 per layer: [N, Q]."""
+    from msif_ray.engine.gradients import backward_through_layers
+
+    rows = {name: torch.zeros(n, m[0].shape[0] * m[1].shape[0]) for name, m in maps.items()}
+    for batch in batches:
+        def add(name, a, s, batch=batch):
+            out, inp = maps[name][:2]
+            rows[name].index_add_(0, batch.examples, torch.bmm((s.float() @ out.t()).transpose(1, 2), a.float() @ inp.t()).flatten(1))
+        backward_through_layers(lm.model, lm.taps, batch, add)
+    total = torch.zeros(n, len(vectors.ids), dtype=torch.float64)
+    for name, (_, _, q_out, q_inp) in maps.items():
+        v = vectors.layers[name]
+        queries = ((q_out @ v.left.float()) @ (q_inp @ v.right.float()).mT).flatten(1)
+        scale = rows[name].abs().amax(1, keepdim=True).clamp_min(1e-30)
+        stored = (rows[name] / scale).half().float() * scale
+        total += (stored @ queries.t()).double()
+    return total
+
+
+def weighted_terms(lm, docs, factors, vectors, terms: int, power: float) -> torch.Tensor:
+    """The engine's index with the terms chosen by |V_ij| (Λ_ij + λ)^-power instead of power ½."""
+    from msif_ray.engine.index import TermBasis, document_terms, rotate_queries, scan, term_bases
+
+    bases = {}
+    for name, basis in term_bases(list(lm.taps.specs.values()), factors.layer).items():
+        f = factors.layer(name)
+        weight = (f.lambdas.double().clamp_min(0) + f.damping("auto")).pow(-power).float()
+        bases[name] = TermBasis(basis.s_vectors, basis.a_vectors, weight)
+    rows = document_terms(lm.model, lm.taps, lm.batches(docs, by_document=True), len(docs), bases, terms)
+    return scan(rows, rotate_queries(vectors, bases, lm.layers), lm.layers)
+
+
+def design_metrics(estimates: torch.Tensor, exact: torch.Tensor, fractions=(0.01, 0.02, 0.05), rerank: int = 100) -> dict:
+    """Pearson, Spearman vs exact; top-10 overlap of the index alone and of index + rerank R (R = a
+    fraction of the corpus, at least 10, and the default ``scoring.rerank``): each query's R best
+    estimates re-scored exactly, the best 10 of them returned."""
+    n = exact.shape[0]
+    out = {"pearson": float(pearson(estimates, exact).mean()), "spearman": float(spearman(estimates, exact).mean()),
+           "index alone": float(top_overlap(estimates, exact).mean())}
+    for label, r in [(f"rerank {f:.0%}", max(TOP, math.ceil(f * n))) for f in fractions] + [(f"rerank {rerank}", rerank)]:
+        out[label] = float(top_overlap(with_rerank(estimates, exact, r)[1], exact).mean())
+        out[f"{label} (R)"] = min(r, n)
+    return out
+
+
+def section_designs(args, world: str) -> dict:
+    """One world: exact multi-stage scores, then each index design at each budget against them."""
+    from bench_engine import bare_pass
+    from common import retrieval
     from msif_ray.engine.api import Examples, TrackedLM
+    from msif_ray.engine.influence import Chain
 
-    lw = load_world(SMOKE_SPEC if args.smoke else ToySpec(), 0, log=log)
-    pt = TrackedLM(lw.pretrained, lw.tokenizer, max_length=128, batch_size=32)
-    ft = TrackedLM(lw.finetuned, lw.tokenizer, max_length=128, batch_size=32)
-    docs = Examples.documents(lw.texts)
+    spec = {"demo": ToySpec(), "facts": FACTS_SPEC, "20k": SCALE_SPEC}[world] if not args.smoke else SMOKE_SPEC
+    lw = load_world(spec, 0, log=log)
+    pt = TrackedLM(lw.pretrained, lw.tokenizer, max_length=64, batch_size=32)
+    ft = TrackedLM(lw.finetuned, lw.tokenizer, max_length=64, batch_size=32)
+    texts = [d.text for d in lw.documents]
+    docs = Examples.documents(texts)
     pairs = Examples.pairs([p for p, _ in lw.finetune], [c for _, c in lw.finetune])
     qx = Examples.pairs([q["prompt"] for q in lw.queries], [q["completion"] for q in lw.queries])
-    h_pt, h_ft = pt.fit_factors(docs, "sampled", 0), ft.fit_factors(pairs, "sampled", 0)
+    sample = Examples.documents(texts[:: max(1, len(texts) // 2000)])  # factors.max_examples 2000, as the pipeline
+    h_pt, h_ft = pt.fit_factors(sample, "sampled", 0), ft.fit_factors(pairs, "sampled", 0)
     vectors = ft.query_vectors(qx, Chain.of("multi_stage", h_pt, h_ft), rank=RANK)
+    started = time.process_time()
     exact = pt.score(docs, vectors).total  # [N, Q]
+    exact_s = time.process_time() - started
+    n, num_queries = exact.shape
     batches = pt.batches(docs)
-    n = len(lw.texts)
     tokens = sum(int(b.attention_mask.sum()) for b in batches)
-    specs = list(pt.taps.specs.values())
-    ks = KS[:3] if args.smoke else KS
-    seeds = SEEDS[:2] if args.smoke else SEEDS
-    rows, results = [], {}
-    for k, whitened in [(k, w) for k in ks for w in (False, True)]:
-        acc: dict[str, list[torch.Tensor]] = {}
-        seconds = 0.0
-        for seed in seeds:
-            projections = random_projections(specs, k, seed, factors=h_pt.layer if whitened else None)
-            sizes = layer_sizes(projections, pt.layers)
-            t = time.process_time()
-            q, scale = quantize(document_rows(pt.model, pt.taps, batches, n, projections), sizes)
-            seconds += time.process_time() - t
-            estimates = scan(q, scale, sizes, project_queries(vectors, projections, pt.layers))
-            variants = {"index": (estimates, estimates)} | {f"rerank {r}": with_rerank(estimates, exact, r) for r in RERANKS}
-            for name, (everything, returned) in variants.items():
-                acc.setdefault(f"{name}/top{TOP}", []).append(top_overlap(returned, exact))
-                acc.setdefault(f"{name}/spearman", []).append(spearman(everything, exact))
-            acc.setdefault("index/pearson", []).append(pearson(estimates, exact))
-        bytes_per_doc = (q.element_size() * q.shape[1] + scale.element_size() * scale.shape[1])
-        entry = {"D": int(q.shape[1]), "bytes_per_document": bytes_per_doc, "bytes_per_token": bytes_per_doc * n / tokens,
-                 "index_pass_cpu_s_per_seed": seconds / len(seeds)}
-        for name, values in acc.items():
-            entry[name] = float(torch.cat(values).mean())
-        results[f"{k}{' whitened' if whitened else ''}"] = entry
-        rows.append([k, "yes" if whitened else "no", entry["D"], bytes_per_doc, f"{entry['bytes_per_token']:.1f}",
-                     f"{entry['index/pearson']:.3f}"]
-                    + [f"{entry[f'{v}/top{TOP}']:.3f} / {entry[f'{v}/spearman']:.3f}"
-                       for v in ["index"] + [f"rerank {r}" for r in RERANKS]])
-    log(f"\nquality vs k: {n} documents, {len(lw.queries)} queries, multi_stage rank {RANK}, {len(seeds)} projection "
-        f"seeds; top-{TOP} overlap / Spearman vs exact, mean over queries and seeds")
-    table = print_table(["k", "whitened", "D", "B/doc", "B/token", "Pearson", "index alone"] + [f"+ rerank {r}" for r in RERANKS], rows)
-    return {"num_documents": n, "num_queries": len(lw.queries), "tokens": tokens, "seeds": list(seeds),
-            "reranks": list(RERANKS), "by_k": results, "table": table}
+    started = time.process_time()
+    with torch.enable_grad():
+        bare_pass(pt.model, batches)
+    bare_s = time.process_time() - started
+    layers = len(pt.layers)
+    ks = (16,) if args.smoke else (16, 32, 64)
+    designs = []
+    for k in ks:
+        designs += [("sketch", f"k={k}", 2 * k * k, lambda k=k: mapped_estimates(pt, batches, n, sketch_maps(pt, h_pt, k), vectors)),
+                    ("eigen block", f"k={k}", 2 * k * k, lambda k=k: mapped_estimates(pt, batches, n, block_maps(pt, h_pt, k), vectors)),
+                    ("top terms", f"{k * k // 3} terms", 6 * (k * k // 3),
+                     lambda k=k: pt.index_scores(pt.index(docs, k * k // 3, h_pt), vectors, h_pt))]
+    if not args.smoke:
+        designs.append(("top terms", f"{DEFAULT_INDEX_TERMS} terms (default)", 6 * DEFAULT_INDEX_TERMS,
+                        lambda: pt.index_scores(pt.index(docs, DEFAULT_INDEX_TERMS, h_pt), vectors, h_pt)))
+    if world == "demo":  # which weight chooses a document's terms: (Λ + λ)^-p, the default p = 0.5
+        designs += [(f"top terms, weight p = {p}", f"{DEFAULT_INDEX_TERMS} terms", 6 * DEFAULT_INDEX_TERMS,
+                     lambda p=p: weighted_terms(pt, docs, h_pt, vectors, DEFAULT_INDEX_TERMS, p)) for p in (0, 0.25, 0.75, 1)]
+    gold = lw.gold_indices()
+    results = {}
+    for design, budget, layer_bytes, estimate in designs:
+        started = time.process_time()
+        estimates = estimate()
+        seconds = time.process_time() - started
+        entry = {"design": design, "budget": budget, "bytes_per_layer": layer_bytes,
+                 "bytes_per_token": (layer_bytes + 4) * layers * n / tokens,
+                 "build_and_scan_cpu_s": seconds, "x_bare": seconds / bare_s} | design_metrics(estimates, exact)
+        top100 = with_rerank(estimates, exact, 100)[1]
+        entry["gold MRR, index + rerank 100"] = retrieval(top100, gold)["mrr"]
+        results[f"{design} {budget}"] = entry
+        log(f"[designs {world}] {design} {budget}: Pearson {entry['pearson']:.3f}, top-10 alone {entry['index alone']:.3f}, "
+            f"rerank 2% {entry['rerank 2%']:.3f} ({seconds:.1f}s)")
+    exact_gold = retrieval(exact, gold)
+    headers = ["design", "budget", "B/token", "Pearson", "Spearman", "top-10 alone", "+ rerank 1%", "+ rerank 2%",
+               "+ rerank 5%", "+ rerank 100", "gold MRR (rerank 100)", "x bare"]
+    rows = [[e["design"], e["budget"], f"{e['bytes_per_token']:.0f}", f"{e['pearson']:.3f}", f"{e['spearman']:.3f}",
+             f"{e['index alone']:.3f}", f"{e['rerank 1%']:.3f}", f"{e['rerank 2%']:.3f}", f"{e['rerank 5%']:.3f}",
+             f"{e['rerank 100']:.3f}", f"{e['gold MRR, index + rerank 100']:.3f}", f"{e['x_bare']:.2f}"]
+            for e in results.values()]
+    log(f"\ndesigns, {world} world: {n} documents, {num_queries} queries, multi_stage rank {RANK}; top-10 overlap with exact; "
+        f"exact gold MRR {exact_gold['mrr']:.3f}; rerank R = 1/2/5% of N, at least 10")
+    table = print_table(headers, rows)
+    return {"world": world, "spec": str(spec), "num_documents": n, "num_queries": num_queries, "tokens": tokens,
+            "exact_gold": exact_gold, "exact_scoring_cpu_s": exact_s, "bare_cpu_s": bare_s, "designs": results,
+            "table": table}
 
 
 # --------------------------------------------------------------------------- 2. build throughput
@@ -153,7 +259,8 @@ def section_throughput(args) -> dict:
 
     from bench_engine import bare_pass, random_batches
     from bench_scale import neox_config
-    from msif_ray.engine.index import document_rows, random_projections
+    from msif_ray.engine.gradients import Batch
+    from msif_ray.engine.index import TermBasis, document_terms
     from msif_ray.engine.vectors import LayerVectors, QueryVectors
     from msif_ray.engine.modules import LayerTaps, select_modules
     from msif_ray.engine.scoring import QueryGroup, score_windows
@@ -167,21 +274,29 @@ def section_throughput(args) -> dict:
     batch_size, width = (2, 32) if args.smoke else (8, 128)
     num_batches = 1 if args.smoke else args.batches
     num_queries = 10 if args.smoke else 100
-    batches = random_batches(num_batches, batch_size, width, config.vocab_size, seed=0)
+    batches = [Batch(b.input_ids, b.attention_mask, b.loss_mask, b.examples + i * batch_size)  # one document a window
+               for i, b in enumerate(random_batches(num_batches, batch_size, width, config.vocab_size, seed=0))]
+    num_documents = num_batches * batch_size
     g = torch.Generator().manual_seed(1)
     vectors = QueryVectors([str(q) for q in range(num_queries)], {
         s.name: LayerVectors(left=torch.randn(num_queries, s.out_features, RANK, generator=g),
                              right=torch.randn(num_queries, s.in_dim, RANK, generator=g)) for s in specs})
     group = QueryGroup(vectors, torch.device("cpu"))
-    projections = {k: random_projections(specs, k, 0) for k in (16, 32)}
+
+    def orthogonal(n: int) -> torch.Tensor:
+        return torch.linalg.qr(torch.randn(n, n, generator=g)).Q
+
+    bases = {s.name: TermBasis(orthogonal(s.out_features), orthogonal(s.in_dim), torch.rand(s.out_features, s.in_dim, generator=g))
+             for s in specs}  # the cost does not depend on which orthogonal basis
+    budgets = (DEFAULT_INDEX_TERMS // 4, DEFAULT_INDEX_TERMS)
 
     def exact(bs):
         for b in bs:
             score_windows(model, taps, b, group)
 
     passes = {"bare forward+backward": lambda bs: bare_pass(model, bs),
-              "index pass k=16": lambda bs: document_rows(model, taps, bs, batch_size, projections[16]),
-              "index pass k=32": lambda bs: document_rows(model, taps, bs, batch_size, projections[32]),
+              **{f"index pass, {t} terms": lambda bs, t=t: document_terms(model, taps, bs, num_documents, bases, t)
+                 for t in budgets},
               f"exact scoring, {num_queries} rank-{RANK} queries": exact}
     times: dict[str, list[float]] = {name: [] for name in passes}
     with torch.enable_grad():
@@ -201,8 +316,8 @@ def section_throughput(args) -> dict:
     table = print_table(["pass", "CPU s", "tokens/s", "x bare", "x exact scoring"], rows)
     return {"shape": shape, "params": params, "batches": num_batches, "batch": f"{batch_size} x {width}",
             "num_queries": num_queries, "rank": RANK, "times": times, "best": best,
-            "ratios": {"index16/bare": best["index pass k=16"] / bare, "index32/bare": best["index pass k=32"] / bare,
-                       "index16/exact": best["index pass k=16"] / exact_s, "index32/exact": best["index pass k=32"] / exact_s},
+            "ratios": {f"index {t} terms / {other}": best[f"index pass, {t} terms"] / base
+                       for t in budgets for other, base in (("bare", bare), ("exact", exact_s))},
             "table": table}
 
 
@@ -269,8 +384,9 @@ def pipeline_run(world, paths: dict[str, Path], run_dir: Path, index_dir: Path, 
             stages[stage] = {"skipped": True}
             continue
         stages[stage] = {"seconds": record["seconds"],
-                         "passes": {name: {k: p[k] for k in ("seconds", "computed", "reused", "documents", "tokens")
-                                           if k in p} for name, p in record.get("passes", {}).items()}}
+                         "passes": {name: p if name == "candidates" else
+                                    {k: p[k] for k in ("seconds", "computed", "reused", "documents", "tokens") if k in p}
+                                    for name, p in record.get("passes", {}).items()}}
     return {"total": total, "stages": stages, "table": pq.read_table(topk).to_pydict(),
             "scores_key": manifest["stages"]["scores"]["fingerprint"], "scoring": scoring,
             "candidates": candidate_files(manifest, scoring) if scoring.get("mode") == "index" else []}
@@ -278,12 +394,12 @@ def pipeline_run(world, paths: dict[str, Path], run_dir: Path, index_dir: Path, 
 
 def candidate_files(manifest: dict, scoring: dict) -> list[str]:
     """The merged candidates of each query batch of an index-mode run (``layout.batch_candidates``)."""
-    from msif_ray.config import DEFAULT_RERANK
+    from msif_ray.config import Scoring
     from msif_ray.store.digests import digest
     from msif_ray.store.layout import batch_candidates
 
-    top_k, rerank = scoring.get("top_k", TOP), scoring.get("rerank", DEFAULT_RERANK)
-    scan_key = digest(manifest["stages"]["index"]["inputs"], top_k if rerank == 0 else max(rerank, top_k))
+    settings = Scoring(**{"top_k": TOP} | {k: v for k, v in scoring.items() if k in ("top_k", "rerank", "rerank_max")})
+    scan_key = digest(manifest["stages"]["index"]["inputs"], settings.candidates)
     return [batch_candidates(scan_key, batch, manifest["digests"]["data.corpus"])
             for batch in manifest["stages"]["queries"]["outputs"]]
 
@@ -308,7 +424,7 @@ def section_scale(args, tmp: Path) -> dict:
     import pyarrow.parquet as pq
     import ray
 
-    from msif_ray.config import DEFAULT_INDEX_DIM, DEFAULT_RERANK
+    from msif_ray.config import DEFAULT_RERANK, DEFAULT_RERANK_MAX
 
     world, corpus, duplicates, queries_a, queries_b = scale_world(args)
     paths = write_inputs(tmp / "inputs", corpus, queries_a, queries_b)
@@ -321,6 +437,7 @@ def section_scale(args, tmp: Path) -> dict:
         runs = {"(1) index, queries A, fresh": pipeline_run(world, paths, run_dir, index_dir, "A", mode="index")}
         runs["(2) index, queries B"] = pipeline_run(world, paths, run_dir, index_dir, "B", mode="index")
         candidates = pa.concat_tables([pq.read_table(run_dir / name) for name in runs["(2) index, queries B"]["candidates"]])
+        rescored = pq.read_table(run_dir / "scores" / runs["(2) index, queries B"]["scores_key"] / "candidates.parquet")
         runs["(2b) index, queries B, rerank 0, top_k N"] = pipeline_run(world, paths, run_dir, index_dir, "B",
                                                                         mode="index", rerank=0, top_k=n)
         runs["(3) exact, queries B, top_k N"] = pipeline_run(world, paths, run_dir, index_dir, "B", mode="exact", top_k=n)
@@ -334,9 +451,12 @@ def section_scale(args, tmp: Path) -> dict:
     estimates = as_matrix(r2b["table"], doc_index, query_index)
     returned = as_matrix(r2["table"], doc_index, query_index)  # top 10 of (2), NaN elsewhere
     combined = estimates.clone()  # what (2) holds: exact scores on its re-scored candidates, estimates elsewhere
+    reached = dict(zip(rescored["query_id"].to_pylist(), rescored["rescored"].to_pylist()))
+    seen: dict[str, int] = {}
     for q, d, side in zip(*(candidates[c].to_pylist() for c in ("query_id", "doc_id", "side"))):
-        if side == "top":
+        if side == "top" and seen.setdefault(q, 0) < reached[q]:  # candidates are in the index's order
             combined[doc_index[d], query_index[q]] = exact[doc_index[d], query_index[q]]
+            seen[q] += 1
     top2 = torch.nan_to_num(returned, nan=-float("inf"))
     quality = {
         "(2) index + rerank: top-10 overlap": float(top_overlap(top2, exact).mean()),
@@ -348,7 +468,8 @@ def section_scale(args, tmp: Path) -> dict:
     shard_files = sorted((index_dir / "shards").glob("*.safetensors"))
     index_bytes = sum(p.stat().st_size for p in shard_files)
     index_tokens = r1["stages"]["index"]["passes"]["index"]["tokens"]
-    rerank = r2["stages"]["scores"]["passes"].get("rerank", {})
+    passes = r2["stages"]["scores"]["passes"]
+    rerank_documents = sum(p["documents"] for name, p in passes.items() if name.startswith("rerank"))
     q_s, idx_s, sc_s, exact_s = seconds(r2, "queries"), seconds(r2, "index"), seconds(r2, "scores"), seconds(r3, "scores")
     new_work = q_s + idx_s + sc_s
     speed = {
@@ -364,8 +485,12 @@ def section_scale(args, tmp: Path) -> dict:
              "index shards computed in (2) (must be 0)": index_stage["computed"],
              "index bytes per document": index_bytes / n, "index bytes per token": index_bytes / index_tokens,
              "index bytes total": index_bytes, "tokens indexed": index_tokens,
-             "distinct documents re-scored in (2)": rerank.get("documents"),
-             "candidates per query (scoring.rerank, default)": DEFAULT_RERANK, "index.dim (default)": DEFAULT_INDEX_DIM}
+             "documents re-scored in (2), all rounds": rerank_documents,
+             "rerank rounds in (2)": sum(name.startswith("rerank") for name in passes),
+             "candidates re-scored per query in (2), mean": passes["candidates"]["rescored_per_query"],
+             "queries whose last round still changed the top 10": passes["candidates"]["still_changing"],
+             "scoring.rerank, rerank_max (defaults)": f"{DEFAULT_RERANK}, {DEFAULT_RERANK_MAX}",
+             "index.terms (default)": DEFAULT_INDEX_TERMS}
     log(f"\nscale: {n} documents, queries A/B {len(queries_a)}/{len(queries_b)}; {TIMING}; wall seconds")
     tables = {"runs": print_table(["run", "wall s", "stages (s; skipped = reused)"],
                                   [[name, f"{r['total']:.1f}", ", ".join(f"{s} {stage_time(v)}" for s, v in r["stages"].items())]
@@ -414,7 +539,10 @@ def merge(json_path: Path, new: dict, command: str) -> dict:
     with open(json_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(json_path.read_text()) if json_path.exists() else {}
-        sections = old.get("sections", {}) | new
+        sections = old.get("sections", {})
+        if "designs" in new:  # one world at a time
+            new = new | {"designs": sections.get("designs", {}) | new["designs"]}
+        sections = sections | new
         commands = old.get("commands", {}) | {name: command for name in new}
         summary = comparison(sections)
         write_json(json_path, {"timing": TIMING, "commands": commands, "summary": summary, "sections": sections})
@@ -433,21 +561,18 @@ def comparison(sections: dict) -> dict:
 
 def figure(sections: dict, png_path: Path) -> None:
     fig, axes = new_figure(3, 1, size=(4.6, 3.6))
-    quality = sections.get("quality")
-    if quality:
-        ks = sorted({int(k.split()[0]) for k in quality["by_k"]})
-        for col, metric, label in ((0, f"top{TOP}", f"top-{TOP} overlap vs exact"), (1, "spearman", "Spearman vs exact")):
+    styles = {"sketch": ":", "eigen block": "--", "top terms": "-"}
+    for world, entry in sections.get("designs", {}).items():
+        for col, metric, label in ((0, "pearson", "Pearson vs exact"), (1, "rerank 2%", "top-10 overlap, index + rerank 2%")):
             ax = axes[0][col]
-            for variant in ["index"] + [f"rerank {r}" for r in quality["reranks"]]:
-                for whitened, style in (("", "--"), (" whitened", "-")):
-                    ax.plot(ks, [quality["by_k"][f"{k}{whitened}"][f"{variant}/{metric}"] for k in ks], style, marker="o",
-                            label=("index alone" if variant == "index" else f"+ {variant}") + whitened)
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ks, [str(k) for k in ks])
-            ax.set_xlabel("k (index is k x k per layer)")
+            for design, style in styles.items():
+                points = sorted((e["bytes_per_token"], e[metric]) for e in entry["designs"].values() if e["design"] == design)
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=f"{world}: {design}")
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xlabel("index bytes per token")
             ax.set_ylabel(label)
-            ax.set_title(f"{quality['num_documents']} docs, {quality['num_queries']} queries")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
     ax = axes[0][2]
     bars = []
     if "throughput" in sections:
@@ -465,6 +590,7 @@ def figure(sections: dict, png_path: Path) -> None:
         ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
         ax.set_xlabel("seconds (1 thread)")
         ax.set_xscale("log")
+        ax.minorticks_off()
     save_figure(fig, png_path)
 
 
@@ -472,6 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--sections", default=",".join(SECTIONS))
+    parser.add_argument("--worlds", default=",".join(WORLDS), help="designs: which worlds")
     parser.add_argument("--batches", type=int, default=2, help="throughput: batches of 8 x 128 per pass")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
@@ -487,6 +614,15 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:
             started = time.perf_counter()
+            if name == "designs":
+                worlds = ["smoke"] if args.smoke else [w.strip() for w in args.worlds.split(",") if w.strip()]
+                results[name] = {}
+                for world in worlds:
+                    results[name][world] = section_designs(args, world)
+                    results[name][world]["section_wall_s"] = time.perf_counter() - started
+                    sections = merge(json_path, {name: {world: results[name][world]}}, command)
+                    figure(sections, png_path)
+                continue
             if name in ("scale", "kronfluence"):
                 results[name] = globals()[f"section_{name}"](args, Path(tmp) / name)
             else:

@@ -155,7 +155,8 @@ class Modules:
 DEFAULT_QUERY_RANK = 32  # chosen from benchmarks/bench_scale.py's rank table (benchmarks/README.md)
 TOKEN_DTYPES = ("uint16", "int32", "uint32", "int64")
 DEFAULT_RERANK = 100  # chosen from benchmarks/bench_index.py's table (benchmarks/README.md)
-DEFAULT_INDEX_DIM = 32  # chosen from benchmarks/bench_index.py's quality table (benchmarks/README.md)
+DEFAULT_RERANK_MAX = 400  # 2% of the 20,000-document benchmark world (benchmarks/README.md)
+DEFAULT_INDEX_TERMS = 512  # chosen from benchmarks/bench_index.py's designs table (benchmarks/README.md)
 
 
 @dataclass(frozen=True)
@@ -163,25 +164,33 @@ class Scoring:
     """``query_rank``: rank of each layer's preconditioned query gradient (None: full rank, dense).
 
     ``mode: index`` scores queries against the corpus gradient index; ``rerank`` candidates per
-    query (at least ``top_k``; 0 = none) are then re-scored exactly.
+    query (at least ``top_k``; 0 = none) are then re-scored exactly, then as many again, round by
+    round, for the queries whose top k the last round changed, up to ``rerank_max`` candidates
+    (``rerank`` when lower: no rounds).
     """
 
     top_k: int = 100
     mode: ScoringMode = "exact"
     query_rank: int | None = DEFAULT_QUERY_RANK
     rerank: int = DEFAULT_RERANK
+    rerank_max: int = DEFAULT_RERANK_MAX
+
+    @property
+    def candidates(self) -> int:
+        """Candidates kept per query by the scan: all that the re-scoring may reach, at least top_k."""
+        return self.top_k if self.rerank == 0 else max(self.rerank_max, self.rerank, self.top_k)
 
 
 @dataclass(frozen=True)
 class Index:
     """The corpus gradient index (``scoring.mode: index``): ``path`` None = ``<run_dir>/index``.
 
-    ``dim`` = k: each layer's gradient is projected to k x k; ``seed`` draws the projections.
+    ``terms``: each document keeps its largest ``terms`` gradient terms per layer, in the
+    pre-training eigenbasis (``engine/index.py``): 6 bytes a term.
     """
 
     path: str | None = None
-    dim: int = DEFAULT_INDEX_DIM
-    seed: int = 0
+    terms: int = DEFAULT_INDEX_TERMS
 
 
 @dataclass(frozen=True)
@@ -344,13 +353,19 @@ def _scoring(s: _Section) -> Scoring:
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise ConfigError(f"{s.dotted('query_rank')}: expected a positive integer or null (full rank), got {_kind(rank)}")
     scoring = Scoring(top_k=s.positive_integer("top_k", 100), mode=s.choice("mode", SCORING_MODES, "exact"),
-                      query_rank=rank, rerank=s.non_negative_integer("rerank", DEFAULT_RERANK))
+                      query_rank=rank, rerank=s.non_negative_integer("rerank", DEFAULT_RERANK),
+                      rerank_max=s.non_negative_integer("rerank_max", DEFAULT_RERANK_MAX))
     s.finish()
     return scoring
 
 
 def _index(s: _Section) -> Index:
-    index = Index(path=s.path("path", None), dim=s.positive_integer("dim", DEFAULT_INDEX_DIM), seed=s.integer("seed", 0))
+    for retired in ("dim", "seed"):
+        if retired in s.values:
+            raise ConfigError(f"{s.dotted(retired)}: the random k x k sketch index was replaced by each document's "
+                              "largest terms in the eigenbasis; remove this key and size the index with index.terms "
+                              f"(default {DEFAULT_INDEX_TERMS} per layer); an index built before must be built again")
+    index = Index(path=s.path("path", None), terms=s.positive_integer("terms", DEFAULT_INDEX_TERMS))
     s.finish()
     return index
 

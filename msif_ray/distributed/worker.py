@@ -31,16 +31,16 @@ from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
 from msif_ray.engine.gradients import Fisher
 from msif_ray.engine.influence import Chain, Method, cross_rotations, precondition_queries
 from msif_ray.engine.api import Examples, TrackedLM
-from msif_ray.engine.vectors import QueryVectors
-from msif_ray.store.layout import done_marker, eigen_file, factor_layer, index_projection
+from msif_ray.engine.vectors import LayerVectors, QueryVectors
+from msif_ray.store.layout import done_marker, eigen_file, factor_layer, index_basis_layer
 from msif_ray.store.models import load_model, load_tokenizer, pick_device, weight_dtype
-from msif_ray.engine.index import Projection, document_rows, layer_sizes, project_queries, quantize, scan
+from msif_ray.engine.index import IndexRows, TermBasis, document_terms, scan
 from msif_ray.engine.topk import EXTREMES_SCHEMA, extremes_table
 from msif_ray.engine.scoring import QueryGroup, score_windows
 from msif_ray.store.storage import RunDir
 
 
-PROJECTED_BATCHES_KEPT = 64  # projected query batches a worker keeps between index shards
+ROTATED_BATCHES_KEPT = 64  # query batches, rotated into the index basis, a worker keeps between index shards
 
 
 @dataclass(frozen=True)
@@ -160,7 +160,7 @@ class ShardWorker:
         self._lm: TrackedLM | None = None
         self._accumulation: Accumulation | None = None
         self._cached: dict[object, object] = {}
-        self._projected: OrderedDict[tuple, tuple[list[str], torch.Tensor, list[int]]] = OrderedDict()
+        self._rotated: OrderedDict[tuple, tuple[list[str], dict[str, LayerVectors]]] = OrderedDict()
         self._factors = StoredFactors(self.run_dir, settings.factor_cache_bytes)
 
     def ready(self) -> bool:
@@ -288,19 +288,22 @@ class ShardWorker:
             stats = self._finish(job, output, start, doc_ids, skipped, tokens)
         return stats
 
-    def index(self, job: ShardJob, index_url: str, folder: str) -> dict:
-        """The index pass: projected gradients of every document of the shard (the index's projections
-        under ``folder``), into the index store."""
+    def index(self, job: ShardJob, index_url: str, folder: str, terms: int, groups: tuple[tuple[str, ...], ...]
+              ) -> dict:
+        """The index pass: every document's largest ``terms`` gradient terms per layer in the index's
+        basis (under ``folder``), into the index store; one forward and backward per layer group,
+        whose bases are in memory together (the plan's groups, as for the Λ pass)."""
         start = _start()
         lm = self._load(job.model)
-        projections = self._projections(index_url, folder, tuple(lm.layers))
         doc_ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
-        batches = lm.batches(examples)
-        rows, scale = quantize(document_rows(lm.model, lm.taps, batches, len(doc_ids), projections),
-                               layer_sizes(projections, lm.layers))
+        batches = lm.batches(examples, by_document=True)
         store = RunDir(index_url)
-        store.save_tensors(job.output, {"rows": rows.cpu(), "scale": scale.cpu()}, {"doc_ids": json.dumps(doc_ids)})
+        self._cached.clear()
+        parts = [document_terms(lm.model, lm.taps, batches, len(doc_ids), read_index_basis(store, folder, group, self.device),
+                                terms, group) for group in groups]
+        rows = IndexRows.concat(parts)
+        store.save_tensors(job.output, rows.tensors(), {"doc_ids": json.dumps(doc_ids)})
         return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
 
     def scan(self, job: ScanJob, index_url: str, folder: str, candidates: int, layers: tuple[str, ...]) -> dict:
@@ -310,10 +313,10 @@ class ShardWorker:
         self._maybe_crash(job.pass_name)
         tensors, metadata = RunDir(index_url).load_tensors(job.rows)
         doc_ids = json.loads(metadata["doc_ids"])
-        rows, scale = tensors["rows"].to(self.device), tensors["scale"].to(self.device)
+        rows = IndexRows.from_tensors(tensors).to(self.device)
         for batch, output in zip(job.batches, job.outputs):
-            ids, projected, sizes = self._projected_queries(batch, index_url, folder, layers)
-            table = extremes_table(ids, doc_ids, scan(rows, scale, sizes, projected), candidates)
+            ids, rotated = self._rotated_queries(batch, index_url, folder, layers)
+            table = extremes_table(ids, doc_ids, scan(rows, rotated, list(layers)), candidates)
             self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
                                                                                      pa.string())))
             stats = self._finish(job, output, start, doc_ids, 0, 0)
@@ -331,29 +334,21 @@ class ShardWorker:
             tokens += batch.num_tokens
         return doc_ids, totals, skipped, tokens
 
-    def _projections(self, index_url: str, folder: str, layers: tuple[str, ...]) -> dict[str, Projection]:
-        """The index's projections of ``layers``, read from the index store (kept while they are used)."""
-        key = ("projections", index_url, folder, layers)
-        if key not in self._cached:
-            self._cached.clear()
-            store = RunDir(index_url)
-            self._cached[key] = {layer: Projection(**store.load_tensors(index_projection(folder, layer))[0]).to(self.device)
-                                 for layer in layers}
-        return self._cached[key]
-
-    def _projected_queries(self, batch: str, index_url: str, folder: str, layers: tuple[str, ...]
-                           ) -> tuple[list[str], torch.Tensor, list[int]]:
-        """A query batch's ids, its projections [Q, D] and the index's layer block sizes (the projections
-        and the most recent batches are kept: a worker scans shard after shard against the same batches)."""
-        projections = self._projections(index_url, folder, layers)
+    def _rotated_queries(self, batch: str, index_url: str, folder: str, layers: tuple[str, ...]
+                         ) -> tuple[list[str], dict[str, LayerVectors]]:
+        """A query batch's ids and its vectors rotated into the index's basis, reading one layer's basis
+        at a time (the most recent batches are kept: a worker scans shard after shard against the
+        same batches)."""
         key = (batch, index_url, folder, layers)
-        if key not in self._projected:
-            vectors = load_query_vectors(self.run_dir, [batch])
-            self._projected[key] = (vectors.ids, project_queries(vectors, projections, list(layers)),
-                                    layer_sizes(projections, list(layers)))
-            while len(self._projected) > PROJECTED_BATCHES_KEPT:
-                self._projected.popitem(last=False)
-        return self._projected[key]
+        if key not in self._rotated:
+            vectors = load_query_vectors(self.run_dir, [batch]).to(self.device)
+            store = RunDir(index_url)
+            rotated = {layer: read_index_basis(store, folder, [layer], self.device)[layer].rotate_query(vectors.layers[layer])
+                       for layer in layers}
+            self._rotated[key] = (vectors.ids, rotated)
+            while len(self._rotated) > ROTATED_BATCHES_KEPT:
+                self._rotated.popitem(last=False)
+        return self._rotated[key]
 
     def _bases(self, factors: str, layers: tuple[str, ...]) -> dict[str, Eigenbasis]:
         key = ("bases", factors, layers)
@@ -421,6 +416,13 @@ def document_examples(docs: list[Document]) -> Examples:
 def query_ids(store: RunDir, name: str) -> list[str]:
     """The query ids of a batch file, from its header alone."""
     return json.loads(store.tensor_header(name)["__metadata__"]["query_ids"])
+
+
+def read_index_basis(index: RunDir, folder: str, layers: tuple[str, ...] | list[str],
+                     device: torch.device | str = "cpu") -> dict[str, TermBasis]:
+    """The basis an index was built in (``layout.index_basis``), per layer."""
+    return {layer: TermBasis.from_tensors(index.load_tensors(index_basis_layer(folder, layer))[0]).to(device)
+            for layer in layers}
 
 
 def load_query_vectors(store: RunDir, files: tuple[str, ...] | list[str]) -> QueryVectors:

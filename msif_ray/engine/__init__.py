@@ -7,7 +7,7 @@
     influence   the preconditioning chains (multi_stage, single_stage, grad_dot)
     scoring     ⟨Ṽ_q, G_m⟩ over corpus windows, per layer and per token
     topk        per-shard top and bottom k tables and their merge
-    index       the corpus gradient index: projections, projected documents and queries, scan
+    index       the corpus gradient index: each document's top terms in the eigenbasis, the scan
     api         TrackedLM, Examples, Scores: the passes above on one model (imports all of them)
 """
 

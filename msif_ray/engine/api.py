@@ -11,7 +11,7 @@ Example::
     scores = pt.score(Examples.documents(corpus_texts), v)     # scores.total: [N docs, Q queries]
 
 The pipeline's workers call the same per-pass functions (``precondition_queries``,
-``scoring.score_windows``, ``index.document_rows``), so both paths give the same numbers.
+``scoring.score_windows``, ``index.document_terms``), so both paths give the same numbers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from msif_ray.engine.gradients import (
     Batch, Fisher, encode_documents, encode_prompt_completions, example_gradients, make_batches, make_windows,
     model_device, pad_token_id,
 )
-from msif_ray.engine.index import document_rows, project_queries, random_projections
+from msif_ray.engine.index import IndexRows, document_terms, rotate_queries, scan, term_bases
 from msif_ray.engine.influence import Chain, precondition_queries
 from msif_ray.engine.modules import LayerTaps, select_modules
 from msif_ray.engine.scoring import QueryGroup, score_windows, token_scores
@@ -106,9 +106,9 @@ class TrackedLM:
     def layers(self) -> list[str]:
         return list(self.taps.modules)
 
-    def batches(self, examples: Examples) -> list[Batch]:
+    def batches(self, examples: Examples, by_document: bool = False) -> list[Batch]:
         windows = make_windows(examples.encode(self.tokenizer), self.max_length)
-        return list(make_batches(windows, self.batch_size, pad_token_id(self.tokenizer)))
+        return list(make_batches(windows, self.batch_size, pad_token_id(self.tokenizer), by_document))
 
     def fit_factors(self, examples: Examples, fisher: Fisher = "sampled", seed: int = 0) -> Factors:
         """EK-FAC factors of this model on ``examples`` (two passes)."""
@@ -134,22 +134,19 @@ class TrackedLM:
             per_layer.index_add_(1, batch.examples.to(per_layer.device), score_windows(self.model, self.taps, batch, group))
         return Scores(per_layer.cpu(), self.layers)
 
-    def index(self, examples: Examples, dim: int, seed: int = 0, factors: Factors | None = None) -> torch.Tensor:
-        """The corpus gradient index of ``examples``: each one's (P_out M) G (P_in N)ᵀ per layer, whitened by
-        this model's ``factors`` when given, flattened [N, D] (``index.py``); ``index_scores`` scans it."""
-        return document_rows(self.model, self.taps, self.batches(examples), len(examples),
-                             self._projections(dim, seed, factors, model_device(self.model)))
+    def index(self, examples: Examples, terms: int, factors: Factors | None = None) -> IndexRows:
+        """The corpus gradient index of ``examples``: each one's ``terms`` largest gradient terms per
+        layer in the eigenbasis of this model's ``factors`` (the identity without; ``index.py``)."""
+        bases = term_bases(list(self.taps.specs.values()), None if factors is None else factors.layer)
+        bases = {name: b.to(model_device(self.model)) for name, b in bases.items()}
+        return document_terms(self.model, self.taps, self.batches(examples, by_document=True), len(examples), bases,
+                              terms)
 
-    def index_scores(self, rows: torch.Tensor, vectors: QueryVectors, dim: int, seed: int = 0,
-                     factors: Factors | None = None) -> torch.Tensor:
-        """Estimated scores [N, Q] of indexed examples (``rows`` from ``index``, with the same ``dim``,
-        ``seed`` and ``factors``) against preconditioned queries: unbiased estimates of ``score(...).total``."""
-        projected = project_queries(vectors, self._projections(dim, seed, factors, rows.device), self.layers)
-        return rows.double() @ projected.double().t()
-
-    def _projections(self, dim: int, seed: int, factors: Factors | None, device: torch.device):
-        return random_projections(list(self.taps.specs.values()), dim, seed, device,
-                                  None if factors is None else factors.layer)
+    def index_scores(self, rows: IndexRows, vectors: QueryVectors, factors: Factors | None = None) -> torch.Tensor:
+        """Estimated scores [N, Q] of indexed examples (``rows`` from ``index`` with the same ``factors``)
+        against preconditioned queries: the exact scores restricted to each document's kept terms."""
+        bases = term_bases(list(self.taps.specs.values()), None if factors is None else factors.layer)
+        return scan(rows, rotate_queries(as_query_vectors(vectors), bases, self.layers), self.layers)
 
     def token_scores(self, document: str | Sequence[int], vectors: QueryVectors | dict[str, torch.Tensor]
                      ) -> tuple[list[int], torch.Tensor]:

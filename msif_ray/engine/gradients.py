@@ -112,9 +112,16 @@ def make_windows(encoded: Sequence[tuple[list[int], list[bool]]], max_length: in
     return [w for k, (ids, mask) in enumerate(encoded) for w in split_windows(k, ids, mask, max_length)]
 
 
-def make_batches(windows: Sequence[Window], batch_size: int, pad_id: int) -> Iterator[Batch]:
-    """Batches of windows, longest first so that each batch pads little."""
-    order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].input_ids), i))
+def make_batches(windows: Sequence[Window], batch_size: int, pad_id: int, by_document: bool = False) -> Iterator[Batch]:
+    """Batches of windows, longest first so that each batch pads little; ``by_document``: longest
+    example first, each example's windows one after another (its last, shorter window pads more)."""
+    if by_document:
+        length: dict[int, int] = {}
+        for w in windows:
+            length[w.example] = length.get(w.example, 0) + len(w.input_ids)
+        order = sorted(range(len(windows)), key=lambda i: (-length[windows[i].example], windows[i].example, i))
+    else:
+        order = sorted(range(len(windows)), key=lambda i: (-len(windows[i].input_ids), i))
     for lo in range(0, len(order), batch_size):
         chunk = [windows[i] for i in order[lo : lo + batch_size]]
         width = max(len(w.input_ids) for w in chunk)

@@ -1,201 +1,239 @@
-"""The corpus gradient index: every document's gradient at θ_pt, whitened and projected to k x k per layer.
+"""The corpus gradient index: each document's largest gradient terms in the pre-training eigenbasis.
 
-For one tracked layer with gradient G_m = Σ_t s_t a_tᵀ [out, in] (``gradients.per_example_gradient``)
-and a preconditioned query Ṽ_q = L Rᵀ (rank r), the index stores and the scan multiplies
+In one tracked layer's EK-FAC eigenbasis (Q_S [out, out], Q_A [in, in], eigenvalues Λ [out, in],
+damping λ; ``curvature.py``) a document's gradient and a preconditioned query are
 
-    Ĝ_m = (P_out M) G_m (P_in N)ᵀ     = Σ_t (P_out M s_t)(P_in N a_t)ᵀ           [k, k]
-    V̂_q = (P_out M⁻ᵀ) Ṽ_q (P_in N⁻ᵀ)ᵀ = (P_out M⁻ᵀ L)(P_in N⁻ᵀ R)ᵀ
+    V_m = Q_Sᵀ G_m Q_A = Σ_t (Q_Sᵀ s_t)(Q_Aᵀ a_t)ᵀ      [out, in]   (the Λ pass forms the same matrix)
+    U_q = Q_Sᵀ Ṽ_q Q_A                                  [out, in]   (rank r: (Q_Sᵀ L)(Q_Aᵀ R)ᵀ)
 
-with P_out [k, out], P_in [k, in] of i.i.d. N(0, 1/k) entries drawn from (index seed, layer name),
-and M, N any invertible matrices. Since E[PᵀP] = I, P_out and P_in independent,
+and, Q being orthogonal, the exact score is  ⟨Ṽ_q, G_m⟩ = Σ_ij U_q,ij V_m,ij. The index keeps, per
+document and layer, the ``terms`` coordinates (i, j) with the largest |V_m,ij| · w_ij, where
+w = (Λ + λ)^(-1/2): the document's gradient whitened halfway, as the preconditioned query carries
+the other half, so that a kept term's expected share of the score, not only its size, decides.
+The estimate  Σ_(i,j kept) U_q,ij V_m,ij  is exact on the kept terms and drops the rest: with
+every term kept (``terms`` ≥ out·in) it is the exact score (up to the float16 storage).
 
-    E ⟨V̂_q, Ĝ_m⟩_F = ⟨M⁻ᵀ Ṽ_q N⁻¹, M G_m Nᵀ⟩_F = ⟨Ṽ_q, G_m⟩_F          (unbiased, for any M, N)
+benchmarks/bench_index.py measures the choice against random Gaussian sketches of the same bytes
+(README: "Corpus gradient index"): at 2 kB per layer, Pearson vs exact multi-stage 0.51 vs 0.19.
 
-M and N only set the variance, which is of order ‖M⁻ᵀṼN⁻¹‖‖MGNᵀ‖ / k per layer. A preconditioned
-query lives where the curvature is small and a document gradient where it is large, so without
-whitening (M = N = I) their inner product is a tiny fraction of ‖Ṽ‖‖G‖ and drowns in that noise.
-With the pre-training factors, M = (D_S)^(-1/2) Q_Sᵀ and N = (D_A)^(-1/2) Q_Aᵀ, where D_S, D_A are
-the two sides of a rank-one fit of the EK-FAC eigenvalues Λ ≈ d_S d_Aᵀ (damped): both sides are
-whitened halfway, and the estimate's noise is measured against ‖H^(-1/2) U_q‖ ‖H^(-1/2) G_m‖ instead.
-The index then depends on the pre-training factors (one index per base model and its factors).
+Without pre-training factors (``grad_dot``) the basis is the identity and w = 1.
 
-Cost on top of the backward pass: T·k·(out + in) + T·k² per layer and window; G is never formed.
-Scoring new queries is one matrix product over the index, [N, D] x [D, Q] with D = Σ_layers k²,
-and only the best candidates are re-scored exactly (``pipeline``).
+Storage per document and layer: ``terms`` values in float16, divided by the layer's largest kept
+magnitude (a float32 ``scale`` per layer), and their flat positions i·in + j in int32: 6 bytes a
+term. Cost on top of the backward pass, per window and layer: T·(out² + in²) to rotate the token
+factors and T·out·in for V (the Λ pass's work), plus a top-k over out·in.
 
-Storage: a document's row is kept in float16 per layer block, divided by the block's largest
-magnitude (kept as a float32 ``scale`` [N, L]): float16's 11-bit mantissa with no overflow or
-underflow whatever the gradients' magnitude. The projections, 4·k·(out + in) numbers per layer,
-are stored with the index (``layout.index_projection``): the whitening depends on the factors, and
-an index must keep its own when the factors are fitted again.
+The scan rebuilds U_q densely for a few queries of one layer at a time and gathers it at each
+document's positions: Q·Σ_layers out·in·r to build, N·Q·Σ_layers terms to gather.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from msif_ray.engine.curvature import AUTO_DAMPING_SCALE, LayerFactors
+from msif_ray.engine.curvature import LayerFactors
 from msif_ray.engine.gradients import Batch, backward_through_layers, model_device
-from msif_ray.engine.vectors import QueryVectors
 from msif_ray.engine.modules import LayerSpec, LayerTaps
+from msif_ray.engine.vectors import LayerVectors, QueryVectors
 
-ROWS_PER_BLOCK = 1 << 14  # index rows dequantised at once when scanning: 16k x D floats
+GATHER_BYTES = 1 << 28  # working set of one scan step: queries x documents x terms float32 numbers
 
 
 @dataclass(frozen=True)
-class Projection:
-    """One layer's index-side maps P_out M [k_out, out], P_in N [k_in, in], and query-side maps
-    P_out M⁻ᵀ, P_in N⁻ᵀ (the same when there is no whitening)."""
+class TermBasis:
+    """One layer's basis and term weights: Q_S [out, out], Q_A [in, in] (None: the identity) and
+    w [out, in] (None: all ones)."""
 
-    out: torch.Tensor
-    inp: torch.Tensor
-    query_out: torch.Tensor
-    query_inp: torch.Tensor
+    s_vectors: torch.Tensor | None
+    a_vectors: torch.Tensor | None
+    weight: torch.Tensor | None
 
     @classmethod
-    def plain(cls, out: torch.Tensor, inp: torch.Tensor) -> "Projection":
-        return cls(out, inp, out, inp)
-
-    @property
-    def size(self) -> int:
-        return self.out.shape[0] * self.inp.shape[0]
+    def of(cls, factors: LayerFactors | None, damping: float | str = "auto") -> "TermBasis":
+        """The pre-training eigenbasis with w = (Λ + λ)^(-1/2), or the identity without factors."""
+        if factors is None:
+            return cls(None, None, None)
+        lam = factors.lambdas.double().clamp_min(0)
+        weight = (lam + factors.damping(damping)).clamp_min(1e-30).rsqrt()
+        return cls(factors.s_vectors.float(), factors.a_vectors.float(), weight.float())
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """Its four matrices, as copies (a plain projection's two sides are the same tensors)."""
-        return {name: t.clone() for name, t in (("out", self.out), ("inp", self.inp), ("query_out", self.query_out),
-                                                 ("query_inp", self.query_inp))}
+        return {name: t.contiguous() for name, t in (("s_vectors", self.s_vectors), ("a_vectors", self.a_vectors),
+                                                      ("weight", self.weight)) if t is not None}
 
-    def to(self, device: torch.device | str) -> "Projection":
-        return Projection(*(t.to(device) for t in (self.out, self.inp, self.query_out, self.query_inp)))
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "TermBasis":
+        return cls(tensors.get("s_vectors"), tensors.get("a_vectors"), tensors.get("weight"))
 
+    def to(self, device: torch.device | str) -> "TermBasis":
+        return TermBasis(*(None if t is None else t.to(device) for t in (self.s_vectors, self.a_vectors, self.weight)))
 
-def layer_seed(seed: int, layer: str, side: str) -> int:
-    """A stable 63-bit seed for one side of one layer's projection."""
-    return int.from_bytes(hashlib.sha256(f"index:{seed}:{layer}:{side}".encode()).digest()[:8], "little") >> 1
+    def rotate_tokens(self, s: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_Sᵀ s_t, Q_Aᵀ a_t) for every token: s [..., out], a [..., in]."""
+        if self.s_vectors is None:
+            return s.float(), a.float()
+        return s.float() @ self.s_vectors, a.float() @ self.a_vectors
 
-
-def whitening(factors: LayerFactors) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(M, M⁻ᵀ) and (N, N⁻ᵀ) of one layer from its pre-training factors, in float64.
-
-    Λ [out, in] is fitted by d_S d_Aᵀ (row and column means, scaled so that their product has Λ's
-    mean), each side damped by 0.1 x its mean, as ``auto`` damps Λ; then M = D_S^(-1/2) Q_Sᵀ and
-    N = D_A^(-1/2) Q_Aᵀ, so M⁻ᵀ = D_S^(1/2) Q_Sᵀ and N⁻ᵀ = D_A^(1/2) Q_Aᵀ (Q orthogonal).
-    """
-    lam = factors.lambdas.double().clamp_min(0)
-    mean = float(lam.mean()) or 1.0
-    sides = []
-    for q, d in ((factors.s_vectors, lam.mean(1) / mean ** 0.5), (factors.a_vectors, lam.mean(0) / mean ** 0.5)):
-        d = d + AUTO_DAMPING_SCALE * float(d.mean()) + 1e-30
-        qt = q.double().t()
-        sides.append((d.rsqrt()[:, None] * qt, d.sqrt()[:, None] * qt))
-    return sides[0], sides[1]
-
-
-def random_projections(layers: list[LayerSpec], dim: int, seed: int, device: torch.device | str = "cpu",
-                       factors: Callable[[str], LayerFactors] | None = None) -> dict[str, Projection]:
-    """Gaussian projections with entries of variance 1/dim, the same on every machine for (seed, layer),
-    whitened by the pre-training ``factors`` of each layer when given (``whitening``)."""
-
-    def draw(layer: str, side: str, width: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(layer_seed(seed, layer, side))
-        return torch.randn(dim, width, generator=generator) / dim ** 0.5
-
-    projections = {}
-    for spec in layers:
-        p_out, p_in = draw(spec.name, "out", spec.out_features), draw(spec.name, "in", spec.in_dim)
-        if factors is None:
-            projection = Projection.plain(p_out, p_in)
-        else:
-            (m, m_inv_t), (n, n_inv_t) = whitening(factors(spec.name))
-            p_out, p_in = p_out.double(), p_in.double()
-            projection = Projection(*(t.float() for t in (p_out @ m, p_in @ n, p_out @ m_inv_t, p_in @ n_inv_t)))
-        projections[spec.name] = projection.to(device)
-    return projections
-
-
-def index_width(projections: dict[str, Projection]) -> int:
-    """D: the numbers per document, Σ_layers k_out·k_in."""
-    return sum(p.size for p in projections.values())
-
-
-def project_windows(model: nn.Module, taps: LayerTaps, batch: Batch,
-                    projections: dict[str, Projection]) -> torch.Tensor:
-    """Projected gradients of each window: [B, D] in the projections' dtype, layers in ``taps`` order, each block
-    the row-major flattening of P_out G P_inᵀ."""
-    names = list(taps.modules)
-    blocks: dict[str, torch.Tensor] = {}
-
-    def add_layer(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
-        p = projections[name]
-        s_k = s.to(p.out.dtype) @ p.out.t()  # [B, T, k_out]
-        a_k = a.to(p.inp.dtype) @ p.inp.t()  # [B, T, k_in]
-        blocks[name] = torch.bmm(s_k.transpose(1, 2), a_k).flatten(1)
-
-    backward_through_layers(model, taps, batch, add_layer)
-    return torch.cat([blocks[name] for name in names], dim=1)
-
-
-def project_queries(vectors: QueryVectors, projections: dict[str, Projection], layers: list[str]) -> torch.Tensor:
-    """V̂_q of every query and layer, flattened like the index rows: [Q, D] in the projections' dtype.
-
-    Low-rank vectors cost Q·r·k·(out + in): (P_out L)(P_in R)ᵀ, Ṽ_q never formed.
-    """
-    blocks = []
-    for name in layers:
-        v, p = vectors.layers[name], projections[name]
-        out, inp = p.query_out, p.query_inp
+    def rotate_query(self, v: LayerVectors) -> LayerVectors:
+        """U_q = Q_Sᵀ Ṽ_q Q_A, kept low-rank when Ṽ_q is."""
+        if self.s_vectors is None:
+            return v.map(lambda t: t.float())
+        device = (v.left if v.is_low_rank else v.dense).device
+        q_s, q_a = self.s_vectors.to(device), self.a_vectors.to(device)
         if v.is_low_rank:
-            left = out @ v.left.to(out.device, out.dtype)  # [Q, k_out, r]
-            right = inp @ v.right.to(out.device, out.dtype)  # [Q, k_in, r]
-            blocks.append((left @ right.mT).flatten(1))
-        else:
-            blocks.append((out @ v.dense.to(out.device, out.dtype) @ inp.t()).flatten(1))
-    return torch.cat(blocks, dim=1)
+            return LayerVectors(left=q_s.t() @ v.left.float(), right=q_a.t() @ v.right.float())
+        return LayerVectors(dense=q_s.t() @ v.dense.float() @ q_a)
 
 
-def layer_sizes(projections: dict[str, Projection], layers: list[str]) -> list[int]:
-    return [projections[name].size for name in layers]
+def term_bases(layers: list[LayerSpec], factors: Callable[[str], LayerFactors] | None,
+               damping: float | str = "auto") -> dict[str, TermBasis]:
+    """Each layer's ``TermBasis`` from its pre-training factors (the identity without)."""
+    return {spec.name: TermBasis.of(None if factors is None else factors(spec.name), damping) for spec in layers}
 
 
-def quantize(rows: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, D] float -> float16 rows with each layer block divided by its largest magnitude, and
-    those magnitudes as ``scale`` [N, L] float32 (a zero block keeps scale 1)."""
-    blocks = rows.float().split(sizes, dim=1)
+@dataclass
+class IndexRows:
+    """Index rows of N documents over L layers of ``terms[l]`` kept terms each (concatenated in layer order).
+
+    ``values`` [N, Σ terms] float16 (each layer divided by ``scale``), ``positions`` [N, Σ terms]
+    int32 (i·in + j within the layer), ``scale`` [N, L] float32.
+    """
+
+    values: torch.Tensor
+    positions: torch.Tensor
+    scale: torch.Tensor
+    counts: list[int]  # terms per layer
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values.cpu(), "positions": self.positions.cpu(), "scale": self.scale.cpu(),
+                "counts": torch.tensor(self.counts, dtype=torch.int64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "IndexRows":
+        return cls(tensors["values"], tensors["positions"], tensors["scale"], tensors["counts"].tolist())
+
+    def to(self, device: torch.device | str) -> "IndexRows":
+        return IndexRows(self.values.to(device), self.positions.to(device), self.scale.to(device), self.counts)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @classmethod
+    def concat(cls, parts: list["IndexRows"]) -> "IndexRows":
+        """The rows of several layer groups side by side (the same documents, groups in order)."""
+        return cls(torch.cat([p.values for p in parts], 1), torch.cat([p.positions for p in parts], 1),
+                   torch.cat([p.scale for p in parts], 1), [c for p in parts for c in p.counts])
+
+
+def layer_terms(specs: list[LayerSpec], terms: int) -> list[int]:
+    """Terms kept per layer: ``terms``, or every coordinate of a smaller layer."""
+    return [min(terms, s.out_features * s.in_dim) for s in specs]
+
+
+def document_terms(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_documents: int,
+                   bases: dict[str, TermBasis], terms: int, layers: Sequence[str] | None = None) -> IndexRows:
+    """Index rows of whole documents: each one's windows summed into V_m, then its top terms per layer
+    (of ``layers``, a layer group whose ``bases`` fit in memory; default: every tracked layer).
+
+    A document is finished when its last window has been seen, so memory holds the documents of
+    one batch per layer, plus those whose windows continue in a later batch (none when the batches
+    keep each document's windows together, ``make_batches(..., by_document=True)``).
+    """
+    names = list(layers) if layers is not None else list(taps.modules)
+    specs = [taps.specs[n] for n in names]
+    counts = layer_terms(specs, terms)
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    device = model_device(model)
+    values = torch.zeros(num_documents, sum(counts), device=device)
+    positions = torch.zeros(num_documents, sum(counts), dtype=torch.int32, device=device)
+    windows_left = torch.zeros(num_documents, dtype=torch.long)
+    for batch in batches:
+        windows_left.index_add_(0, batch.examples, torch.ones_like(batch.examples))
+    open_docs: dict[str, dict[int, torch.Tensor]] = {n: {} for n in names}
+
+    for batch in batches:
+        docs = batch.examples.tolist()
+        unique = list(dict.fromkeys(docs))  # the batch's documents, in order
+        row_of = {d: row for row, d in enumerate(unique)}
+        finished_after = windows_left.clone()
+        finished_after.index_add_(0, batch.examples, -torch.ones_like(batch.examples))
+        done = [d for d in unique if finished_after[d] == 0]
+
+        def add_layer(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
+            layer = names.index(name)
+            basis = bases[name]
+            s_rot, a_rot = basis.rotate_tokens(s, a)
+            per_window = torch.bmm(s_rot.transpose(1, 2), a_rot)  # [B, out, in]
+            slot = torch.tensor([row_of[d] for d in docs], device=per_window.device)
+            per_doc = per_window.new_zeros((len(unique),) + per_window.shape[1:]).index_add_(0, slot, per_window)
+            kept = open_docs[name]
+            for row, d in enumerate(unique):
+                if d in kept:
+                    per_doc[row] += kept.pop(d)
+                if d not in done:
+                    kept[d] = per_doc[row].clone()
+            if not done:
+                return
+            v = per_doc[[row_of[d] for d in done]].flatten(1)  # [D, out·in]
+            weighted = v.abs() if basis.weight is None else (v * basis.weight.flatten()).abs_()
+            top = weighted.topk(counts[layer], dim=1).indices
+            lo, hi = offsets[layer], offsets[layer] + counts[layer]
+            index = torch.tensor(done, device=device)
+            values[index, lo:hi] = v.gather(1, top).to(device)
+            positions[index, lo:hi] = top.to(device, torch.int32)
+
+        backward_through_layers(model, taps, batch, add_layer, layers=names)
+        windows_left = finished_after
+    for name, block in zip(names, values.split(counts, dim=1)):
+        if not torch.isfinite(block).all():
+            raise FloatingPointError(f"non-finite document gradient in layer {name!r}: check the model weights and inputs")
+    return quantize(values, positions, counts)
+
+
+def quantize(values: torch.Tensor, positions: torch.Tensor, counts: list[int]) -> IndexRows:
+    """Float32 values -> float16 with each layer's block divided by its largest magnitude (a zero
+    block keeps scale 1): float16's 11-bit mantissa, and no overflow or underflow whatever the
+    gradients' magnitude."""
+    blocks = values.float().split(counts, dim=1)
     scale = torch.stack([b.abs().amax(dim=1) for b in blocks], dim=1)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scaled = torch.cat([b / scale[:, i : i + 1] for i, b in enumerate(blocks)], dim=1)
-    return scaled.to(torch.float16), scale
+    return IndexRows(scaled.to(torch.float16), positions, scale, list(counts))
 
 
-def dequantize(rows: torch.Tensor, scale: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """The inverse of ``quantize``: [N, D] float32."""
-    expanded = torch.repeat_interleave(scale, torch.tensor(sizes, device=scale.device), dim=1)
-    return rows.float() * expanded
+def rotate_queries(vectors: QueryVectors, bases: dict[str, TermBasis], layers: list[str]) -> dict[str, LayerVectors]:
+    """U_q per layer (``TermBasis.rotate_query``): what ``scan`` multiplies the index rows with."""
+    return {name: bases[name].rotate_query(vectors.layers[name]) for name in layers}
 
 
-def scan(rows: torch.Tensor, scale: torch.Tensor, sizes: list[int], queries: torch.Tensor) -> torch.Tensor:
-    """Estimated scores of every indexed document against every projected query: [N, Q] float64.
+def scan(rows: IndexRows, queries: dict[str, LayerVectors], layers: list[str]) -> torch.Tensor:
+    """Estimated scores of every indexed document against every rotated query: [N, Q] float64.
 
-    Rows are dequantised ``ROWS_PER_BLOCK`` at a time, so memory is one block plus the result.
+    Per layer, U_q is built densely for a few queries at a time (``GATHER_BYTES`` bound the
+    queries x documents x terms working set) and gathered at the documents' kept positions.
     """
-    queries = queries.to(rows.device, torch.float32)
-    out = torch.empty(rows.shape[0], queries.shape[0], dtype=torch.float64)
-    for lo in range(0, rows.shape[0], ROWS_PER_BLOCK):
-        hi = min(lo + ROWS_PER_BLOCK, rows.shape[0])
-        out[lo:hi] = (dequantize(rows[lo:hi], scale[lo:hi], sizes) @ queries.t()).double().cpu()
+    n = rows.values.shape[0]
+    num_queries = next(iter(queries.values())).num_queries
+    out = torch.zeros(n, num_queries, dtype=torch.float64)
+    lo = 0
+    for layer, (name, count) in enumerate(zip(layers, rows.counts)):
+        u = queries[name]
+        width = int(u.left.shape[1] * u.right.shape[1]) if u.is_low_rank else int(u.dense[0].numel())
+        values = rows.values[:, lo:lo + count].float() * rows.scale[:, layer:layer + 1].float()
+        positions = rows.positions[:, lo:lo + count].long()
+        step_q = max(1, min(num_queries, GATHER_BYTES // (4 * max(width, 1))))
+        for q0 in range(0, num_queries, step_q):
+            q1 = min(q0 + step_q, num_queries)
+            dense = (u.left[q0:q1] @ u.right[q0:q1].mT if u.is_low_rank else u.dense[q0:q1]).flatten(1)  # [q, out·in]
+            dense = dense.to(values.device)
+            step_n = max(1, GATHER_BYTES // (4 * (q1 - q0) * max(count, 1)))
+            for n0 in range(0, n, step_n):
+                n1 = min(n0 + step_n, n)
+                gathered = dense[:, positions[n0:n1]]  # [q, n, terms]
+                out[n0:n1, q0:q1] += torch.einsum("qnt,nt->nq", gathered, values[n0:n1]).double().cpu()
+        lo += count
     return out
-
-
-def document_rows(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_documents: int,
-                  projections: dict[str, Projection]) -> torch.Tensor:
-    """Projected gradients of whole documents (their windows summed): [N, D] on the model's device."""
-    dtype = next(iter(projections.values())).out.dtype
-    total = torch.zeros(num_documents, index_width(projections), device=model_device(model), dtype=dtype)
-    for batch in batches:
-        total.index_add_(0, batch.examples.to(total.device), project_windows(model, taps, batch, projections))
-    return total

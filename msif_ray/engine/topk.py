@@ -65,3 +65,19 @@ def final_table(merged: pa.Table, side: str) -> pa.Table:
     rank = rank_within_groups(rows) + 1
     return pa.table({"query_id": rows["query_id"], "rank": pa.array(rank, pa.int32()), "doc_id": rows["doc_id"],
                      "score": rows["score"]})
+
+
+def rerank_windows(first: int, most: int) -> list[tuple[int, int]]:
+    """The candidate ranks (by the index's estimate) re-scored round by round: [0, R), [R, 2R),
+    [2R, 4R), ... up to ``most``: each round as many as all the rounds before it."""
+    windows, lo, hi = [], 0, first
+    while lo < most:
+        windows.append((lo, min(hi, most)))
+        lo, hi = hi, 2 * hi
+    return windows
+
+
+def top_changed(exact: dict[str, float], new: set[str], k: int) -> bool:
+    """Whether a document of ``new`` is among the k best of ``exact`` (doc id -> score; ties broken by
+    doc id, as in the tables): the rule that keeps a query's adaptive re-scoring going."""
+    return any(d in new for d in sorted(exact, key=lambda d: (-exact[d], d))[:k])

@@ -1,7 +1,7 @@
 """``msif query RUN_DIR``: ad hoc queries against a finished index-mode run, in one process, no Ray.
 
 A query is preconditioned with the run's stored factors, by the run's chain (method, dampings,
-rank); scanned against the corpus gradient index (a matrix product per index shard); and its best
+rank); scanned against the corpus gradient index (a gather per index shard); and its best
 candidates (``scoring.rerank``, at least ``top_k``) are re-scored exactly by a forward and backward
 pass over those documents only. So the printed scores are exact, as ``topk.parquet``'s are, and a
 query gets the top documents ``msif run`` would give it in index mode. The steps call the engine
@@ -18,10 +18,12 @@ from typing import Callable
 import torch
 
 from msif_ray.config import Config, config_from_dict
-from msif_ray.distributed.worker import ChainSpec, StoredFactors, document_examples
+from msif_ray.pipeline.keys import index_store
+from msif_ray.distributed.worker import ChainSpec, StoredFactors, document_examples, read_index_basis
 from msif_ray.engine.api import Examples, TrackedLM
-from msif_ray.engine.index import Projection, layer_sizes, project_queries, scan
+from msif_ray.engine.index import IndexRows, rotate_queries, scan
 from msif_ray.engine.influence import precondition_queries
+from msif_ray.engine.topk import rerank_windows, top_changed
 from msif_ray.engine.vectors import QueryVectors
 from msif_ray.errors import UserError
 from msif_ray.store import layout
@@ -58,8 +60,9 @@ def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
         log: Callable[[str], None] = print) -> list[Answer]:
     """The top ``show`` (default: the run's ``scoring.top_k``) documents of each query, exact scores.
 
-    The candidates are the run's: its ``scoring.rerank`` (at least ``top_k``) best estimates, so that
-    the answer is the run's top k, whatever ``show`` is."""
+    The candidates are re-scored as the run does: its ``scoring.rerank`` (at least ``top_k``) best
+    estimates, then more round by round while a round changes the top k (``topk.rerank_windows``),
+    so that the answer is the run's top k, whatever ``show`` is."""
     store = RunDir(run_dir)
     manifest = layout.read_manifest(store)
     config = _index_run_config(store, manifest)
@@ -75,13 +78,23 @@ def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
     seconds["precondition"] = time.monotonic() - started
 
     started = time.monotonic()
-    index = RunDir(config.index.path or store.url("index"))
-    wanted = max(config.scoring.rerank, top_k)
-    candidates = _scan(index, manifest["shards"]["corpus"], vectors, wanted)
+    candidates = _scan(index_store(config, store), manifest["shards"]["corpus"], vectors, config.scoring.candidates)
     seconds["scan"] = time.monotonic() - started
 
     started = time.monotonic()
-    exact, documents = _rescore(config, tokenizer, device, dtype, vectors, candidates)
+    lm = _tracked(config, config.corpus_model, tokenizer, device, dtype)
+    exact: list[dict[str, float]] = [{} for _ in candidates]
+    changing = [True] * len(candidates)
+    documents: dict[str, Document] = {}
+    for lo, hi in rerank_windows(config.scoring.rerank or top_k, config.scoring.candidates):
+        wanted = [dict(found[lo:hi]) if changing[q] else {} for q, found in enumerate(candidates)]
+        if not any(wanted):
+            break
+        found, read = _rescore(config, lm, vectors, wanted)
+        documents |= read
+        for q, scores in enumerate(found):
+            exact[q] |= scores
+            changing[q] = changing[q] and bool(wanted[q]) and top_changed(exact[q], set(wanted[q]), top_k)
     seconds["rerank"] = time.monotonic() - started
     answers = []
     for q, query_id in enumerate(vectors.ids):
@@ -118,27 +131,25 @@ def _precondition(store: RunDir, manifest: dict, config: Config, tokenizer, devi
     return precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
 
 
-def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int) -> list[dict[str, str]]:
-    """Per query, its ``wanted`` best documents by the index's estimate: {doc id: shard id} (the top
-    candidates ``msif run`` re-scores exactly and ranks the top k among)."""
+def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int) -> list[list[tuple[str, str]]]:
+    """Per query, its ``wanted`` best documents by the index's estimate, best first: (doc id, shard id)
+    (the top candidates ``msif run`` re-scores exactly and ranks the top k among)."""
     identity = index.read_json(layout.INDEX_IDENTITY)
     layers = [name for name, _, _ in identity["modules"]]  # the order of the rows' blocks
-    projections = {layer: Projection(**index.load_tensors(layout.index_projection(identity["projections"], layer))[0])
-                   for layer in layers}
-    projected, sizes = project_queries(vectors, projections, layers), layer_sizes(projections, layers)
+    rotated = rotate_queries(vectors, read_index_basis(index, identity["basis"], layers), layers)
     best = [(torch.empty(0, dtype=torch.float64), []) for _ in vectors.ids]
     for shard in shard_ids:
         tensors, metadata = index.load_tensors(layout.index_shard(shard))
-        estimates = scan(tensors["rows"], tensors["scale"], sizes, projected)  # [N, Q]
+        estimates = scan(IndexRows.from_tensors(tensors), rotated, layers)  # [N, Q]
         here = [(d, shard) for d in json.loads(metadata["doc_ids"])]
         for q, (values, found) in enumerate(best):
             merged, pairs = torch.cat([values, estimates[:, q]]), found + here
             keep = torch.topk(merged, min(wanted, merged.numel())).indices.tolist()
             best[q] = merged[keep], [pairs[i] for i in keep]
-    return [dict(found) for _, found in best]
+    return [found for _, found in best]
 
 
-def _rescore(config: Config, tokenizer, device, dtype, vectors: QueryVectors, candidates: list[dict[str, str]]
+def _rescore(config: Config, lm: TrackedLM, vectors: QueryVectors, candidates: list[dict[str, str]]
              ) -> tuple[list[dict[str, float]], dict[str, Document]]:
     """Exact scores of each query's candidates ({doc id: score} per query), and the documents read."""
     corpus = config.data.corpus
@@ -151,7 +162,6 @@ def _rescore(config: Config, tokenizer, device, dtype, vectors: QueryVectors, ca
     if missing:
         raise QueryError(f"data.corpus: shards {missing[:3]} of the index are not in the corpus files any more; "
                          "rerun msif run")
-    lm = _tracked(config, config.corpus_model, tokenizer, device, dtype)
     documents: dict[str, Document] = {}
     totals: dict[str, torch.Tensor] = {}
     for shard_id, wanted in by_shard.items():

@@ -27,7 +27,9 @@ def describe(run_dir: str) -> str:
         if state != "done":
             lines += _running_passes(store, stage, record["fingerprint"])
         for name, p in record.get("passes", {}).items():
-            if "shards_total" in p:
+            if name == "candidates":
+                lines.append(candidates_line(p))
+            elif "shards_total" in p:
                 lines.append(
                     f"    {name:<12} shards {p['shards_total']}/{p['shards_total']} (computed {p['computed']}, "
                     f"reused {p['reused']})  docs {p['documents']}  tokens {p['tokens']}  {format_duration(p['seconds'])}"
@@ -54,3 +56,12 @@ def _running_passes(store: RunDir, stage: str, key: str) -> list[str]:
         name = "/".join(folder.split("/")[-2:])
         by_pass[name] = sum(len(s) for s in committed_checkpoints(store, folder).values())
     return [f"    {name:<12} {count} done so far" for name, count in sorted(by_pass.items())]
+
+
+def candidates_line(c: dict) -> str:
+    """Index mode's account of its top k (``pipeline.index.candidate_summary``)."""
+    warn = (f"; {c['still_changing']} queries' top {c['top_k']} still changed in the last round: the index may have "
+            "missed documents there (raise scoring.rerank_max)" if c["still_changing"] else "")
+    return (f"    candidates   {c['queries']} queries: {c['rescored_per_query']:.0f} re-scored per query (at most "
+            f"{c['rescored_max']}); of the returned top {c['top_k']}, {c['found_by_index_share']:.0%} were in the "
+            f"index's own top {c['top_k']}, the deepest at index rank {c['deepest_rank_max']}{warn}")

@@ -1,6 +1,7 @@
 """Stages ``index`` and ``scores`` in index mode: the corpus gradient index, then scores by it.
 
-The index holds each corpus document's whitened, projected gradient at θ_pt (``engine/index.py``),
+The index holds each corpus document's largest gradient terms at θ_pt, in the pre-training
+eigenbasis (``engine/index.py``),
 one file per content-named shard, so appended shards are indexed alone and every run of the same
 base model reuses it. Scoring scans it (a matrix product per shard and query batch), keeps each
 query's best ``scoring.rerank`` candidates, and re-scores them exactly: ``topk.parquet`` holds
@@ -10,11 +11,14 @@ exact scores. Every output is per (query batch, shard), so new queries pay only 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
 
 from msif_ray.distributed.merge import tree_merge
 from msif_ray.distributed.worker import RerankJob, ScanJob, ShardJob, StoredFactors
-from msif_ray.engine.index import random_projections
-from msif_ray.engine.topk import rank_within_groups
+from msif_ray.engine.index import TermBasis
+from msif_ray.engine.topk import rank_within_groups, rerank_windows, top_changed
 from msif_ray.pipeline.context import RunContext
 from msif_ray.pipeline.inputs import Inputs
 from msif_ray.pipeline.keys import check_identity, index_store
@@ -26,26 +30,27 @@ from msif_ray.store.storage import RunDir
 
 def build_index(run: RunContext, inputs: Inputs, pretrain: str | None, identity: dict) -> RunDir:
     """Index every corpus shard not in the index yet (a shard is named by its content). A new index
-    first stores its projections, whitened by the pre-training factors under ``pretrain`` (None:
-    not whitened), then its identity."""
+    first stores its basis, the eigenbasis of the pre-training factors under ``pretrain`` (None: the
+    identity), then its identity."""
     cfg = run.config
     store = index_store(cfg, run.store)
     check_identity(store, identity, "index.path")
     if not store.exists(layout.INDEX_IDENTITY):
         factors = StoredFactors(run.store, 0)  # keeps one layer's factors at a time
-        load = None if pretrain is None else (lambda layer: factors.layer(pretrain, layer))
         for spec in inputs.layers:
-            projection = random_projections([spec], cfg.index.dim, cfg.index.seed, factors=load)[spec.name]
-            store.save_tensors(layout.index_projection(identity["projections"], spec.name), projection.tensors())
+            basis = TermBasis.of(None if pretrain is None else factors.layer(pretrain, spec.name),
+                                 cfg.factors.damping_pretrain)
+            store.save_tensors(layout.index_basis_layer(identity["basis"], spec.name), basis.tensors())
         store.write_json(layout.INDEX_IDENTITY, identity)
     started = time.monotonic()
     corpus = cfg.data.corpus
     jobs = [ShardJob("index", s, layout.index_shard(s.shard_id), cfg.corpus_model, "documents",
                      corpus.columns) for s in inputs.corpus_shards]
-    stats = run.passes.map("index", "index", jobs, store.url(), identity["projections"], store=store)
+    groups = tuple(tuple(g) for g in run.plan.layer_groups)
+    stats = run.passes.map("index", "index", jobs, store.url(), identity["basis"], cfg.index.terms, groups, store=store)
     check_documents(stats)
     run.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
-            f"(k = {cfg.index.dim}, {stats['seconds']:.1f}s)")
+            f"({cfg.index.terms} terms per layer, {stats['seconds']:.1f}s)")
     outcome = "reused" if stats["computed"] == 0 else "computed"
     run.records.manifest["stages"]["index"] = {
         "inputs": identity, "outcome": outcome, "reason": f"{stats['computed']} of {stats['shards_total']} shards indexed"}
@@ -56,11 +61,11 @@ def build_index(run: RunContext, inputs: Inputs, pretrain: str | None, identity:
 
 def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list[str], index: RunDir,
                  identity: dict) -> None:
-    """Each query's best candidates by a matrix product over the index, then ``scoring.rerank`` of
-    them re-scored exactly (a forward and backward pass over those documents only)."""
+    """Each query's best candidates by a scan of the index, then the best ``scoring.rerank`` of them
+    re-scored exactly (a forward and backward pass over those documents only), then more, round by
+    round, while a round changes the query's top k (``rescore_candidates``)."""
     cfg = run.config
-    top_k, rerank = cfg.scoring.top_k, cfg.scoring.rerank
-    num_candidates = top_k if rerank == 0 else max(rerank, top_k)
+    num_candidates = cfg.scoring.candidates
     scan_key = digest(identity, num_candidates)
     key = named["key"]
     if scores_done(run, key, named):
@@ -72,7 +77,7 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
         for files in run.passes.pending_chunks(query_files, outputs, run.plan.query_group_batches):
             jobs.append(ScanJob(shard.shard_id, layout.index_shard(shard.shard_id), files,
                                 tuple(outputs[f] for f in files)))
-    stats = {"scan": run.passes.map("scan", "scan", jobs, index.url(), identity["projections"], num_candidates,
+    stats = {"scan": run.passes.map("scan", "scan", jobs, index.url(), identity["basis"], num_candidates,
                                     tuple(s.name for s in inputs.layers))}
     candidates = {}
     for f in query_files:
@@ -82,39 +87,113 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
             tree_merge(run.store, partials, num_candidates,
                        lambda level, i: layout.candidates_merge_step(candidates[f], level, i), output=candidates[f])
     final = [candidates[f] for f in query_files]
-    if rerank:
-        final, stats["rerank"] = rescore_candidates(run, inputs, scan_key, query_files, candidates)
-    merge_result(run, key, final, top_k)
+    if cfg.scoring.rerank:
+        final, passes, recall = rescore_candidates(run, inputs, scan_key, query_files, candidates)
+        stats |= passes
+    merge_result(run, key, final, cfg.scoring.top_k)
+    if cfg.scoring.rerank:
+        stats["candidates"] = candidate_summary(run, key, recall)
     run.records.finish("scores", key, started, stats, publish=lambda: publish(run, key))
 
 
-def rescore_candidates(run: RunContext, inputs: Inputs, scan_key: str, query_files: list[str],
-                       candidates: dict[str, str]) -> tuple[list[str], dict]:
-    """Exact scores of each batch's candidate pairs, shard by shard; returns the files and the pass's stats.
+@dataclass
+class QueryCandidates:
+    """One query's candidates in the index's order (doc id, shard) and the exact scores found so far."""
 
-    Every top candidate is re-scored; of the bottom (opponent) candidates only the first k,
-    since only ``topk.parquet`` is the ranking asked for."""
+    ranked: list[tuple[str, str]]
+    exact: dict[str, float] = field(default_factory=dict)
+    reached: int = 0  # candidates re-scored
+    changing: bool = True  # the last round changed the top k
+
+
+def rescore_candidates(run: RunContext, inputs: Inputs, scan_key: str, query_files: list[str],
+                       candidates: dict[str, str]) -> tuple[list[str], dict, dict[tuple[str, str], QueryCandidates]]:
+    """Exact scores of the candidates, round by round (``topk.rerank_windows``): first each query's
+    ``scoring.rerank`` best estimates (and its first ``top_k`` opponents), then, for the queries
+    whose top k the round changed, as many again, up to ``scoring.candidates``. Returns the score
+    files, the rounds' pass stats, and each (batch, query)'s candidates."""
     cfg = run.config
-    corpus = cfg.data.corpus
-    pairs: dict[str, dict[str, tuple]] = {}  # shard id -> batch file -> its candidate pairs in that shard
+    top_k = cfg.scoring.top_k
+    queries: dict[tuple[str, str], QueryCandidates] = {}
+    opponents: dict[str, list[tuple[str, str, str]]] = {}  # batch -> (query, doc, shard)
     for f in query_files:
         table = run.store.read_parquet(candidates[f])
-        found: dict[str, list] = {}
         columns = (table[c].to_pylist() for c in ("query_id", "doc_id", "side", "shard"))
         for (query, doc, side, shard), rank in zip(zip(*columns), rank_within_groups(table)):
-            if side == "top" or rank < cfg.scoring.top_k:
-                found.setdefault(shard, []).append((query, doc, side))
-        for shard, items in found.items():
-            pairs.setdefault(shard, {})[f] = tuple(sorted(items))
+            if side == "top":
+                queries.setdefault((f, query), QueryCandidates([])).ranked.append((doc, shard))
+            elif rank < top_k:
+                opponents.setdefault(f, []).append((query, doc, shard))
+    files, stats = [], {}
+    for round_, (lo, hi) in enumerate(rerank_windows(cfg.scoring.rerank, cfg.scoring.candidates)):
+        wanted = {fq: c.ranked[lo:hi] for fq, c in queries.items() if c.changing and c.ranked[lo:hi]}
+        if not wanted:
+            break
+        pairs: dict[str, dict[str, list]] = {}  # shard id -> batch file -> its pairs in that shard
+        for (f, query), found in wanted.items():
+            for doc, shard in found:
+                pairs.setdefault(shard, {}).setdefault(f, []).append((query, doc, "top"))
+        for f, found in (opponents.items() if round_ == 0 else ()):
+            for query, doc, shard in found:
+                pairs.setdefault(shard, {}).setdefault(f, []).append((query, doc, "bottom"))
+        outputs, stats["rerank" if round_ == 0 else f"rerank/{round_ + 1}"] = _rescore_pairs(run, inputs, scan_key,
+                                                                                            query_files, pairs)
+        files += outputs
+        new: dict[tuple[str, str], set[str]] = {fq: {d for d, _ in found} for fq, found in wanted.items()}
+        for output in outputs:
+            f = next(f for f in query_files if f"/{layout.batch_id(f)}/" in output)
+            table = run.store.read_parquet(output)
+            for query, doc, score, side in zip(*(table[c].to_pylist() for c in ("query_id", "doc_id", "score", "side"))):
+                if side == "top":
+                    queries[(f, query)].exact[doc] = score
+        for fq, c in queries.items():
+            if fq in wanted:
+                c.reached = hi
+                c.changing = top_changed(c.exact, new[fq], top_k)
+    return files, stats, queries
+
+
+def _rescore_pairs(run: RunContext, inputs: Inputs, scan_key: str, query_files: list[str],
+                   pairs: dict[str, dict[str, list]]) -> tuple[list[str], dict]:
+    """One round of exact re-scoring: the given (query, doc, side) pairs of each shard and batch."""
+    cfg = run.config
+    corpus = cfg.data.corpus
     jobs, files = [], []
     for shard in inputs.corpus_shards:
-        here = pairs.get(shard.shard_id, {})
+        here = {f: tuple(sorted(p)) for f, p in pairs.get(shard.shard_id, {}).items()}
         outputs = {f: layout.rerank_partial(scan_key, f, shard.shard_id, digest(p)) for f, p in here.items()}
-        files += [outputs[f] for f in query_files if f in here]
         batches = [f for f in query_files if f in here]
-        for chunk in run.passes.pending_chunks(batches, outputs, run.plan.query_group_batches):
+        files += [outputs[f] for f in batches]
+        # one job per batch: the documents scored together (their padding, their float sums) depend on that
+        # batch's own candidates only, so a grown queries file re-scores its new batch as a fresh run does
+        for chunk in run.passes.pending_chunks(batches, outputs, 1):
             documents = frozenset(d for f in chunk for _, d, _ in here[f])
-            read = ShardJob("rerank", shard, "", cfg.corpus_model, "documents", corpus.columns,
-                            doc_ids=documents)
+            read = ShardJob("rerank", shard, "", cfg.corpus_model, "documents", corpus.columns, doc_ids=documents)
             jobs.append(RerankJob(read, chunk, tuple(here[f] for f in chunk), tuple(outputs[f] for f in chunk)))
     return files, run.passes.map("rerank", "rescore", jobs)
+
+
+def candidate_summary(run: RunContext, key: str, queries: dict[tuple[str, str], QueryCandidates]) -> dict:
+    """How index mode found each query's top k, per query in ``scores/<key>/candidates.parquet`` and
+    summed up for the manifest (``msif status``): how many candidates it re-scored, whether its last
+    round still changed the top k (the index may have missed documents: raise
+    ``scoring.rerank_max``), how many of the returned top k the index alone ranked in its first k,
+    and the deepest index rank a returned document came from."""
+    top_k = run.config.scoring.top_k
+    rows: dict[str, list] = {"query_id": [], "rescored": [], "still_changing": [], "found_by_index": [],
+                             "deepest_rank": []}
+    for (_, query), c in queries.items():
+        returned = sorted(c.exact, key=lambda d: (-c.exact[d], d))[:top_k]
+        rank = {doc: r for r, (doc, _) in enumerate(c.ranked)}
+        rows["query_id"].append(query)
+        rows["rescored"].append(c.reached)
+        rows["still_changing"].append(c.changing and len(c.ranked) >= run.config.scoring.candidates)
+        rows["found_by_index"].append(sum(rank[d] < top_k for d in returned))
+        rows["deepest_rank"].append(1 + max((rank[d] for d in returned), default=-1))
+    run.store.write_parquet(layout.scores_result(key, "candidates"), pa.table(rows))
+    n = max(len(rows["query_id"]), 1)
+    return {"queries": len(rows["query_id"]), "top_k": top_k,
+            "rescored_per_query": sum(rows["rescored"]) / n, "rescored_max": max(rows["rescored"], default=0),
+            "still_changing": sum(rows["still_changing"]),
+            "found_by_index_share": sum(rows["found_by_index"]) / (n * top_k),
+            "deepest_rank_max": max(rows["deepest_rank"], default=0)}

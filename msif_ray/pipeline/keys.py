@@ -25,7 +25,7 @@ from msif_ray.store.data import Shard
 from msif_ray.store.digests import digest, tokenizer_digest
 from msif_ray.store.storage import RunDir
 
-INDEX_FORMAT = 1  # the index shards' layout (engine/index.py); another format is another index
+INDEX_FORMAT = 2  # the index shards' layout (engine/index.py); another format is another index
 
 
 def corpus_model_key(config: Config) -> str:
@@ -84,9 +84,10 @@ def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunD
     scores = {"queries": queries, "data.corpus": d["data.corpus"], "scoring.top_k": cfg.scoring.top_k}
     if cfg.scoring.mode == "index":
         stages["index"] = index_identity(cfg, inputs) | {
-            "projections": projection_folder(index_store(cfg, store), upstream.get("factors/pretrain"))}
+            "basis": basis_folder(index_store(cfg, store), upstream.get("factors/pretrain"))}
         add("scores", scores | {"scoring.mode": "index", "index": digest(stages["index"]),
-                                "scoring.rerank": cfg.scoring.rerank})
+                                "scoring.rerank": cfg.scoring.rerank,
+                                "scoring.rerank_max": cfg.scoring.rerank_max})
     else:
         add("scores", common | scores | {
             corpus_model: d[corpus_model], "data.corpus.columns": corpus_columns(cfg),
@@ -128,21 +129,23 @@ def index_store(config: Config, store: RunDir) -> RunDir:
 
 
 def index_identity(config: Config, inputs: Inputs) -> dict:
-    """What the index's rows depend on besides the documents and its projections: it is reused only
-    when all of it matches. Whitened (``engine/index.py``) when the method has pre-training factors."""
+    """What the index's rows depend on besides the documents and its basis: it is reused only when
+    all of it matches. In the pre-training eigenbasis (``engine/index.py``) when the method has
+    pre-training factors."""
     return {"corpus model": inputs.digests[corpus_model_key(config)], "tokenizer": tokenizer_digest(inputs.tokenizer),
             "modules": [[s.name, s.out_features, s.in_dim] for s in inputs.layers],
-            "data.max_length": config.data.max_length, "index.dim": config.index.dim,
-            "index.seed": config.index.seed, "whitened": config.method != "grad_dot", "format": INDEX_FORMAT}
+            "data.max_length": config.data.max_length, "index.terms": config.index.terms,
+            "eigenbasis": config.method != "grad_dot", "format": INDEX_FORMAT}
 
 
-def projection_folder(index: RunDir, pretrain_key: str | None) -> str:
-    """The index's projections: those it was built with, else those this run would write (whitened
-    by the pre-training factors of ``pretrain_key``). Stored with the index, so that it outlives a
-    refit of the factors: the estimate is unbiased for any whitening, as long as both sides share it."""
+def basis_folder(index: RunDir, pretrain_key: str | None) -> str:
+    """The index's basis: the one it was built in, else the one this run would write (the eigenbasis
+    of the pre-training factors of ``pretrain_key``). Stored with the index, so that it outlives a
+    refit of the factors: queries are rotated into the index's own basis, which is exact for any
+    orthogonal basis."""
     if index.exists(layout.INDEX_IDENTITY):
-        return index.read_json(layout.INDEX_IDENTITY)["projections"]
-    return layout.index_projections(pretrain_key or "plain")
+        return index.read_json(layout.INDEX_IDENTITY)["basis"]
+    return layout.index_basis(pretrain_key or "identity")
 
 
 def check_identity(store: RunDir, identity: dict, key: str) -> None:
@@ -150,7 +153,7 @@ def check_identity(store: RunDir, identity: dict, key: str) -> None:
     if not store.exists(layout.INDEX_IDENTITY):
         return
     found = store.read_json(layout.INDEX_IDENTITY)
-    differing = [name for name in identity if name != "projections" and found.get(name) != identity[name]]
+    differing = [name for name in identity if name != "basis" and found.get(name) != identity[name]]
     if differing:
         details = "; ".join(f"{name}: index has {_short(found.get(name))}, this run {_short(identity[name])}"
                             for name in differing)

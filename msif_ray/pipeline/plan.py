@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from msif_ray.config import Config
+from msif_ray.engine.index import GATHER_BYTES, layer_terms
 from msif_ray.engine.modules import LayerSpec
 from msif_ray.engine.scoring import WORKING_SET_ELEMENTS
 from msif_ray.errors import UserError
@@ -355,21 +356,34 @@ def _scoring_stages(plan: ResourcePlan, z: _Sizes, num_queries: int, corpus_rows
                shards * num_groups * group * 2 * config.scoring.top_k * 48,
                num_groups * corpus_tokens * score_flops_per_token, note=groups_note)
         return
-    k, rows = config.index.dim, config.data.rows_per_shard
-    width = len(layers) * k * k
-    index_flops = corpus_tokens * (z.pass_flops + sum(2 * k * (s.out_features + s.in_dim) + 2 * k * k for s in layers))
-    _stage(plan, z, "index", z.base + rows * width * F32, corpus_rows * (width * 2 + len(layers) * F32), index_flops,
-           note="reused for every shard already in index.path")
-    scan_work = rows * width * (2 + F32) + group * width * F32 + rows * group * 8
-    candidates = max(config.scoring.rerank, config.scoring.top_k)
+    rows = config.data.rows_per_shard
+    counts = layer_terms(layers, config.index.terms)
+    width = sum(counts)  # terms per document
+    # per token: rotate its factors into the eigenbasis and add its outer product to V (engine/index.py)
+    # one forward+backward per layer group, whose bases (Q_S, Q_A, the weights: the Λ pass's need) are in memory
+    groups = plan.layer_groups
+    by_name = {s.name: s for s in layers}
+    bases = max(sum(z.lambda_bytes(by_name[n]) for n in g) for g in groups)
+    index_flops = corpus_tokens * (len(groups) * z.pass_flops + sum(2 * (s.out_features ** 2 + s.in_dim ** 2)
+                                                                    + 2 * s.out_features * s.in_dim for s in layers))
+    largest = max(s.out_features * s.in_dim for s in layers)
+    per_batch_v = config.ray.batch_size * largest * F32 * 3  # one layer's V of a batch, its weights and top-k
+    group_note = f"; {len(groups)} layer groups: {len(groups)} passes over each shard" if len(groups) > 1 else ""
+    _stage(plan, z, "index", z.base + rows * width * (F32 + 4) + per_batch_v + bases,
+           corpus_rows * (width * 6 + len(layers) * F32), index_flops,
+           note="reused for every shard already in index.path" + group_note)
+    one_basis = max(z.lambda_bytes(s) for s in layers)  # queries are rotated one layer's basis at a time
+    scan_work = rows * width * (2 + 4 + F32) + GATHER_BYTES + rows * group * 8 + one_basis
+    build = num_groups * group * sum(2 * s.out_features * s.in_dim * (z.rank or s.in_dim) for s in layers) * shards
+    candidates = config.scoring.candidates
     _stage(plan, z, "scan (index)", PROCESS_OVERHEAD + z.weights + scan_work,
-           shards * num_groups * group * 2 * candidates * 56, num_groups * corpus_rows * 2 * width * group,
+           shards * num_groups * group * 2 * candidates * 56, num_groups * corpus_rows * 2 * width * group + build,
            note=groups_note)
     if config.scoring.rerank:
         reranked = min(corpus_rows, num_queries * (candidates + config.scoring.top_k))
         _stage(plan, z, "rerank (exact)", z.base + group * z.vector_bytes + z.scoring_work(group), 0,
                num_groups * reranked * tokens_per_document * score_flops_per_token,
-               note=f"at most {reranked} documents")
+               note=f"at most {reranked} documents, if every query takes every round")
 
 
 def _scoring_flops_per_token(s: LayerSpec, queries: int, rank: int | None, window: int) -> float:

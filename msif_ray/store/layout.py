@@ -19,7 +19,8 @@
     scores/scan/<scan key>/<batch>/<shard>.parquet      index mode: one query batch's best candidates in one index
                                                         shard, by estimate, with the shard id (+ .done.json)
     scores/scan/<scan key>/<batch>/candidates-<corpus key>.parquet   that batch's candidates over the corpus
-    scores/rerank/<scan key>/<batch>/<shard>-<pairs key>.parquet     exact scores of those candidates in one shard
+    scores/rerank/<scan key>/<batch>/<shard>-<pairs key>.parquet     exact scores of one round's candidates in one shard
+    scores/<key>/candidates.parquet                     index mode: how each query's top k was found (re-scored, ...)
     scores/<key>/topk.parquet  scores/<key>/bottomk.parquet    the merged result of that key
     scores/topk.parquet  scores/bottomk.parquet         the result: a copy of the last run's key's tables
     report/index.html, report/queries/<query>.html      the HTML report (``msif report``)
@@ -33,10 +34,10 @@
 The corpus gradient index (``index.path``, default ``<run_dir>/index``) is a store of its own,
 shared by the runs of one base model:
 
-    index.json                                          its identity: model, tokenizer, layers, max_length, dim, seed,
-                                                        whitened, and its projections' folder (written last)
-    projections/<factors key>/<layer>.safetensors       P_out M, P_in N (rows) and P_out M⁻ᵀ, P_in N⁻ᵀ (queries)
-    shards/<shard>.safetensors                          rows [N, D] float16, scale [N, L]; doc ids (+ .done.json)
+    index.json                                          its identity: model, tokenizer, layers, max_length, terms,
+                                                        eigenbasis, format, and its basis' folder (written last)
+    basis/<factors key>/<layer>.safetensors             Q_S, Q_A and term weights (Λ + λ)^(-1/2) (engine/index.py)
+    shards/<shard>.safetensors                          values, positions [N, Σ terms], scale [N, L]; doc ids (+ .done.json)
 
 ``<key>`` is the stage's key: a digest of its named inputs (content digests of the models, the
 tokenizer and the data, the settings, the upstream stages' keys; ``digests.py``), never of a path.
@@ -159,12 +160,12 @@ def score_partial_shard(name: str) -> str | None:
 INDEX_IDENTITY = "index.json"
 
 
-def index_projections(key: str) -> str:
-    """The index's projection matrices: ``key`` names the pre-training factors that whitened them."""
-    return f"projections/{key}"
+def index_basis(key: str) -> str:
+    """The index's basis and term weights: ``key`` names the pre-training factors they come from."""
+    return f"basis/{key}"
 
 
-def index_projection(folder: str, layer: str) -> str:
+def index_basis_layer(folder: str, layer: str) -> str:
     return f"{folder}/{layer}.safetensors"
 
 

@@ -179,11 +179,14 @@ def test_index_smoke(tmp_path, ray_session):
     bench_index.main(["--smoke", "--out-dir", str(tmp_path)])
     saved = _outputs(tmp_path, "index")
     assert set(saved["sections"]) == set(bench_index.SECTIONS)
-    quality = saved["sections"]["quality"]
-    for entry in quality["by_k"].values():
-        # Re-ranking every document (R >= N) returns the exact scores: top-10 overlap and Spearman 1.
-        assert entry["rerank 100/top10"] == pytest.approx(1.0) and entry["rerank 100/spearman"] == pytest.approx(1.0)
-        assert entry["bytes_per_document"] == 2 * entry["D"] + 4 * 8  # fp16 rows + one fp32 scale per tracked layer
+    designs = saved["sections"]["designs"]["smoke"]
+    assert designs["num_documents"] < 100 and {e["design"] for e in designs["designs"].values()} == {
+        "sketch", "eigen block", "top terms"}
+    for entry in designs["designs"].values():
+        # Re-ranking every document (R >= N) returns exact mode's top 10, and its gold MRR.
+        assert entry["rerank 100"] == pytest.approx(1.0)
+        assert entry["gold MRR, index + rerank 100"] == pytest.approx(designs["exact_gold"]["mrr"])
+        assert -1 <= entry["pearson"] <= 1 and entry["x_bare"] > 0
     scale = saved["sections"]["scale"]
     assert scale["facts"]["index shards computed in (2) (must be 0)"] == 0
     assert scale["facts"]["duplicate texts dropped"] >= 0 and scale["facts"]["documents"] > 300

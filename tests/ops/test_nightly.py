@@ -201,7 +201,7 @@ def test_publishing_on_s3_and_the_history_in_start_order(s3_bucket):
 
 # --------------------------------------------------------------------------- index mode
 
-INDEX = {"scoring.mode": "index", "index.dim": 4}
+INDEX = {"scoring.mode": "index", "index.terms": 16}
 
 
 def index_config(world, root: Path, **overrides) -> Path:

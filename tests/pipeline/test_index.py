@@ -1,12 +1,13 @@
 """The corpus gradient index (``index.py``) against exact scores.
 
-- Orthogonal projections of full dimension preserve the Frobenius inner product, so index scores
-  equal the exact scores (rtol 1e-5: the exact scorer works in float32).
-- Random Gaussian projections give an unbiased estimate, whitened or not: the mean over many seeds lies within
-  4 standard errors of the exact inner product (a false alarm about once in 16,000 runs; the
-  seeds are fixed, so the test is deterministic), and the mean squared error falls as k grows
-  (roughly as 1/k² per layer; asserted only to fall by half per doubling of k).
-- float16 storage with per-block scales keeps ~3 decimal digits: rtol 2e-3 on scores.
+- With every term kept, the index score is the exact score: Q_S, Q_A are orthogonal, so
+  ⟨Ṽ_q, G_m⟩ = Σ_ij U_q,ij V_m,ij. The only error is float16 storage of V_m: each kept value is
+  rounded to 2^-11 of itself (or to 2^-25 of its layer's largest value, where float16 is
+  subnormal), so |estimate - exact| ≤ 2^-11 Σ_ij |U_q,ij V_m,ij| + 2^-25 Σ_ij |U_q,ij| max|V_m|;
+  asserted with 2^-10 and 2^-24 (the exact scorer works in float32 on a float64 model).
+- With fewer terms the estimate is the exact score minus the dropped terms; its error falls as
+  the budget grows (mean squared error over pairs: falls at every step of 8, 64, 256 terms and all,
+  by 4x from 8 to 256).
 """
 
 from __future__ import annotations
@@ -14,11 +15,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msif_ray.engine.curvature import LayerFactors
-from msif_ray.engine.index import Projection, dequantize, document_rows, index_width, layer_sizes, project_queries, quantize, random_projections, scan, whitening
-from msif_ray.engine.influence import Chain
 from msif_ray.engine.api import Examples, TrackedLM
-from msif_ray.engine.modules import LayerSpec
+from msif_ray.engine.index import IndexRows, TermBasis, quantize, rotate_queries, scan
+from msif_ray.engine.influence import Chain
+from msif_ray.engine.vectors import LayerVectors, QueryVectors
 from tiny import SENTENCES, make_model, make_tokenizer
 
 
@@ -28,99 +28,85 @@ def tiny_lm(tmp_path) -> TrackedLM:
     return TrackedLM(model, tokenizer, max_length=16, batch_size=3)
 
 
-def orthogonal(n: int, seed: int) -> torch.Tensor:
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return q
+DOCS = Examples.documents(SENTENCES[:5] + [" ".join(SENTENCES)])  # the last one spans several windows
+QUERIES = Examples.pairs(["Q: a", "Q: b", "Q: c"], [" x", " y", " z"], ["q0", "q1", "q2"])
 
 
-def test_full_dimension_orthogonal_projections_give_exact_scores(tmp_path):
-    lm = tiny_lm(tmp_path)
-    docs = Examples.documents(SENTENCES[:5] + [" ".join(SENTENCES)])  # the last one spans several windows
-    queries = Examples.pairs(["Q: a", "Q: b", "Q: c"], [" x", " y", " z"], ["q0", "q1", "q2"])
-    factors = lm.fit_factors(docs, fisher="empirical")
-    for rank in (None, 2):
-        vectors = lm.query_vectors(queries, Chain.of("single_stage", factors, None), rank=rank)
-        vectors = vectors.to("cpu", torch.float64)
-        exact = lm.score(docs, vectors).total
-        for whiten in (False, True):
-            projections = {}
-            for i, (name, spec) in enumerate(lm.taps.specs.items()):
-                p_out, p_in = orthogonal(spec.out_features, 2 * i), orthogonal(spec.in_dim, 2 * i + 1)
-                if whiten:  # any invertible M, N: (P M, P N) for the documents, (P M⁻ᵀ, P N⁻ᵀ) for the queries
-                    (m, m_inv_t), (n, n_inv_t) = whitening(factors.layer(name))
-                    projections[name] = Projection(p_out @ m, p_in @ n, p_out @ m_inv_t, p_in @ n_inv_t)
-                else:
-                    projections[name] = Projection.plain(p_out, p_in)
-            rows = document_rows(lm.model, lm.taps, lm.batches(docs), len(docs), projections)
-            projected = project_queries(vectors, projections, lm.layers)
-            torch.testing.assert_close(rows.double() @ projected.t(), exact, rtol=1e-5, atol=1e-6 * exact.abs().max())
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    lm = tiny_lm(tmp_path_factory.mktemp("lm"))
+    return lm, lm.fit_factors(DOCS, fisher="empirical"), lm.fit_factors(QUERIES, fisher="empirical")
 
 
-def test_python_api_index_estimates_the_scores(tmp_path):
-    """``TrackedLM.index`` / ``index_scores``, plain (grad_dot) and whitened (single_stage): the mean
-    of 32 seeds' estimates at k = 128 tracks the exact scores (Pearson > 0.95 on these fixed seeds;
-    one seed alone gives ~0.9 for grad_dot, less for preconditioned queries: an unbiased, noisy estimate)."""
-    lm = tiny_lm(tmp_path)
-    docs = Examples.documents(SENTENCES)
-    factors = lm.fit_factors(docs, fisher="empirical")
-    queries = Examples.pairs(["Q: a", "Q: b"], [" x", " y"])
-    for method, whiten in (("grad_dot", None), ("single_stage", factors)):
-        vectors = lm.query_vectors(queries, Chain.of(method, factors, None), rank=4).to("cpu", torch.float64)
-        exact = lm.score(docs, vectors).total
-        estimate = sum(lm.index_scores(lm.index(docs, 128, seed, whiten), vectors, 128, seed, whiten)
-                       for seed in range(32)) / 32
-        for q in range(2):
-            assert float(torch.corrcoef(torch.stack([estimate[:, q], exact[:, q]]))[0, 1]) > 0.95, method
+def term_bound(lm, factors, vectors) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_ij |U_q,ij V_m,ij| and Σ_ij |U_q,ij| max|V_m| summed over layers: [N, Q] each (dense reference)."""
+    grads = lm.gradients(DOCS)
+    products = magnitudes = 0
+    for name in lm.layers:
+        basis = TermBasis.of(None if factors is None else factors.layer(name))
+        u = basis.rotate_query(vectors.layers[name]).to_dense().double().abs()
+        q_s, q_a = (torch.eye(n, dtype=torch.float64) if basis.s_vectors is None else q.double()
+                    for n, q in ((grads[name].shape[1], basis.s_vectors), (grads[name].shape[2], basis.a_vectors)))
+        v = (q_s.t() @ grads[name].double() @ q_a).abs()
+        products = products + torch.einsum("noi,qoi->nq", v, u)
+        magnitudes = magnitudes + v.flatten(1).amax(1)[:, None] * u.flatten(1).sum(1)[None, :]
+    return products, magnitudes
 
 
-def test_random_projections_are_unbiased_and_improve_with_k():
+@pytest.mark.parametrize("method", ["grad_dot", "single_stage", "multi_stage"])
+@pytest.mark.parametrize("rank", [None, 2])
+def test_every_term_kept_gives_exact_scores(method, rank, fitted):
+    lm, pt, ft = fitted
+    factors = None if method == "grad_dot" else pt
+    vectors = lm.query_vectors(QUERIES, Chain.of(method, pt, ft), rank=rank).to("cpu", torch.float64)
+    exact = lm.score(DOCS, vectors).total
+    rows = lm.index(DOCS, terms=10**6, factors=factors)
+    assert rows.counts == [s.out_features * s.in_dim for s in lm.taps.specs.values()]
+    products, magnitudes = term_bound(lm, factors, vectors)
+    error = (lm.index_scores(rows, vectors, factors) - exact).abs()
+    assert (error <= 2 ** -10 * products + 2 ** -24 * magnitudes + 1e-6 * exact.abs().max()).all(), float(error.max())
+
+
+def test_error_falls_as_the_budget_grows(fitted):
+    lm, pt, ft = fitted
+    vectors = lm.query_vectors(QUERIES, Chain.of("multi_stage", pt, ft), rank=2).to("cpu", torch.float64)
+    exact = lm.score(DOCS, vectors).total
+    errors = [float(((lm.index_scores(lm.index(DOCS, terms, pt), vectors, pt) - exact) ** 2).mean())
+              for terms in (8, 64, 256, 10**6)]
+    assert errors == sorted(errors, reverse=True) and errors[2] < errors[0] / 4 and errors[3] < 1e-4 * errors[0], errors
+
+
+def test_windows_are_summed_per_document_in_any_batch_order(fitted):
+    """A document's terms are chosen from its whole gradient: batches sorted by length (its windows
+    apart) give the same rows as batches that keep its windows together."""
+    from msif_ray.engine.index import document_terms, term_bases
+
+    lm, pt, _ = fitted
+    bases = term_bases(list(lm.taps.specs.values()), pt.layer)
+    together = document_terms(lm.model, lm.taps, lm.batches(DOCS, by_document=True), len(DOCS), bases, 8)
+    apart = document_terms(lm.model, lm.taps, lm.batches(DOCS), len(DOCS), bases, 8)
+    assert torch.equal(together.positions, apart.positions)
+    torch.testing.assert_close(together.values.float(), apart.values.float(), rtol=1e-3, atol=1e-3)
+
+
+def test_float16_values_with_layer_scales_keep_scores():
     generator = torch.Generator().manual_seed(0)
-    out, inp = 12, 9
-    g = torch.randn(out, inp, generator=generator, dtype=torch.float64)
-    left, right = torch.randn(1, out, 2, generator=generator, dtype=torch.float64), torch.randn(1, inp, 2, generator=generator, dtype=torch.float64)
-    exact = float((left[0] @ right[0].T * g).sum())
-    spec = LayerSpec("layer", inp, out, has_bias=False)
-    from msif_ray.engine.vectors import LayerVectors, QueryVectors
-
-    vectors = QueryVectors(["q"], {"layer": LayerVectors(left=left, right=right)})
-    factors = LayerFactors(orthogonal(inp, 7), orthogonal(out, 8),
-                           torch.rand(out, inp, generator=generator, dtype=torch.float64) ** 4)  # a skewed spectrum
-    for whitened in (None, lambda layer: factors):
-        errors = {}
-        for k in (2, 4, 8):
-            estimates = []
-            for seed in range(4000):
-                p = random_projections([spec], k, seed, factors=whitened)["layer"]
-                gk = (p.out.double() @ g @ p.inp.double().t()).flatten()
-                estimates.append(float(project_queries(vectors, {"layer": p}, ["layer"])[0].double() @ gk))
-            estimates = torch.tensor(estimates, dtype=torch.float64)
-            standard_error = float(estimates.std() / len(estimates) ** 0.5)
-            assert abs(float(estimates.mean()) - exact) < 4 * standard_error, k
-            errors[k] = float(((estimates - exact) ** 2).mean())
-        assert errors[4] < errors[2] / 2 and errors[8] < errors[4] / 2, errors
-
-
-def test_projections_follow_seed_and_layer_only():
-    specs = [LayerSpec("a", 5, 7, True), LayerSpec("b", 5, 7, True)]
-    one, two = random_projections(specs, 4, 3), random_projections(list(reversed(specs)), 4, 3)
-    assert torch.equal(one["a"].out, two["a"].out) and torch.equal(one["b"].inp, two["b"].inp)
-    assert not torch.equal(one["a"].out, one["b"].out)
-    assert not torch.equal(one["a"].out, random_projections(specs, 4, 4)["a"].out)
-    assert one["a"].out.shape == (4, 7) and one["a"].inp.shape == (4, 6) and index_width(one) == 32
-
-
-def test_float16_rows_with_block_scales_keep_scores():
-    generator = torch.Generator().manual_seed(0)
-    sizes = [16, 9, 4]
-    rows = torch.randn(50, sum(sizes), generator=generator) * torch.tensor([1e-7] * 16 + [1e5] * 9 + [1.0] * 4)
-    rows[3, 16:25] = 0.0  # an all-zero block
-    q, scale = quantize(rows, sizes)
-    assert q.dtype == torch.float16 and scale.shape == (50, 3)
-    torch.testing.assert_close(dequantize(q, scale, sizes), rows, rtol=1e-3, atol=0)
-    queries = torch.randn(3, sum(sizes), generator=generator)
-    torch.testing.assert_close(scan(q, scale, sizes, queries), (rows.double() @ queries.double().t()), rtol=2e-3,
-                               atol=2e-3 * float((rows.abs() @ queries.abs().t()).max()))
-    assert layer_sizes(random_projections([LayerSpec("a", 3, 2, False)], 2, 0), ["a"]) == [4]
+    counts = [16, 9, 4]
+    values = torch.randn(50, sum(counts), generator=generator) * torch.tensor([1e-7] * 16 + [1e5] * 9 + [1.0] * 4)
+    values[3, 16:25] = 0.0  # an all-zero block
+    positions = torch.cat([torch.randperm(64, generator=generator)[:c].repeat(50, 1) for c in counts], dim=1).int()
+    rows = quantize(values, positions, counts)
+    assert rows.values.dtype == torch.float16 and rows.scale.shape == (50, 3)
+    assert IndexRows.from_tensors(rows.tensors()).counts == counts
+    dense = {name: torch.randn(3, 8, 8, generator=generator, dtype=torch.float64) for name in "abc"}
+    vectors = QueryVectors(["q0", "q1", "q2"], {n: LayerVectors(dense=d) for n, d in dense.items()})
+    identity = {n: TermBasis(None, None, None) for n in "abc"}
+    estimate = scan(rows, rotate_queries(vectors, identity, list("abc")), list("abc"))
+    expected = torch.zeros(50, 3, dtype=torch.float64)
+    for lo, count, name in zip((0, 16, 25), counts, "abc"):
+        block, where = values[:, lo:lo + count].double(), positions[:, lo:lo + count].long()
+        expected += torch.einsum("nt,qnt->nq", block, dense[name].flatten(1)[:, where])
+    torch.testing.assert_close(estimate, expected, rtol=2e-3, atol=2e-3 * float(expected.abs().max()))
 
 
 # --------------------------------------------------------------------------- the pipeline in index mode
@@ -176,12 +162,61 @@ def test_rerank_of_every_document_equals_exact_mode(world, ray_session, exact_al
 def test_reranked_scores_are_exact(world, ray_session, exact_all, tmp_path):
     exact = pairs(exact_all)
     table = run(world, tmp_path / "index", **{**ALL, "scoring.top_k": 2, "scoring.mode": "index", "scoring.rerank": 4,
-                                              "index.dim": 4})
+                                              "index.terms": 16})
     assert len(table["doc_id"]) == 4  # 2 queries x top 2
     for pair, score in pairs(table).items():
         assert score == pytest.approx(exact[pair], rel=1e-4, abs=1e-6)
     rerank = manifest(tmp_path / "index")["stages"]["scores"]["passes"]["rerank"]
     assert rerank["documents"] <= 2 * 2 * 4  # (top + bottom) x queries x candidates, at most
+
+
+def test_rerank_rounds_double_until_the_top_k_stops_changing():
+    from msif_ray.engine.topk import rerank_windows, top_changed
+
+    assert rerank_windows(2, 8) == [(0, 2), (2, 4), (4, 8)]
+    assert rerank_windows(100, 400) == [(0, 100), (100, 200), (200, 400)]
+    assert rerank_windows(3, 10) == [(0, 3), (3, 6), (6, 10)] and rerank_windows(5, 5) == [(0, 5)]
+    scores = {"a": 3.0, "b": 2.0, "c": 1.0, "d": 2.0}
+    assert top_changed(scores, {"d"}, 2) is False  # b and d tie: b first by doc id
+    assert top_changed(scores, {"d"}, 3) and not top_changed(scores, {"c"}, 3)
+
+
+def test_adaptive_rerank_rounds(world, ray_session, exact_all, tmp_path):
+    """Two candidates a query, then 2 and 4 more while a round changes the top 2: each query's
+    re-scored count is one of the rounds' ends, its top 2 are the exact best of its first
+    ``rescored`` candidates by estimate, and ``msif status`` states the account."""
+    from msif_ray.ops.status import describe
+    from msif_ray.store.layout import scores_result
+    from msif_ray.store.storage import RunDir
+
+    exact = pairs(exact_all)
+    settings = {**ALL, "scoring.top_k": 2, "scoring.mode": "index", "scoring.rerank": 2, "scoring.rerank_max": 8,
+                "index.terms": 16}
+    table = run(world, tmp_path / "index", **settings)
+    record = manifest(tmp_path / "index")["stages"]["scores"]
+    store = RunDir(str(tmp_path / "index"))
+    summary = store.read_parquet(scores_result(record["fingerprint"], "candidates")).to_pylist()
+    assert {r["rescored"] for r in summary} <= {2, 4, 8} and len(summary) == 2
+    rounds = [name for name in record["passes"] if name.startswith("rerank")]
+    assert rounds == ["rerank", "rerank/2", "rerank/3"][: len(rounds)]
+    assert max(r["rescored"] for r in summary) == {1: 2, 2: 4, 3: 8}[len(rounds)]
+    candidates = {}
+    for path in (tmp_path / "index" / "scores" / "scan").rglob("candidates-*.parquet"):
+        for row in pq_rows(path):
+            if row["side"] == "top":
+                candidates.setdefault(row["query_id"], []).append(row["doc_id"])  # in the index's order
+    for r in summary:
+        first = candidates[r["query_id"]][: r["rescored"]]
+        best = sorted(first, key=lambda d: (-exact[(r["query_id"], d)], d))[:2]
+        returned = [d for q, d in zip(table["query_id"], table["doc_id"]) if q == r["query_id"]]
+        assert returned == best
+    assert "re-scored per query" in describe(str(tmp_path / "index"))
+
+
+def pq_rows(path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
 
 
 @pytest.mark.slow
@@ -211,8 +246,7 @@ def test_index_is_shared_appended_and_reused(world, ray_session, tmp_path):
 
 
 @pytest.mark.parametrize("override, named", [
-    ({"index.dim": 8}, "index.dim"),
-    ({"index.seed": 1}, "index.seed"),
+    ({"index.terms": 8}, "index.terms"),
     ({"data.max_length": 24}, "data.max_length"),
     ({"modules.include": "mlp"}, "modules"),
     ({"models.finetuned": "PRETRAINED"}, "corpus model"),  # grad_dot: the corpus model is the fine-tuned one
@@ -220,7 +254,7 @@ def test_index_is_shared_appended_and_reused(world, ray_session, tmp_path):
 def test_an_index_built_for_other_settings_is_refused(override, named, world, ray_session, tmp_path):
     from msif_ray.config import ConfigError
 
-    settings = {"method": "grad_dot", "scoring.mode": "index", "index.path": str(tmp_path / "index"), "index.dim": 4}
+    settings = {"method": "grad_dot", "scoring.mode": "index", "index.path": str(tmp_path / "index"), "index.terms": 16}
     run(world, tmp_path / "a", **settings)
     override = {k: str(world.pretrained) if v == "PRETRAINED" else v for k, v in override.items()}
     with pytest.raises(ConfigError, match=named) as err:
@@ -237,7 +271,7 @@ def test_new_queries_pay_for_themselves(world, ray_session, tmp_path):
     queries = tmp_path / "queries.jsonl"
     lines = world.queries.read_text().splitlines()
     queries.write_text("\n".join(lines) + "\n")
-    settings = {"method": "grad_dot", "scoring.mode": "index", "scoring.rerank": 4, "index.dim": 4,
+    settings = {"method": "grad_dot", "scoring.mode": "index", "scoring.rerank": 4, "index.terms": 16,
                 "budget.query_batch_size": 2, "data.queries.paths": [str(queries)]}
     run(world, tmp_path / "run", **settings)
     scores = tmp_path / "run" / "scores"
@@ -264,7 +298,7 @@ def test_pretraining_factors_are_kept_when_shards_are_appended(world, ray_sessio
 
     extra = tmp_path / "extra.parquet"
     pq.write_table(pa.table({"id": ["extra-0", "extra-1"], "text": ["Another town, Elsk.", "Marrow has a mill."]}), extra)
-    settings = {"method": "single_stage", "scoring.mode": "index", "index.dim": 4}
+    settings = {"method": "single_stage", "scoring.mode": "index", "index.terms": 16}
     run(world, tmp_path / "run", **settings)
     fitted = manifest(tmp_path / "run")["stages"]["factors/pretrain"]["fingerprint"]
     lines: list[str] = []
@@ -276,7 +310,7 @@ def test_pretraining_factors_are_kept_when_shards_are_appended(world, ray_sessio
     run(world, tmp_path / "run", **grown, **{"factors.refit": True})
     stages = manifest(tmp_path / "run")["stages"]
     assert stages["factors/pretrain"]["fingerprint"] != fitted
-    assert stages["index"]["passes"]["index"]["computed"] == 0  # the index keeps its own projections
+    assert stages["index"]["passes"]["index"]["computed"] == 0  # the index keeps its own basis
 
 
 @pytest.mark.slow
@@ -285,7 +319,7 @@ def test_worker_killed_in_an_index_pass(pass_name, stage, world, ray_session, tm
     """A worker dies (os._exit) in a pass of index mode: the run completes, equal to an uninterrupted one."""
     from msif_ray.pipeline.run import FAULT_ENV
 
-    settings = {"method": "grad_dot", "scoring.mode": "index", "index.dim": 4, "scoring.rerank": 3,
+    settings = {"method": "grad_dot", "scoring.mode": "index", "index.terms": 16, "scoring.rerank": 3,
                 "ray.num_workers": 2}
     reference = run(world, tmp_path / "reference", **settings)
     monkeypatch.setenv(FAULT_ENV, pass_name)
