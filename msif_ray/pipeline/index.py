@@ -88,11 +88,11 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
                        lambda level, i: layout.candidates_merge_step(candidates[f], level, i), output=candidates[f])
     final = [candidates[f] for f in query_files]
     if cfg.scoring.rerank:
-        final, passes, recall = rescore_candidates(run, inputs, scan_key, query_files, candidates)
+        final, passes, accounts = rescore_candidates(run, inputs, scan_key, query_files, candidates)
         stats |= passes
     merge_result(run, key, final, cfg.scoring.top_k)
     if cfg.scoring.rerank:
-        stats["candidates"] = candidate_summary(run, key, recall)
+        stats["candidates"] = candidate_summary(run, key, accounts)
     run.records.finish("scores", key, started, stats, publish=lambda: publish(run, key))
 
 
@@ -138,24 +138,23 @@ def rescore_candidates(run: RunContext, inputs: Inputs, scan_key: str, query_fil
                 pairs.setdefault(shard, {}).setdefault(f, []).append((query, doc, "bottom"))
         outputs, stats["rerank" if round_ == 0 else f"rerank/{round_ + 1}"] = _rescore_pairs(run, inputs, scan_key,
                                                                                             query_files, pairs)
-        files += outputs
-        new: dict[tuple[str, str], set[str]] = {fq: {d for d, _ in found} for fq, found in wanted.items()}
-        for output in outputs:
-            f = next(f for f in query_files if f"/{layout.batch_id(f)}/" in output)
+        files += [output for _, output in outputs]
+        for f, output in outputs:
             table = run.store.read_parquet(output)
             for query, doc, score, side in zip(*(table[c].to_pylist() for c in ("query_id", "doc_id", "score", "side"))):
                 if side == "top":
                     queries[(f, query)].exact[doc] = score
-        for fq, c in queries.items():
-            if fq in wanted:
-                c.reached = hi
-                c.changing = top_changed(c.exact, new[fq], top_k)
+        for fq, found in wanted.items():
+            c = queries[fq]
+            c.reached = lo + len(found)
+            c.changing = top_changed(c.exact, {d for d, _ in found}, top_k)
     return files, stats, queries
 
 
 def _rescore_pairs(run: RunContext, inputs: Inputs, scan_key: str, query_files: list[str],
-                   pairs: dict[str, dict[str, list]]) -> tuple[list[str], dict]:
-    """One round of exact re-scoring: the given (query, doc, side) pairs of each shard and batch."""
+                   pairs: dict[str, dict[str, list]]) -> tuple[list[tuple[str, str]], dict]:
+    """One round of exact re-scoring: the given (query, doc, side) pairs of each shard and batch.
+    Returns (batch file, score file) of each output, and the pass's stats."""
     cfg = run.config
     corpus = cfg.data.corpus
     jobs, files = [], []
@@ -163,7 +162,7 @@ def _rescore_pairs(run: RunContext, inputs: Inputs, scan_key: str, query_files: 
         here = {f: tuple(sorted(p)) for f, p in pairs.get(shard.shard_id, {}).items()}
         outputs = {f: layout.rerank_partial(scan_key, f, shard.shard_id, digest(p)) for f, p in here.items()}
         batches = [f for f in query_files if f in here]
-        files += [outputs[f] for f in batches]
+        files += [(f, outputs[f]) for f in batches]
         # one job per batch: the documents scored together (their padding, their float sums) depend on that
         # batch's own candidates only, so a grown queries file re-scores its new batch as a fresh run does
         for chunk in run.passes.pending_chunks(batches, outputs, 1):
