@@ -170,9 +170,10 @@ def retrieval(scores: torch.Tensor, gold: Sequence[Sequence[int]], cutoffs: Sequ
         s = scores[:, q].double()
         is_gold = torch.zeros(len(s), dtype=torch.bool)
         is_gold[list(gold_ids)] = True
-        # rank of each doc: 1 + number of docs strictly better, + ties from non-gold for gold docs
-        better = (s[None, :] > s[:, None]).sum(1) + ((s[None, :] == s[:, None]) & ~is_gold[None, :] & is_gold[:, None]).sum(1)
-        gold_ranks = (better[is_gold] + 1).double()
+        g = s[is_gold][:, None]  # [G, 1]: only the gold documents' ranks are needed, O(N·G)
+        # rank of a gold doc: 1 + number of docs strictly better + non-gold docs tied with it
+        better = (s[None, :] > g).sum(1) + ((s[None, :] == g) & ~is_gold[None, :]).sum(1)
+        gold_ranks = (better + 1).double()
         out["mrr"] += float(1.0 / gold_ranks.min())
         for k in cutoffs:
             out[f"recall@{k}"] += float((gold_ranks <= k).double().mean())
