@@ -23,12 +23,13 @@ magnitude (a float32 ``scale`` per layer), and their flat positions i·in + j in
 term. Cost on top of the backward pass, per window and layer: T·(out² + in²) to rotate the token
 factors and T·out·in for V (the Λ pass's work), plus a top-k over out·in.
 
-The scan rebuilds U_q densely for a few queries of one layer at a time and gathers it at each
-document's positions: Q·Σ_layers out·in·r to build, N·Q·Σ_layers terms to gather.
+The scan rebuilds U_q densely for a few queries of one layer at a time and multiplies it by the
+documents' terms as a sparse matrix: Q·Σ_layers out·in·r to build, N·Q·Σ_layers terms to multiply.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,7 +41,7 @@ from msif_ray.engine.gradients import Batch, backward_through_layers, model_devi
 from msif_ray.engine.modules import LayerSpec, LayerTaps
 from msif_ray.engine.vectors import LayerVectors, QueryVectors
 
-GATHER_BYTES = 1 << 28  # working set of one scan step: queries x documents x terms float32 numbers
+SCAN_BLOCK_BYTES = 1 << 28  # one scan step's dense query block: out·in x queries float32 numbers
 
 
 @dataclass(frozen=True)
@@ -213,8 +214,9 @@ def rotate_queries(vectors: QueryVectors, bases: dict[str, TermBasis], layers: l
 def scan(rows: IndexRows, queries: dict[str, LayerVectors], layers: list[str]) -> torch.Tensor:
     """Estimated scores of every indexed document against every rotated query: [N, Q] float64.
 
-    Per layer, U_q is built densely for a few queries at a time (``GATHER_BYTES`` bound the
-    queries x documents x terms working set) and gathered at the documents' kept positions.
+    Per layer, the documents' kept terms are a sparse [N, out·in] matrix (CSR, ``terms`` entries a
+    row) and U_q is built densely for a few queries at a time (``SCAN_BLOCK_BYTES`` bound the dense
+    [out·in, q] block); their product is each document's estimate, N·q·terms multiply-adds.
     """
     n = rows.values.shape[0]
     num_queries = next(iter(queries.values())).num_queries
@@ -224,16 +226,20 @@ def scan(rows: IndexRows, queries: dict[str, LayerVectors], layers: list[str]) -
         u = queries[name]
         width = int(u.left.shape[1] * u.right.shape[1]) if u.is_low_rank else int(u.dense[0].numel())
         values = rows.values[:, lo:lo + count].float() * rows.scale[:, layer:layer + 1].float()
-        positions = rows.positions[:, lo:lo + count].long()
-        step_q = max(1, min(num_queries, GATHER_BYTES // (4 * max(width, 1))))
-        for q0 in range(0, num_queries, step_q):
-            q1 = min(q0 + step_q, num_queries)
+        terms = _sparse_rows(values, rows.positions[:, lo:lo + count], width)
+        step = max(1, min(num_queries, SCAN_BLOCK_BYTES // (4 * max(width, 1))))
+        for q0 in range(0, num_queries, step):
+            q1 = min(q0 + step, num_queries)
             dense = (u.left[q0:q1] @ u.right[q0:q1].mT if u.is_low_rank else u.dense[q0:q1]).flatten(1)  # [q, out·in]
-            dense = dense.to(values.device)
-            step_n = max(1, GATHER_BYTES // (4 * (q1 - q0) * max(count, 1)))
-            for n0 in range(0, n, step_n):
-                n1 = min(n0 + step_n, n)
-                gathered = dense[:, positions[n0:n1]]  # [q, n, terms]
-                out[n0:n1, q0:q1] += torch.einsum("qnt,nt->nq", gathered, values[n0:n1]).double().cpu()
+            out[:, q0:q1] += (terms @ dense.t().contiguous().to(values.device)).double().cpu()
         lo += count
     return out
+
+
+def _sparse_rows(values: torch.Tensor, positions: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, terms] values at [N, terms] positions as a CSR matrix [N, width] (torch marks CSR beta)."""
+    n, count = values.shape
+    crow = torch.arange(0, n * count + 1, count, device=values.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, positions.long().flatten(), values.flatten(), size=(n, width))

@@ -1,7 +1,7 @@
 """``msif query RUN_DIR``: ad hoc queries against a finished index-mode run, in one process, no Ray.
 
 A query is preconditioned with the run's stored factors, by the run's chain (method, dampings,
-rank); scanned against the corpus gradient index (a gather per index shard); and its best
+rank); scanned against the corpus gradient index (a sparse product per index shard); and its best
 candidates (``scoring.rerank``, at least ``top_k``) are re-scored exactly by a forward and backward
 pass over those documents only. So the printed scores are exact, as ``topk.parquet``'s are, and a
 query gets the top documents ``msif run`` would give it in index mode. The steps call the engine

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from msif_ray.config import Config
-from msif_ray.engine.index import GATHER_BYTES, layer_terms
+from msif_ray.engine.index import SCAN_BLOCK_BYTES, layer_terms
 from msif_ray.engine.modules import LayerSpec
 from msif_ray.engine.scoring import WORKING_SET_ELEMENTS
 from msif_ray.errors import UserError
@@ -373,7 +373,7 @@ def _scoring_stages(plan: ResourcePlan, z: _Sizes, num_queries: int, corpus_rows
            corpus_rows * (width * 6 + len(layers) * F32), index_flops,
            note="reused for every shard already in index.path" + group_note)
     one_basis = max(z.lambda_bytes(s) for s in layers)  # queries are rotated one layer's basis at a time
-    scan_work = rows * width * (2 + 4 + F32) + GATHER_BYTES + rows * group * 8 + one_basis
+    scan_work = rows * width * (2 + 4 + F32) + SCAN_BLOCK_BYTES + rows * group * 8 + one_basis
     build = num_groups * group * sum(2 * s.out_features * s.in_dim * (z.rank or s.in_dim) for s in layers) * shards
     candidates = config.scoring.candidates
     _stage(plan, z, "scan (index)", PROCESS_OVERHEAD + z.weights + scan_work,
