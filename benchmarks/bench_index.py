@@ -552,7 +552,7 @@ def merge(json_path: Path, new: dict, command: str) -> dict:
 
 def comparison(sections: dict) -> dict:
     """Figures that need two sections: run (1) vs kronfluence."""
-    if "scale" in sections and "kronfluence" in sections:
+    if "scale" in sections and "kronfluence" in sections and not sections["kronfluence"].get("stale"):
         msif = sections["scale"]["runs"]["(1) index, queries A, fresh"]["total"]
         kf = sections["kronfluence"]["total"]
         return {"msif run (1) wall s": msif, "kronfluence wall s": kf, "kronfluence / msif": kf / msif}
