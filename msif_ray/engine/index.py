@@ -14,7 +14,7 @@ The estimate  Σ_(i,j kept) U_q,ij V_m,ij  is exact on the kept terms and drops 
 every term kept (``terms`` ≥ out·in) it is the exact score (up to the float16 storage).
 
 benchmarks/bench_index.py measures the choice against random Gaussian sketches of the same bytes
-(README: "Corpus gradient index"): at 2 kB per layer, Pearson vs exact multi-stage 0.51 vs 0.19.
+(README: "Corpus gradient index"): at 2 kB per layer on the demo world, Pearson vs exact multi-stage 0.51 vs 0.15.
 
 Without pre-training factors (``grad_dot``) the basis is the identity and w = 1.
 
