@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from msif_ray.engine.curvature import LayerFactors
-from msif_ray.engine.gradients import Batch, backward_through_layers, model_device
+from msif_ray.engine.gradients import Batch, backward_through_layers, model_device, per_example_gradient
 from msif_ray.engine.modules import LayerSpec, LayerTaps
 from msif_ray.engine.vectors import LayerVectors, QueryVectors
 
@@ -120,9 +120,6 @@ class IndexRows:
     def to(self, device: torch.device | str) -> "IndexRows":
         return IndexRows(self.values.to(device), self.positions.to(device), self.scale.to(device), self.counts)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
     @classmethod
     def concat(cls, parts: list["IndexRows"]) -> "IndexRows":
         """The rows of several layer groups side by side (the same documents, groups in order)."""
@@ -168,7 +165,7 @@ def document_terms(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_
             layer = names.index(name)
             basis = bases[name]
             s_rot, a_rot = basis.rotate_tokens(s, a)
-            per_window = torch.bmm(s_rot.transpose(1, 2), a_rot)  # [B, out, in]
+            per_window = per_example_gradient(a_rot, s_rot)  # V of each window [B, out, in]
             slot = torch.tensor([row_of[d] for d in docs], device=per_window.device)
             per_doc = per_window.new_zeros((len(unique),) + per_window.shape[1:]).index_add_(0, slot, per_window)
             kept = open_docs[name]

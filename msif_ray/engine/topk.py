@@ -77,7 +77,12 @@ def rerank_windows(first: int, most: int) -> list[tuple[int, int]]:
     return windows
 
 
+def best_of(scores: dict[str, float], k: int) -> list[str]:
+    """The k best doc ids of ``scores`` (doc id -> score), ties broken by doc id as in the tables."""
+    return sorted(scores, key=lambda d: (-scores[d], d))[:k]
+
+
 def top_changed(exact: dict[str, float], new: set[str], k: int) -> bool:
-    """Whether a document of ``new`` is among the k best of ``exact`` (doc id -> score; ties broken by
-    doc id, as in the tables): the rule that keeps a query's adaptive re-scoring going."""
-    return any(d in new for d in sorted(exact, key=lambda d: (-exact[d], d))[:k])
+    """Whether a document of ``new`` is among the k best of ``exact``: the rule that keeps a query's
+    adaptive re-scoring going."""
+    return any(d in new for d in best_of(exact, k))

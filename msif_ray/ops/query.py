@@ -23,7 +23,7 @@ from msif_ray.distributed.worker import ChainSpec, StoredFactors, document_examp
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.engine.index import IndexRows, rotate_queries, scan
 from msif_ray.engine.influence import precondition_queries
-from msif_ray.engine.topk import rerank_windows, top_changed
+from msif_ray.engine.topk import best_of, rerank_windows, top_changed
 from msif_ray.engine.vectors import QueryVectors
 from msif_ray.errors import UserError
 from msif_ray.store import layout
@@ -98,7 +98,7 @@ def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
     seconds["rerank"] = time.monotonic() - started
     answers = []
     for q, query_id in enumerate(vectors.ids):
-        order = sorted(exact[q], key=lambda doc: (-exact[q][doc], doc))[:show]
+        order = best_of(exact[q], show)
         top = [Ranked(r + 1, doc, exact[q][doc], _shown_text(documents[doc], tokenizer)) for r, doc in enumerate(order)]
         answers.append(Answer(query_id, top, len(exact[q]), seconds))
     log(f"[query] {len(queries)} queries: preconditioned in {seconds['precondition']:.1f}s, index scanned in "

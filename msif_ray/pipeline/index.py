@@ -18,7 +18,7 @@ import pyarrow as pa
 from msif_ray.distributed.merge import tree_merge
 from msif_ray.distributed.worker import RerankJob, ScanJob, ShardJob, StoredFactors
 from msif_ray.engine.index import TermBasis
-from msif_ray.engine.topk import rank_within_groups, rerank_windows, top_changed
+from msif_ray.engine.topk import best_of, rank_within_groups, rerank_windows, top_changed
 from msif_ray.pipeline.context import RunContext
 from msif_ray.pipeline.inputs import Inputs
 from msif_ray.pipeline.keys import check_identity, index_store
@@ -182,7 +182,7 @@ def candidate_summary(run: RunContext, key: str, queries: dict[tuple[str, str], 
     rows: dict[str, list] = {"query_id": [], "rescored": [], "still_changing": [], "found_by_index": [],
                              "deepest_rank": []}
     for (_, query), c in queries.items():
-        returned = sorted(c.exact, key=lambda d: (-c.exact[d], d))[:top_k]
+        returned = best_of(c.exact, top_k)
         rank = {doc: r for r, (doc, _) in enumerate(c.ranked)}
         rows["query_id"].append(query)
         rows["rescored"].append(c.reached)
