@@ -31,6 +31,15 @@ corpus, Pearson and Spearman, averaged over queries:
 
 The damping matrix (EK-FAC and K-FAC multi_stage at m_approx vs exact at m_exact) is what the
 choice of the ``auto`` multiplier rests on.
+
+Positive controls (where EK-FAC should be right, so that a bug in the correction would show):
+
+  linear layer  one Linear regression layer per stage, each fitted to convergence (least squares),
+                N = 20,000 ≫ P = 28, noise that grows with one input direction: the Fisher is
+                diagonal in the Kronecker eigenbasis but not Kronecker. EK-FAC (the engine's own
+                covariance, eigh, Λ and chain) vs the dense solve, K-FAC beside it.
+  2-layer LM    the toy world at width 8 (CONTROL): 2,980 documents ≫ 288, the largest block;
+                EK-FAC and K-FAC vs the exact block-diagonal answer (what they approximate).
 """
 
 from __future__ import annotations
@@ -46,7 +55,9 @@ import torch
 from common import (flat, fmt, inverse, load_world, mean_spread, multi_stage_chain, new_figure, pearson, print_table,
                     result_paths, save_figure, setup, spearman, write_json)
 from kf import PaddedTexts, kronfluence_single_stage
-from msif_ray.engine.curvature import AUTO_DAMPING_SCALE, Factors, LayerFactors, accumulate_covariances, accumulate_lambdas, eigendecompose_layer, finish_factors
+from msif_ray.engine.curvature import (AUTO_DAMPING_SCALE, CovarianceSums, Factors, LambdaSums, LayerFactors, accumulate_covariances,
+                                       accumulate_lambdas, eigendecompose_layer, finish_factors, rotated_square_sum)
+from msif_ray.engine.gradients import per_example_gradient
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.engine.influence import precondition
 from msif_ray.demo.toy import ToySpec
@@ -55,6 +66,9 @@ FULL = ToySpec(num_entities=50, num_query_entities=5, paraphrases_per_fact=4, nu
                hidden_size=32, num_heads=2, pretrain_steps=400, finetune_steps=120)
 SMOKE = replace(FULL, num_entities=12, num_query_entities=2, paraphrases_per_fact=2, num_filler_docs=10,
                 hidden_size=16, pretrain_steps=40, finetune_steps=10)
+# The LM positive control: N ≫ each block's dimension (2,980 documents; blocks of at most 4·8·9 = 288).
+CONTROL = replace(FULL, num_entities=360, hidden_size=8, pretrain_steps=1600)
+CONTROL_SMOKE = replace(SMOKE, num_entities=40, hidden_size=4, pretrain_steps=40)
 SCALES = [0.001, 0.01, 0.1, 1.0, 10.0]
 
 
@@ -139,6 +153,158 @@ def layer_slices(grads: dict[str, torch.Tensor], layers: list[str]) -> list[slic
         size = grads[n][0].numel()
         out.append(slice(start, start + size))
         start += size
+    return out
+
+
+# --------------------------------------------------------------------------- positive control
+
+
+def heteroscedastic_task(n: int, rotation: torch.Tensor, scales: torch.Tensor, teacher: torch.Tensor, mixing: torch.Tensor,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear regression data, float64: x = R·diag(scales)·z with z ~ N(0, I), y = T x + σ(z)·M ε.
+
+    The noise σ = 0.1 + z_1² grows with one latent direction, so the residual s (the output
+    gradient) depends on the input a: K-FAC's E[s sᵀ] ⊗ E[a aᵀ] is off by up to ~5x along that
+    direction. The Fisher stays diagonal in the Kronecker eigenbasis (z's coordinates are
+    independent and symmetric), which is EK-FAC's one assumption.
+    """
+    z = torch.randn(n, len(scales), generator=generator, dtype=torch.float64)
+    x = (z * scales) @ rotation.t()
+    sigma = 0.1 + z[:, :1].square()
+    noise = torch.randn(n, mixing.shape[1], generator=generator, dtype=torch.float64) @ mixing.t()
+    return x, x @ teacher.t() + sigma * noise
+
+
+def regression_gradients(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's (a, s) per example: a = [x, 1] [N, 1, in], s = ∂ log N(y; W a, I)/∂(W a) = y − W a [N, 1, out]."""
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    return a[:, None], (y - a @ weight.t())[:, None]
+
+
+def least_squares(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The converged model: W [out, in] minimising Σ ||y − W [x, 1]||²."""
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    return torch.linalg.lstsq(a, y).solution.t()
+
+
+def fitted_factors(a: torch.Tensor, s: torch.Tensor) -> tuple[Factors, Factors]:
+    """EK-FAC by the engine's own passes on one layer ("layer"), and K-FAC on the same eigenbasis (Λ = d_S ⊗ d_A)."""
+    cov = CovarianceSums()
+    cov.add_layer("layer", a, s)
+    cov.num_tokens = cov.num_windows = len(a)
+    basis = eigendecompose_layer("layer", cov)
+    lambdas = LambdaSums({"layer": rotated_square_sum(a, s, basis.a_vectors, basis.s_vectors)}, len(a))
+    kfac = LayerFactors(basis.a_vectors, basis.s_vectors, torch.outer(basis.s_values, basis.a_values).clamp_min(0))
+    return finish_factors({"layer": basis}, lambdas, {}), Factors({"layer": kfac})
+
+
+def dense_fisher(f: LayerFactors) -> torch.Tensor:
+    """(Q_S ⊗ Q_A) diag(vec Λ) (Q_S ⊗ Q_A)ᵀ [P, P]: one layer's approximate Fisher as one matrix."""
+    q = torch.kron(f.s_vectors.double(), f.a_vectors.double())
+    return q @ torch.diag(f.lambdas.double().flatten()) @ q.t()
+
+
+def fisher_error(approx: LayerFactors, j: torch.Tensor) -> float:
+    """||F̂ − F||_F / ||F||_F against the empirical Fisher F = JᵀJ/N of per-example gradients J [N, P]."""
+    fisher = j.t() @ j / len(j)
+    return float((dense_fisher(approx) - fisher).norm() / fisher.norm())
+
+
+def linear_control(num_examples: int = 20_000, dim: int = 6, outputs: int = 4, num_queries: int = 40,
+                   num_documents: int = 2_000, seed: int = 0) -> dict:
+    """The positive control: one linear layer, each stage fitted to convergence with N ≫ P.
+
+    Pre-training: a regression task fitted by least squares on N examples. Fine-tuning: another
+    teacher on inputs with another covariance, fitted the same way (θ_ft). The exact Fisher of each
+    stage is JᵀJ/N over the per-example gradients J [N, P] (empirical Fisher, as the engine fits it
+    here), P = outputs·(dim + 1). Queries are held-out fine-tuning examples at θ_ft, documents
+    pre-training examples at θ_pt. Per damping multiplier m (λ = m·tr(F)/P, which is m·mean Λ, so
+    m = 0.1 is the engine's ``auto`` on both sides), Pearson over documents per query, averaged,
+    of the engine's EK-FAC chain and of K-FAC (same eigenbasis, Λ = d_S ⊗ d_A) against the dense
+    solve; and each factorisation's relative Frobenius error of the Fisher.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def task(scale_range: tuple[float, float]):
+        rotation = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))[0]
+        scales = torch.linspace(*scale_range, dim, dtype=torch.float64)
+        teacher = torch.randn(outputs, dim, generator=g, dtype=torch.float64)
+        mixing = torch.linalg.qr(torch.randn(outputs, outputs, generator=g, dtype=torch.float64))[0] * torch.linspace(0.5, 1.5, outputs)
+        return lambda n: heteroscedastic_task(n, rotation, scales, teacher, mixing, g)
+
+    pretrain_task, finetune_task = task((0.5, 2.0)), task((0.3, 1.5))
+    x_pt, y_pt = pretrain_task(num_examples)
+    x_ft, y_ft = finetune_task(num_examples)
+    w_pt, w_ft = least_squares(x_pt, y_pt), least_squares(x_ft, y_ft)
+    a_pt, s_pt = regression_gradients(x_pt, y_pt, w_pt)
+    a_ft, s_ft = regression_gradients(x_ft, y_ft, w_ft)
+    a_q, s_q = regression_gradients(*finetune_task(num_queries), w_ft)
+    ek_pt, kf_pt = fitted_factors(a_pt, s_pt)
+    ek_ft, kf_ft = fitted_factors(a_ft, s_ft)
+
+    j_pt = per_example_gradient(a_pt, s_pt).flatten(1)            # [N, P]
+    j_ft = per_example_gradient(a_ft, s_ft).flatten(1)
+    g_q = per_example_gradient(a_q, s_q)                           # [Q, out, in]
+    docs = j_pt[:num_documents]
+    fisher_pt, fisher_ft = j_pt.t() @ j_pt / num_examples, j_ft.t() @ j_ft / num_examples
+    eye = torch.eye(len(fisher_pt), dtype=torch.float64)
+
+    def corr(vectors: dict[str, torch.Tensor], reference: torch.Tensor) -> float:
+        return float(pearson(docs @ vectors["layer"].flatten(1).t(), docs @ reference.t()).mean())
+
+    out: dict = {"num_examples": num_examples, "num_parameters": int(j_pt.shape[1]), "num_queries": num_queries,
+                 "num_documents": num_documents, "seed": seed,
+                 "fisher_relative_error": {stage: {kind: fisher_error(f.layers["layer"], j) for kind, f in (("EK-FAC", ek), ("K-FAC", kf))}
+                                           for stage, ek, kf, j in (("pre-training", ek_pt, kf_pt, j_pt),
+                                                                    ("fine-tuning", ek_ft, kf_ft, j_ft))},
+                 "single_stage": {}, "multi_stage": {}}
+    for m in SCALES:
+        lam, alpha = m * float(fisher_pt.trace()) / len(eye), m * float(fisher_ft.trace()) / len(eye)
+        after_pt = torch.linalg.solve(fisher_pt + lam * eye, g_q.flatten(1).t()).t()
+        after_both = alpha * torch.linalg.solve(fisher_pt + lam * eye, torch.linalg.solve(fisher_ft + alpha * eye, g_q.flatten(1).t())).t()
+        out["single_stage"][str(m)] = {kind: corr(precondition({"layer": g_q}, "single_stage", pt, damping_pretrain=lam), after_pt)
+                                       for kind, pt in (("EK-FAC", ek_pt), ("K-FAC", kf_pt))}
+        out["multi_stage"][str(m)] = {kind: corr(precondition({"layer": g_q}, "multi_stage", pt, ft, lam, alpha), after_both)
+                                      for kind, pt, ft in (("EK-FAC", ek_pt, ek_ft), ("K-FAC", kf_pt, kf_ft))}
+    return out
+
+
+def lm_control(spec: ToySpec, seed: int, log) -> dict:
+    """The positive control on the 2-layer LM: N ≫ each block's dimension (``CONTROL``), against the
+    exact block-diagonal answer with the engine's per-layer dampings, which is what EK-FAC
+    approximates inside each block. Same Pearson per query over documents as ``linear_control``."""
+    lw = load_world(spec, seed, dtype=torch.float64, log=log)
+    pt = TrackedLM(lw.pretrained, lw.tokenizer, max_length=128, batch_size=32)
+    ft = TrackedLM(lw.finetuned, lw.tokenizer, max_length=128, batch_size=32)
+    layers = pt.layers
+    docs = Examples.documents(lw.texts)
+    pairs = Examples.pairs([p for p, _ in lw.finetune], [c for _, c in lw.finetune])
+    g_q_layers = ft.gradients(Examples.pairs([q["prompt"] for q in lw.queries], [q["completion"] for q in lw.queries]))
+    j_pt, j_ft = flat(pt.gradients(docs), layers), flat(ft.gradients(pairs), layers)
+    blocks = layer_slices(g_q_layers, layers)
+    g_q = flat(g_q_layers, layers)
+    ek_pt, kf_pt = ekfac_and_kfac(pt, docs)
+    ek_ft, kf_ft = ekfac_and_kfac(ft, pairs)
+
+    def corr(v: dict[str, torch.Tensor], reference: torch.Tensor) -> float:
+        return float(pearson(j_pt @ flat(v, layers).t(), j_pt @ reference.t()).mean())
+
+    out = {"num_documents": j_pt.shape[0], "num_finetune_pairs": j_ft.shape[0], "num_queries": g_q.shape[0],
+           "largest_block": max(b.stop - b.start for b in blocks), "num_parameters": j_pt.shape[1],
+           "fisher_relative_error": {stage: {kind: sum(fisher_error(f.layers[n], j[:, b]) for n, b in zip(layers, blocks)) / len(blocks)
+                                             for kind, f in (("EK-FAC", ek), ("K-FAC", kf))}
+                                     for stage, ek, kf, j in (("pre-training", ek_pt, kf_pt, j_pt), ("fine-tuning", ek_ft, kf_ft, j_ft))},
+           "single_stage": {}, "multi_stage": {}}
+    for m in SCALES:
+        single = torch.cat([woodbury_inverse(j_pt[:, b], m * mean_eigenvalue(j_pt[:, b]), g_q[:, b]) for b in blocks], dim=1)
+        out["single_stage"][str(m)] = {kind: corr(inverse(f, g_q_layers, f"{m}x"), single)
+                                       for kind, f in (("EK-FAC", ek_pt), ("K-FAC", kf_pt))}
+        multi = block_diagonal_per_layer(j_pt, j_ft, g_q, m, blocks)
+        out["multi_stage"][str(m)] = {kind: corr(multi_stage_chain(g_q_layers, p, f, f"{m}x", f"{m}x"), multi)
+                                      for kind, p, f in (("EK-FAC", ek_pt, ek_ft), ("K-FAC", kf_pt, kf_ft))}
+    log(f"LM control seed {seed}: {out['num_documents']} documents, blocks up to {out['largest_block']} parameters; "
+        f"at auto, single_stage {out['single_stage'][str(AUTO_DAMPING_SCALE)]}, multi_stage {out['multi_stage'][str(AUTO_DAMPING_SCALE)]}, "
+        f"Fisher error per block (mean) {out['fisher_relative_error']}")
     return out
 
 
@@ -291,6 +457,23 @@ def main(argv: list[str] | None = None) -> dict:
                                            [[m] + [f"{matched[m][str(s)]['spearman']['mean']:.3f}" for s in SCALES] for m in methods])
     tables["diagnostics"] = print_table(["where the error comes from (Pearson)"] + [f"m={s}" for s in SCALES],
                                         [[d] + [f"{v[str(s)]:.3f}" for s in SCALES] for d, v in diagnostics.items()])
+    controls = {"linear layer": [linear_control(seed=s, **({"num_examples": 4_000, "num_documents": 500} if args.smoke else {}))
+                                 for s in seeds],
+                "2-layer LM": [lm_control(CONTROL_SMOKE if args.smoke else CONTROL, s, lambda line: print(line, flush=True))
+                               for s in seeds]}
+    control_rows, fisher_rows = [], []
+    for world, runs in controls.items():
+        for chain in ("single_stage", "multi_stage"):
+            for kind in ("EK-FAC", "K-FAC"):
+                control_rows.append([f"{world}: {chain} {kind}"] + [
+                    fmt(mean_spread([r[chain][str(s)][kind] for r in runs])) for s in SCALES])
+        for stage in ("pre-training", "fine-tuning"):
+            fisher_rows.append([f"{world}: {stage}"] + [fmt(mean_spread([r["fisher_relative_error"][stage][kind] for r in runs]))
+                                                        for kind in ("EK-FAC", "K-FAC")])
+    tables["positive_control"] = print_table(["positive control: Pearson vs exact (block-diag for the LM), same damping m"]
+                                             + [f"m={s}" for s in SCALES], control_rows)
+    tables["positive_control_fisher"] = print_table(["Fisher relative Frobenius error (per block, mean)", "EK-FAC", "K-FAC"],
+                                                    fisher_rows)
     tables["matrix"] = print_table(["EK-FAC multi_stage Pearson: exact m \\ approx m"] + [f"{s}" for s in SCALES],
                                    [[f"exact m={se}"] + [f"{matrix['multi_stage'][se][str(sa)]:.3f}" for sa in SCALES]
                                     for se in matrix["multi_stage"]])
@@ -299,9 +482,9 @@ def main(argv: list[str] | None = None) -> dict:
     json_path, png_path = result_paths("exact_influence", args.smoke, args.out_dir)
     import sys
     payload = {"command": "python benchmarks/bench_exact_influence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "spec": spec.__dict__, "seeds": seeds, "scales": SCALES, "auto_scale": AUTO_DAMPING_SCALE,
+               "spec": spec.__dict__, "control_spec": (CONTROL_SMOKE if args.smoke else CONTROL).__dict__, "seeds": seeds, "scales": SCALES, "auto_scale": AUTO_DAMPING_SCALE,
                "at_auto": at_auto, "matched": matched, "diagnostics": diagnostics, "matrix_pearson": matrix, "best_approx_scale_per_exact_scale": best,
-               "best_approx_scale_per_seed": per_seed_best, "tables": tables, "per_seed": per_seed,
+               "best_approx_scale_per_seed": per_seed_best, "positive_control": controls, "tables": tables, "per_seed": per_seed,
                "wall_seconds": time.perf_counter() - started}
     write_json(json_path, payload)
 
