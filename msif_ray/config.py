@@ -41,12 +41,14 @@ from msif_ray.errors import UserError
 Method = Literal["multi_stage", "single_stage", "grad_dot"]
 Fisher = Literal["sampled", "empirical"]
 ScoringMode = Literal["exact", "index"]
+Normalize = Literal["none", "self", "unit"]
 Precision = Literal["auto", "bf16", "fp32"]
 Damping = float | Literal["auto"]
 
 METHODS: tuple[Method, ...] = ("multi_stage", "single_stage", "grad_dot")
 FISHERS: tuple[Fisher, ...] = ("sampled", "empirical")
 SCORING_MODES: tuple[ScoringMode, ...] = ("exact", "index")
+NORMALIZE: tuple[Normalize, ...] = ("none", "self", "unit")
 PRECISIONS: tuple[Precision, ...] = ("auto", "bf16", "fp32")
 
 _REQUIRED: Any = object()  # the default of a key that must be set
@@ -167,6 +169,9 @@ class Scoring:
     query (at least ``top_k``; 0 = none) are then re-scored exactly, then as many again, round by
     round, for the queries whose top k the last round changed, up to ``rerank_max`` candidates
     (``rerank`` when lower: no rounds).
+
+    ``normalize``: ``none`` ranks by the score; ``self`` by score / √(document self-influence)
+    (RelatIF); ``unit`` by the cosine of the whitened query and document (``scoring.normalize_scores``).
     """
 
     top_k: int = 100
@@ -174,6 +179,7 @@ class Scoring:
     query_rank: int | None = DEFAULT_QUERY_RANK
     rerank: int = DEFAULT_RERANK
     rerank_max: int = DEFAULT_RERANK_MAX
+    normalize: Normalize = "none"
 
     @property
     def candidates(self) -> int:
@@ -354,7 +360,8 @@ def _scoring(s: _Section) -> Scoring:
         raise ConfigError(f"{s.dotted('query_rank')}: expected a positive integer or null (full rank), got {_kind(rank)}")
     scoring = Scoring(top_k=s.positive_integer("top_k", 100), mode=s.choice("mode", SCORING_MODES, "exact"),
                       query_rank=rank, rerank=s.non_negative_integer("rerank", DEFAULT_RERANK),
-                      rerank_max=s.non_negative_integer("rerank_max", DEFAULT_RERANK_MAX))
+                      rerank_max=s.non_negative_integer("rerank_max", DEFAULT_RERANK_MAX),
+                      normalize=s.choice("normalize", NORMALIZE, "none"))
     s.finish()
     return scoring
 

@@ -144,6 +144,7 @@ def test_model_roles() -> None:
     ("method", "two_stage", ["method", "multi_stage", "single_stage", "grad_dot", "two_stage"]),
     ("factors.fisher", "true", ["factors.fisher", "sampled", "empirical"]),
     ("scoring.mode", "approx", ["scoring.mode", "exact", "index"]),
+    ("scoring.normalize", "sqrt_self", ["scoring.normalize", "none", "self", "unit"]),
     ("data.max_length", 0, ["data.max_length", "positive"]),
     ("data.rows_per_shard", -5, ["data.rows_per_shard", "positive"]),
     ("ray.batch_size", 0, ["ray.batch_size", "positive"]),

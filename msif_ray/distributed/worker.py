@@ -32,11 +32,11 @@ from msif_ray.engine.gradients import Fisher
 from msif_ray.engine.influence import Chain, Method, cross_rotations, precondition_queries
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.engine.vectors import LayerVectors, QueryVectors
-from msif_ray.store.layout import done_marker, eigen_file, factor_layer, index_basis_layer
+from msif_ray.store.layout import done_marker, eigen_file, factor_layer, index_basis_layer, self_influence_shard
 from msif_ray.store.models import load_model, load_tokenizer, pick_device, weight_dtype
-from msif_ray.engine.index import IndexRows, TermBasis, document_terms, scan
-from msif_ray.engine.topk import EXTREMES_SCHEMA, extremes_table
-from msif_ray.engine.scoring import QueryGroup, score_windows
+from msif_ray.engine.index import IndexRows, TermBasis, document_self_influence, document_terms, scan
+from msif_ray.engine.topk import extremes_schema, extremes_table
+from msif_ray.engine.scoring import QueryGroup, normalize_scores, score_windows
 from msif_ray.store.storage import RunDir
 
 
@@ -147,6 +147,15 @@ class ChainSpec:
     rank: int | None
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """``scoring.normalize`` for a scoring pass: ``how`` (self | unit) and the key of the documents'
+    self-influence (``layout.self_influence_shard``)."""
+
+    how: str
+    key: str
+
+
 @ray.remote
 class ShardWorker:
     def __init__(self, settings: WorkerSettings):
@@ -160,7 +169,7 @@ class ShardWorker:
         self._lm: TrackedLM | None = None
         self._accumulation: Accumulation | None = None
         self._cached: dict[object, object] = {}
-        self._rotated: OrderedDict[tuple, tuple[list[str], dict[str, LayerVectors]]] = OrderedDict()
+        self._rotated: OrderedDict[tuple, tuple[list[str], dict[str, LayerVectors], torch.Tensor | None]] = OrderedDict()
         self._factors = StoredFactors(self.run_dir, settings.factor_cache_bytes)
 
     def ready(self) -> bool:
@@ -265,26 +274,50 @@ class ShardWorker:
         self.run_dir.save_tensors(job.output, vectors.to_tensors(), {"query_ids": json.dumps(ids), "method": spec.method})
         return self._finish(job, job.output, start, ids, 0, sum(b.num_tokens for b in batches))
 
-    def scores(self, job: ShardJob, query_files: tuple[str, ...], top_k: int) -> dict:
-        """Scoring: every document of the shard against one group of queries; keep the top and bottom k."""
+    def self_influence(self, job: ShardJob, pretrain: str | None, damping: Damping,
+                       groups: tuple[tuple[str, ...], ...]) -> dict:
+        """Each document's self-influence G_mᵀ(H + λI)⁻¹G_m in the pre-training factors under
+        ``pretrain`` (‖G_m‖² with None), summed over the layer groups (one forward and backward
+        each, its bases in memory together, as for the Λ pass); saved with the doc ids."""
+        start = _start()
+        lm = self._load(job.model)
+        doc_ids, examples, skipped = self._examples(job)
+        self._maybe_crash(job.pass_name)
+        batches = lm.batches(examples, by_document=True)
+        total = torch.zeros(len(doc_ids), dtype=torch.float64)
+        for group in groups:
+            bases = {layer: TermBasis.of(None if pretrain is None else self._factors.layer(pretrain, layer),
+                                         damping).to(self.device) for layer in group}
+            total += document_self_influence(lm.model, lm.taps, batches, len(doc_ids), bases, group)
+        self.run_dir.save_tensors(job.output, {"self_influence": total}, {"doc_ids": json.dumps(doc_ids)})
+        return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches))
+
+    def scores(self, job: ShardJob, query_files: tuple[str, ...], top_k: int, norm: Normalization | None) -> dict:
+        """Scoring: every document of the shard against one group of queries; keep the top and bottom k
+        (by the normalised score, with the raw one beside it, under ``norm``)."""
         start = _start()
         group = self._query_group(query_files)
         doc_ids, totals, skipped, tokens = self._exact_scores(job, group)
-        self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, totals, top_k))
+        normalized = self._normalized(totals, doc_ids, job.shard.shard_id, group.norms, norm)
+        self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, normalized, top_k,
+                                                              raw=None if norm is None else totals))
         return self._finish(job, job.output, start, doc_ids, skipped, tokens)
 
-    def rescore(self, job: RerankJob) -> dict:
+    def rescore(self, job: RerankJob, norm: Normalization | None) -> dict:
         """Exact scores of each batch's candidate (query, document) pairs in one shard."""
         start = _start()
         group = self._query_group(job.batches)
         doc_ids, totals, skipped, tokens = self._exact_scores(job.read, group)
+        normalized = self._normalized(totals, doc_ids, job.read.shard.shard_id, group.norms, norm)
         row, column = {d: i for i, d in enumerate(doc_ids)}, {q: i for i, q in enumerate(group.ids)}
         for pairs, output in zip(job.pairs, job.outputs):
             pairs = [p for p in pairs if p[1] in row]  # a document left out as empty has no score
-            table = pa.table({"query_id": [q for q, _, _ in pairs], "doc_id": [d for _, d, _ in pairs],
-                              "score": [float(totals[row[d], column[q]]) for q, d, _ in pairs],
-                              "side": [side for _, _, side in pairs]}, schema=EXTREMES_SCHEMA)
-            self.run_dir.write_parquet(output, table)
+            cells = [(row[d], column[q]) for q, d, _ in pairs]
+            columns = {"query_id": [q for q, _, _ in pairs], "doc_id": [d for _, d, _ in pairs],
+                       "score": [float(normalized[c]) for c in cells], "side": [side for _, _, side in pairs]}
+            if norm is not None:
+                columns["raw_score"] = [float(totals[c]) for c in cells]
+            self.run_dir.write_parquet(output, pa.table(columns, schema=extremes_schema(norm is not None)))
             stats = self._finish(job, output, start, doc_ids, skipped, tokens)
         return stats
 
@@ -306,17 +339,19 @@ class ShardWorker:
         store.save_tensors(job.output, rows.tensors(), {"doc_ids": json.dumps(doc_ids)})
         return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
 
-    def scan(self, job: ScanJob, index_url: str, folder: str, candidates: int, layers: tuple[str, ...]) -> dict:
-        """Estimated scores of one index shard against each query batch; the best ``candidates`` per
-        query and side, with the shard id (for the exact re-scoring)."""
+    def scan(self, job: ScanJob, index_url: str, folder: str, candidates: int, layers: tuple[str, ...],
+             norm: Normalization | None) -> dict:
+        """Estimated scores of one index shard against each query batch (normalised under ``norm``);
+        the best ``candidates`` per query and side, with the shard id (for the exact re-scoring)."""
         start = _start()
         self._maybe_crash(job.pass_name)
         tensors, metadata = RunDir(index_url).load_tensors(job.rows)
         doc_ids = json.loads(metadata["doc_ids"])
         rows = IndexRows.from_tensors(tensors).to(self.device)
         for batch, output in zip(job.batches, job.outputs):
-            ids, rotated = self._rotated_queries(batch, index_url, folder, layers)
-            table = extremes_table(ids, doc_ids, scan(rows, rotated, list(layers)), candidates)
+            ids, rotated, norms = self._rotated_queries(batch, index_url, folder, layers)
+            estimates = self._normalized(scan(rows, rotated, list(layers)), doc_ids, job.shard_id, norms, norm)
+            table = extremes_table(ids, doc_ids, estimates, candidates)
             self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
                                                                                      pa.string())))
             stats = self._finish(job, output, start, doc_ids, 0, 0)
@@ -334,18 +369,26 @@ class ShardWorker:
             tokens += batch.num_tokens
         return doc_ids, totals, skipped, tokens
 
+    def _normalized(self, scores: torch.Tensor, doc_ids: list[str], shard_id: str, query_norms: torch.Tensor | None,
+                    norm: Normalization | None) -> torch.Tensor:
+        """``scores`` [N, Q] of the shard's ``doc_ids``, normalised by their stored self-influence (and
+        the queries' whitened norms) under ``norm``; unchanged without."""
+        if norm is None:
+            return scores
+        return normalize_scores(scores, norm.how, read_self_influence(self.run_dir, norm.key, shard_id, doc_ids), query_norms)
+
     def _rotated_queries(self, batch: str, index_url: str, folder: str, layers: tuple[str, ...]
-                         ) -> tuple[list[str], dict[str, LayerVectors]]:
-        """A query batch's ids and its vectors rotated into the index's basis, reading one layer's basis
-        at a time (the most recent batches are kept: a worker scans shard after shard against the
-        same batches)."""
+                         ) -> tuple[list[str], dict[str, LayerVectors], torch.Tensor | None]:
+        """A query batch's ids, its vectors rotated into the index's basis (reading one layer's basis
+        at a time) and their whitened norms. The most recent batches are kept: a worker scans shard
+        after shard against the same batches."""
         key = (batch, index_url, folder, layers)
         if key not in self._rotated:
             vectors = load_query_vectors(self.run_dir, [batch]).to(self.device)
             store = RunDir(index_url)
             rotated = {layer: read_index_basis(store, folder, [layer], self.device)[layer].rotate_query(vectors.layers[layer])
                        for layer in layers}
-            self._rotated[key] = (vectors.ids, rotated)
+            self._rotated[key] = (vectors.ids, rotated, vectors.whitened_norms())
             while len(self._rotated) > ROTATED_BATCHES_KEPT:
                 self._rotated.popitem(last=False)
         return self._rotated[key]
@@ -423,6 +466,13 @@ def read_index_basis(index: RunDir, folder: str, layers: tuple[str, ...] | list[
     """The basis an index was built in (``layout.index_basis``), per layer."""
     return {layer: TermBasis.from_tensors(index.load_tensors(index_basis_layer(folder, layer))[0]).to(device)
             for layer in layers}
+
+
+def read_self_influence(store: RunDir, key: str, shard_id: str, doc_ids: list[str]) -> torch.Tensor:
+    """The stored self-influence (``layout.self_influence_shard``) of ``doc_ids`` of one shard, in that order: [N]."""
+    tensors, metadata = store.load_tensors(self_influence_shard(key, shard_id))
+    row = {d: i for i, d in enumerate(json.loads(metadata["doc_ids"]))}
+    return tensors["self_influence"][[row[d] for d in doc_ids]]
 
 
 def load_query_vectors(store: RunDir, files: tuple[str, ...] | list[str]) -> QueryVectors:

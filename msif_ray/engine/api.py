@@ -22,15 +22,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from msif_ray.engine.curvature import Factors, fit_factors
+from msif_ray.engine.curvature import Damping, Factors, fit_factors
 from msif_ray.engine.gradients import (
     Batch, Fisher, encode_documents, encode_prompt_completions, example_gradients, make_batches, make_windows,
     model_device, pad_token_id,
 )
-from msif_ray.engine.index import IndexRows, document_terms, rotate_queries, scan, term_bases
+from msif_ray.engine.index import IndexRows, document_self_influence, document_terms, rotate_queries, scan, term_bases
 from msif_ray.engine.influence import Chain, precondition_queries
 from msif_ray.engine.modules import LayerTaps, select_modules
-from msif_ray.engine.scoring import QueryGroup, score_windows, token_scores
+from msif_ray.engine.scoring import Normalize, QueryGroup, normalize_scores, score_windows, token_scores
 from msif_ray.engine.vectors import QueryVectors, as_query_vectors
 
 @dataclass(frozen=True)
@@ -88,6 +88,12 @@ class Scores:
         """[N, Q]"""
         return self.per_layer.sum(0)
 
+    def normalized(self, how: Normalize, self_influence: torch.Tensor | None = None,
+                   vectors: QueryVectors | None = None) -> torch.Tensor:
+        """``total`` normalised (``scoring.normalize_scores``): ``self`` needs the examples'
+        ``TrackedLM.self_influence``, ``unit`` also the scored ``vectors`` (their whitened norms)."""
+        return normalize_scores(self.total, how, self_influence, None if vectors is None else vectors.whitened_norms())
+
 
 class TrackedLM:
     """A causal LM, its tokenizer and its tracked layers: the handle every pass works with."""
@@ -133,6 +139,14 @@ class TrackedLM:
         for batch in self.batches(examples):
             per_layer.index_add_(1, batch.examples.to(per_layer.device), score_windows(self.model, self.taps, batch, group))
         return Scores(per_layer.cpu(), self.layers)
+
+    def self_influence(self, examples: Examples, factors: Factors | None = None, damping: Damping = "auto") -> torch.Tensor:
+        """Each example's G_mᵀ (H + λI)⁻¹ G_m under this model's ``factors`` (‖G_m‖² without): [N]
+        float64, windows summed first (``index.document_self_influence``). The documents' side of
+        ``normalize: self`` and ``unit``; for multi_stage, pass the pre-training factors."""
+        bases = term_bases(list(self.taps.specs.values()), None if factors is None else factors.layer, damping)
+        bases = {name: b.to(model_device(self.model)) for name, b in bases.items()}
+        return document_self_influence(self.model, self.taps, self.batches(examples, by_document=True), len(examples), bases)
 
     def index(self, examples: Examples, terms: int, factors: Factors | None = None) -> IndexRows:
         """The corpus gradient index of ``examples``: each one's ``terms`` largest gradient terms per

@@ -135,19 +135,66 @@ def layer_terms(specs: list[LayerSpec], terms: int) -> list[int]:
 def document_terms(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_documents: int,
                    bases: dict[str, TermBasis], terms: int, layers: Sequence[str] | None = None) -> IndexRows:
     """Index rows of whole documents: each one's windows summed into V_m, then its top terms per layer
-    (of ``layers``, a layer group whose ``bases`` fit in memory; default: every tracked layer).
+    (of ``layers``, a layer group whose ``bases`` fit in memory; default: every tracked layer), ranked
+    by |V_m,ij|·w_ij."""
+    names = list(layers) if layers is not None else list(taps.modules)
+    counts = layer_terms([taps.specs[n] for n in names], terms)
+    offsets = [sum(counts[:i]) for i in range(len(counts))]
+    device = model_device(model)
+    values = torch.zeros(num_documents, sum(counts), device=device)
+    positions = torch.zeros(num_documents, sum(counts), dtype=torch.int32, device=device)
+
+    def keep_top(name: str, done: torch.Tensor, v: torch.Tensor) -> None:
+        layer = names.index(name)
+        weight = bases[name].weight
+        weighted = v.abs() if weight is None else (v * weight.flatten()).abs_()
+        top = weighted.topk(counts[layer], dim=1).indices
+        lo, hi = offsets[layer], offsets[layer] + counts[layer]
+        values[done, lo:hi] = v.gather(1, top).to(device)
+        positions[done, lo:hi] = top.to(device, torch.int32)
+
+    each_document_gradient(model, taps, batches, num_documents, bases, names, keep_top)
+    for name, block in zip(names, values.split(counts, dim=1)):
+        if not torch.isfinite(block).all():
+            raise FloatingPointError(f"non-finite document gradient in layer {name!r}: check the model weights and inputs")
+    return quantize(values, positions, counts)
+
+
+def document_self_influence(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_documents: int,
+                            bases: dict[str, TermBasis], layers: Sequence[str] | None = None) -> torch.Tensor:
+    """Each document's self-influence over ``layers`` (default: every tracked layer): [N] float64,
+
+        I_m = G_mᵀ (H + λI)⁻¹ G_m = Σ_layers Σ_ij (V_m,ij · w_ij)²,   w = (Λ + λ)^(-1/2)
+
+    in each layer's ``TermBasis`` (‖G_m‖² in the identity basis). Layer groups add up.
+    """
+    names = list(layers) if layers is not None else list(taps.modules)
+    device = model_device(model)
+    total = torch.zeros(num_documents, dtype=torch.float64, device=device)
+
+    def add(name: str, done: torch.Tensor, v: torch.Tensor) -> None:
+        weight = bases[name].weight
+        whitened = v if weight is None else v * weight.flatten()
+        total.index_add_(0, done, whitened.double().square().sum(1).to(device))
+
+    each_document_gradient(model, taps, batches, num_documents, bases, names, add)
+    if not torch.isfinite(total).all():
+        raise FloatingPointError("non-finite document self-influence: check the model weights and inputs")
+    return total.cpu()
+
+
+def each_document_gradient(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_documents: int,
+                           bases: dict[str, TermBasis], names: list[str],
+                           visit: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+    """One forward and backward per batch; for each layer of ``names``, ``visit(layer, documents,
+    V)`` with V [D, out·in] = Σ_windows Q_Sᵀ s_t a_tᵀ Q_A of each document finished in the batch
+    (``documents`` [D], their indices).
 
     A document is finished when its last window has been seen, so memory holds the documents of
     one batch per layer, plus those whose windows continue in a later batch (none when the batches
     keep each document's windows together, ``make_batches(..., by_document=True)``).
     """
-    names = list(layers) if layers is not None else list(taps.modules)
-    specs = [taps.specs[n] for n in names]
-    counts = layer_terms(specs, terms)
-    offsets = [sum(counts[:i]) for i in range(len(counts))]
     device = model_device(model)
-    values = torch.zeros(num_documents, sum(counts), device=device)
-    positions = torch.zeros(num_documents, sum(counts), dtype=torch.int32, device=device)
     windows_left = torch.zeros(num_documents, dtype=torch.long)
     for batch in batches:
         windows_left.index_add_(0, batch.examples, torch.ones_like(batch.examples))
@@ -162,9 +209,7 @@ def document_terms(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_
         done = [d for d in unique if finished_after[d] == 0]
 
         def add_layer(name: str, a: torch.Tensor, s: torch.Tensor) -> None:
-            layer = names.index(name)
-            basis = bases[name]
-            s_rot, a_rot = basis.rotate_tokens(s, a)
+            s_rot, a_rot = bases[name].rotate_tokens(s, a)
             per_window = per_example_gradient(a_rot, s_rot)  # V of each window [B, out, in]
             slot = torch.tensor([row_of[d] for d in docs], device=per_window.device)
             per_doc = per_window.new_zeros((len(unique),) + per_window.shape[1:]).index_add_(0, slot, per_window)
@@ -174,22 +219,11 @@ def document_terms(model: nn.Module, taps: LayerTaps, batches: list[Batch], num_
                     per_doc[row] += kept.pop(d)
                 if d not in done:
                     kept[d] = per_doc[row].clone()
-            if not done:
-                return
-            v = per_doc[[row_of[d] for d in done]].flatten(1)  # [D, out·in]
-            weighted = v.abs() if basis.weight is None else (v * basis.weight.flatten()).abs_()
-            top = weighted.topk(counts[layer], dim=1).indices
-            lo, hi = offsets[layer], offsets[layer] + counts[layer]
-            index = torch.tensor(done, device=device)
-            values[index, lo:hi] = v.gather(1, top).to(device)
-            positions[index, lo:hi] = top.to(device, torch.int32)
+            if done:
+                visit(name, torch.tensor(done, device=device), per_doc[[row_of[d] for d in done]].flatten(1))
 
         backward_through_layers(model, taps, batch, add_layer, layers=names)
         windows_left = finished_after
-    for name, block in zip(names, values.split(counts, dim=1)):
-        if not torch.isfinite(block).all():
-            raise FloatingPointError(f"non-finite document gradient in layer {name!r}: check the model weights and inputs")
-    return quantize(values, positions, counts)
 
 
 def quantize(values: torch.Tensor, positions: torch.Tensor, counts: list[int]) -> IndexRows:

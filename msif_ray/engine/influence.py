@@ -116,7 +116,8 @@ def low_rank_gradient(grad: TokenGradient, rank: int) -> LayerVectors:
     left = q1 @ (u[..., :keep] * sigma[:, None, :keep])
     right = q2 @ vh[..., :keep, :].mT
     pad = (0, rank - keep)  # every batch of queries has the same rank, so that batches concatenate
-    return LayerVectors(left=F.pad(left, pad).contiguous(), right=F.pad(right, pad).contiguous())
+    return LayerVectors(left=F.pad(left, pad).contiguous(), right=F.pad(right, pad).contiguous(),
+                        norm2=sigma.square().sum(-1))
 
 
 def _rotate_dense(g: torch.Tensor, q_s: torch.Tensor | None, q_a: torch.Tensor | None) -> torch.Tensor:
@@ -177,22 +178,25 @@ class Chain:
         return cls(method, lookup(pretrain), lookup(finetune), damping_pretrain, damping_finetune)
 
     def layer(self, name: str, grad: LayerGradient, rank: int | None = None) -> LayerVectors:
-        """Ṽ_q of one layer for every query, truncated to ``rank`` (None: dense, full rank)."""
+        """Ṽ_q of one layer for every query, truncated to ``rank`` (None: dense, full rank), with its
+        full-rank ``norm2`` (``LayerVectors``): Σ U² (Λ_pt + λ) = Σ U·M for U = M ⊘ (Λ_pt + λ)."""
         if self.method == "grad_dot":
             if rank is not None and isinstance(grad, TokenGradient):
                 return low_rank_gradient(grad, rank)
-            return _output(_rotated(grad, None), None, rank)
+            g = _rotated(grad, None)
+            return _output(g, None, rank, g.square().sum((1, 2)))
         pt = self.pretrain(name)
         if self.method == "single_stage":
             m = _rotated(grad, pt)
-            return _output(m / _damped(pt, self.damping_pretrain, m), pt, rank)
+            u = m / _damped(pt, self.damping_pretrain, m)
+            return _output(u, pt, rank, (u * m).sum((1, 2)))
         ft = self.finetune(name)
         m = _rotated(grad, ft)
         m = m / _damped(ft, self.damping_finetune, m)
         to_pt_s, to_pt_a = self.cross(name) if self.cross is not None else cross_rotations(pt, ft)
-        m = to_pt_s.to(m.device, m.dtype) @ m @ to_pt_a.to(m.device, m.dtype)
-        alpha = ft.damping(self.damping_finetune)
-        return _output(alpha * m / _damped(pt, self.damping_pretrain, m), pt, rank)
+        m = ft.damping(self.damping_finetune) * (to_pt_s.to(m.device, m.dtype) @ m @ to_pt_a.to(m.device, m.dtype))
+        u = m / _damped(pt, self.damping_pretrain, m)
+        return _output(u, pt, rank, (u * m).sum((1, 2)))
 
 
 def cross_rotations(pt: LayerFactors, ft: LayerFactors) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,17 +209,17 @@ def _damped(factors: LayerFactors, damping: Damping, like: torch.Tensor) -> torc
     return factors.lambdas.to(like.device, like.dtype) + factors.damping(damping)
 
 
-def _output(m: torch.Tensor, basis: LayerFactors | None, rank: int | None) -> LayerVectors:
+def _output(m: torch.Tensor, basis: LayerFactors | None, rank: int | None, norm2: torch.Tensor) -> LayerVectors:
     """Rotate M [Q, out, in] back out of ``basis``: densely, or only its rank-r truncation."""
     q_s, q_a = ((basis.s_vectors.to(m.device, m.dtype), basis.a_vectors.to(m.device, m.dtype))
                 if basis is not None else (None, None))
     if rank is None:
-        return LayerVectors(dense=q_s @ m @ q_a.t() if basis is not None else m)
+        return LayerVectors(dense=q_s @ m @ q_a.t() if basis is not None else m, norm2=norm2)
     u, sigma, v = truncated_svd(m, rank)
     left, right = u * sigma[:, None, :], v
     if basis is not None:
         left, right = q_s @ left, q_a @ right
-    return LayerVectors(left=left.contiguous(), right=right.contiguous())
+    return LayerVectors(left=left.contiguous(), right=right.contiguous(), norm2=norm2)
 
 
 def precondition(

@@ -17,7 +17,7 @@ intermediate products are computed over blocks of queries so that the working se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -46,11 +46,12 @@ def layer_operands(vectors: LayerVectors, device: torch.device, dtype: torch.dty
 
 
 class QueryGroup:
-    """The queries scored by one corpus pass, on the scoring device, in scoring layout."""
+    """The queries scored by one corpus pass, on the scoring device, in scoring layout, with their
+    whitened norms [Q] (``QueryVectors.whitened_norms``; None when the vectors carry none)."""
 
     def __init__(self, vectors: QueryVectors, device: torch.device, dtype: torch.dtype = torch.float32):
         group = QueryGroup.from_parts(len(vectors.ids), [vectors], device, dtype)
-        self.ids, self.num_queries, self.layers = group.ids, group.num_queries, group.layers
+        self.ids, self.num_queries, self.layers, self.norms = group.ids, group.num_queries, group.layers, group.norms
 
     @classmethod
     def from_parts(cls, num_queries: int, parts: Iterable[QueryVectors], device: torch.device,
@@ -59,6 +60,7 @@ class QueryGroup:
         operands: memory is the group's operands plus one batch, never a second copy of the group."""
         group = cls.__new__(cls)
         group.ids, group.num_queries, group.layers = [], num_queries, {}
+        norms = []
         for part in parts:
             start, q = len(group.ids), len(part.ids)
             for name, v in part.layers.items():
@@ -73,8 +75,10 @@ class QueryGroup:
                     ops.left[:, start * r : (start + q) * r] = v.left.permute(1, 0, 2).reshape(v.left.shape[1], q * r)
                     ops.right[:, start * r : (start + q) * r] = v.right.permute(1, 0, 2).reshape(v.right.shape[1], q * r)
             group.ids += part.ids
+            norms.append(part.whitened_norms())
         if len(group.ids) != num_queries:
             raise ValueError(f"the parts hold {len(group.ids)} queries, not {num_queries}")
+        group.norms = None if any(n is None for n in norms) else torch.cat(norms)
         return group
 
 
@@ -85,6 +89,37 @@ def _allocate(v: LayerVectors, num_queries: int, device: torch.device, dtype: to
     rank = v.left.shape[2]
     return LayerOperands(None, torch.empty(v.left.shape[1], num_queries * rank, device=device, dtype=dtype),
                          torch.empty(v.right.shape[1], num_queries * rank, device=device, dtype=dtype), rank)
+
+
+# --------------------------------------------------------------------------- normalised scores
+
+Normalize = Literal["none", "self", "unit"]
+NORMALIZE: tuple[str, ...] = ("none", "self", "unit")
+
+
+def normalize_scores(scores: torch.Tensor, how: Normalize, self_influence: torch.Tensor | None = None,
+                     query_norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores [N, Q] normalised by the documents' self-influence I_m [N] (and the queries' whitened
+    norms [Q] for ``unit``):
+
+        none:  ⟨Ṽ_q, G_m⟩
+        self:  ⟨Ṽ_q, G_m⟩ / √I_m                          (RelatIF: ÷ √ of G_mᵀ(H + λI)⁻¹G_m)
+        unit:  ⟨Ṽ_q, G_m⟩ / (√I_m · ‖Ṽ_q‖_(H+λI))         the cosine of the whitened query and document
+
+    ``unit`` is a cosine because ⟨Ṽ_q, G_m⟩ = ⟨(H + λI)^½ Ṽ_q, (H + λI)^-½ G_m⟩, so it lies in [-1, 1];
+    per query it ranks as ``self`` does. A document with I_m = 0 (no gradient) scores 0.
+    """
+    if how == "none":
+        return scores
+    if self_influence is None or (how == "unit" and query_norms is None):
+        raise ValueError(f"scoring.normalize: {how} needs the documents' self-influence"
+                         + (" and the queries' whitened norms" if how == "unit" else ""))
+    root = self_influence.double().clamp_min(0).sqrt()[:, None]
+    out = torch.where(root > 0, scores.double() / root.clamp_min(1e-300), torch.zeros((), dtype=torch.float64))
+    if how == "unit":
+        norms = query_norms.double()[None, :]
+        out = torch.where(norms > 0, out / norms.clamp_min(1e-300), torch.zeros((), dtype=torch.float64))
+    return out
 
 
 # --------------------------------------------------------------------------- FLOP counts

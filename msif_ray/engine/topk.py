@@ -11,14 +11,21 @@ EXTREMES_SCHEMA = pa.schema([("query_id", pa.string()), ("doc_id", pa.string()),
                              ("side", pa.string())])
 
 
-def extremes_table(query_ids: list[str], doc_ids: list[str], totals: torch.Tensor, k: int) -> pa.Table:
-    """The k highest (proponents) and k lowest (opponents) documents of each query: totals [N, Q].
+def extremes_schema(with_raw: bool) -> pa.Schema:
+    """The partial tables' schema; ``raw_score`` (the score before ``scoring.normalize``) when normalised."""
+    return EXTREMES_SCHEMA.append(pa.field("raw_score", pa.float64())) if with_raw else EXTREMES_SCHEMA
+
+
+def extremes_table(query_ids: list[str], doc_ids: list[str], totals: torch.Tensor, k: int,
+                   raw: torch.Tensor | None = None) -> pa.Table:
+    """The k highest (proponents) and k lowest (opponents) documents of each query: totals [N, Q]
+    (with ``raw`` [N, Q] beside them as ``raw_score``, when the totals are normalised).
 
     Ties are broken by doc_id, as in ``merge_extremes``, so that merging per-shard tables gives
     exactly the global top k.
     """
     k = min(k, len(doc_ids))
-    columns: dict[str, list] = {"query_id": [], "doc_id": [], "score": [], "side": []}
+    columns: dict[str, list] = {"query_id": [], "doc_id": [], "score": [], "side": []} | ({"raw_score": []} if raw is not None else {})
     docs = np.asarray(doc_ids, dtype=object)
     by_id = np.argsort(np.argsort(docs, kind="stable"), kind="stable")  # each document's rank by doc_id
     scores = totals.numpy()
@@ -29,7 +36,9 @@ def extremes_table(query_ids: list[str], doc_ids: list[str], totals: torch.Tenso
             columns["doc_id"] += docs[index].tolist()
             columns["score"] += scores[index, q].tolist()
             columns["side"] += [side] * k
-    return pa.table(columns, schema=EXTREMES_SCHEMA)
+            if raw is not None:
+                columns["raw_score"] += raw[index, q].tolist()
+    return pa.table(columns, schema=extremes_schema(raw is not None))
 
 
 def merge_extremes(tables: list[pa.Table], k: int) -> pa.Table:
@@ -60,11 +69,13 @@ def rank_within_groups(rows: pa.Table) -> np.ndarray:
 
 
 def final_table(merged: pa.Table, side: str) -> pa.Table:
-    """The result schema (docs/design.md) for one side: query_id, rank (1-based int32), doc_id, score."""
+    """The result schema (docs/design.md) for one side: query_id, rank (1-based int32), doc_id, score
+    (and raw_score when the scores are normalised)."""
     rows = merged.filter(pc.equal(merged["side"], side))
     rank = rank_within_groups(rows) + 1
+    raw = {"raw_score": rows["raw_score"]} if "raw_score" in rows.column_names else {}
     return pa.table({"query_id": rows["query_id"], "rank": pa.array(rank, pa.int32()), "doc_id": rows["doc_id"],
-                     "score": rows["score"]})
+                     "score": rows["score"]} | raw)
 
 
 def rerank_windows(first: int, most: int) -> list[tuple[int, int]]:

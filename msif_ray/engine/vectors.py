@@ -14,11 +14,17 @@ import torch
 
 @dataclass
 class LayerVectors:
-    """Ṽ_q of one layer for Q queries: ``dense`` [Q, out, in], or ``left`` [Q, out, r] @ ``right`` [Q, in, r]ᵀ."""
+    """Ṽ_q of one layer for Q queries: ``dense`` [Q, out, in], or ``left`` [Q, out, r] @ ``right`` [Q, in, r]ᵀ.
+
+    ``norm2`` [Q], when the chain gives it: ‖Ṽ_q‖² in the metric of H_pt + λI, Σ_ij U_ij² (Λ_ij + λ)
+    with U = Q_Sᵀ Ṽ_q Q_A at full rank (‖G_q‖² for grad_dot): the query's side of
+    ``scoring.normalize: unit``.
+    """
 
     dense: torch.Tensor | None = None
     left: torch.Tensor | None = None
     right: torch.Tensor | None = None
+    norm2: torch.Tensor | None = None
 
     @property
     def num_queries(self) -> int:
@@ -35,7 +41,9 @@ class LayerVectors:
         return {"dense": self.dense} if self.dense is not None else {"left": self.left, "right": self.right}
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "LayerVectors":
-        return LayerVectors(**{k: fn(v) for k, v in self.tensors().items()})
+        """``fn`` applied to every tensor (``norm2`` too: selections and moves keep it)."""
+        return LayerVectors(**{k: fn(v) for k, v in self.tensors().items()},
+                            norm2=None if self.norm2 is None else fn(self.norm2))
 
 
 @dataclass
@@ -63,9 +71,19 @@ class QueryVectors:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for v in self.layers.values() for t in v.tensors().values())
 
+    def whitened_norms(self) -> torch.Tensor | None:
+        """‖Ṽ_q‖ in the metric of H_pt + λI over all layers, [Q] float64 (None unless every layer has ``norm2``)."""
+        if not self.layers or any(v.norm2 is None for v in self.layers.values()):
+            return None
+        return sum(v.norm2.double().cpu() for v in self.layers.values()).clamp_min(0).sqrt()
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """Flat ``<layer>/<dense|left|right>`` tensors for safetensors (ids go in the metadata)."""
-        return {f"{n}/{k}": t.contiguous().cpu() for n, v in self.layers.items() for k, t in v.tensors().items()}
+        """Flat ``<layer>/<dense|left|right|norm2>`` tensors for safetensors (ids go in the metadata)."""
+        out = {}
+        for name, v in self.layers.items():
+            parts = v.tensors() | ({"norm2": v.norm2} if v.norm2 is not None else {})
+            out |= {f"{name}/{kind}": t.contiguous().cpu() for kind, t in parts.items()}
+        return out
 
     @classmethod
     def from_tensors(cls, ids: list[str], tensors: dict[str, torch.Tensor]) -> "QueryVectors":
@@ -82,6 +100,8 @@ class QueryVectors:
         layers = {}
         for name, v in first.layers.items():
             layers[name] = LayerVectors(**{k: torch.cat([p.layers[name].tensors()[k] for p in parts]) for k in v.tensors()})
+            if all(p.layers[name].norm2 is not None for p in parts):
+                layers[name].norm2 = torch.cat([p.layers[name].norm2 for p in parts])
         return cls([i for p in parts for i in p.ids], layers)
 
 

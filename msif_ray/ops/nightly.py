@@ -91,7 +91,7 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
     indexed yet: it counts as recomputed when it indexed any, and its seconds are always its own.
     """
     stages = {}
-    for name in _with_index(STAGES.get(method, list(after)), after):
+    for name in _with_optional(STAGES.get(method, list(after)), after):
         record = after.get(name)
         if record is None:
             continue
@@ -116,12 +116,12 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
     return stages
 
 
-def _with_index(stages: list[str], after: dict) -> list[str]:
-    """The method's stages, with index mode's ``index`` stage before ``scores`` when the run has one."""
-    if "index" not in after or "index" in stages:
-        return stages
+def _with_optional(stages: list[str], after: dict) -> list[str]:
+    """The method's stages, with ``self_influence`` (scoring.normalize) and index mode's ``index`` before
+    ``scores`` when the run has them."""
+    optional = [name for name in ("self_influence", "index") if name in after and name not in stages]
     at = stages.index("scores") if "scores" in stages else len(stages)
-    return stages[:at] + ["index"] + stages[at:]
+    return stages[:at] + optional + stages[at:]
 
 
 class Night:

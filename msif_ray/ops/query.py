@@ -19,10 +19,12 @@ import torch
 
 from msif_ray.config import Config, config_from_dict
 from msif_ray.pipeline.keys import index_store
-from msif_ray.distributed.worker import ChainSpec, StoredFactors, document_examples, read_index_basis
+from msif_ray.distributed.worker import (ChainSpec, Normalization, StoredFactors, document_examples, read_index_basis,
+                                        read_self_influence)
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.engine.index import IndexRows, rotate_queries, scan
 from msif_ray.engine.influence import precondition_queries
+from msif_ray.engine.scoring import normalize_scores
 from msif_ray.engine.topk import best_of, rerank_windows, top_changed
 from msif_ray.engine.vectors import QueryVectors
 from msif_ray.errors import UserError
@@ -77,8 +79,11 @@ def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
     vectors = _precondition(store, manifest, config, tokenizer, device, dtype, queries)
     seconds["precondition"] = time.monotonic() - started
 
+    norm = None if config.scoring.normalize == "none" else Normalization(
+        config.scoring.normalize, manifest["stages"]["self_influence"]["fingerprint"])
     started = time.monotonic()
-    candidates = _scan(index_store(config, store), manifest["shards"]["corpus"], vectors, config.scoring.candidates)
+    candidates = _scan(index_store(config, store), manifest["shards"]["corpus"], vectors, config.scoring.candidates,
+                       store, norm)
     seconds["scan"] = time.monotonic() - started
 
     started = time.monotonic()
@@ -90,7 +95,7 @@ def ask(run_dir: str, queries: list[PromptCompletion], show: int | None = None,
         wanted = [dict(found[lo:hi]) if changing[q] else {} for q, found in enumerate(candidates)]
         if not any(wanted):
             break
-        found, read = _rescore(config, lm, vectors, wanted)
+        found, read = _rescore(config, lm, vectors, wanted, store, norm)
         documents |= read
         for q, scores in enumerate(found):
             exact[q] |= scores
@@ -131,7 +136,16 @@ def _precondition(store: RunDir, manifest: dict, config: Config, tokenizer, devi
     return precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
 
 
-def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int) -> list[list[tuple[str, str]]]:
+def _normalized(scores: torch.Tensor, store: RunDir, norm: Normalization | None, shard: str, doc_ids: list[str],
+                vectors: QueryVectors) -> torch.Tensor:
+    """Scores [N, Q] of one shard's ``doc_ids`` as the run ranks them (``scoring.normalize``)."""
+    if norm is None:
+        return scores
+    return normalize_scores(scores, norm.how, read_self_influence(store, norm.key, shard, doc_ids), vectors.whitened_norms())
+
+
+def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int, store: RunDir,
+          norm: Normalization | None) -> list[list[tuple[str, str]]]:
     """Per query, its ``wanted`` best documents by the index's estimate, best first: (doc id, shard id)
     (the top candidates ``msif run`` re-scores exactly and ranks the top k among)."""
     identity = index.read_json(layout.INDEX_IDENTITY)
@@ -140,8 +154,9 @@ def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: in
     best = [(torch.empty(0, dtype=torch.float64), []) for _ in vectors.ids]
     for shard in shard_ids:
         tensors, metadata = index.load_tensors(layout.index_shard(shard))
-        estimates = scan(IndexRows.from_tensors(tensors), rotated, layers)  # [N, Q]
-        here = [(d, shard) for d in json.loads(metadata["doc_ids"])]
+        doc_ids = json.loads(metadata["doc_ids"])
+        estimates = _normalized(scan(IndexRows.from_tensors(tensors), rotated, layers), store, norm, shard, doc_ids, vectors)
+        here = [(d, shard) for d in doc_ids]
         for q, (values, found) in enumerate(best):
             merged, pairs = torch.cat([values, estimates[:, q]]), found + here
             keep = torch.topk(merged, min(wanted, merged.numel())).indices.tolist()
@@ -149,9 +164,10 @@ def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: in
     return [found for _, found in best]
 
 
-def _rescore(config: Config, lm: TrackedLM, vectors: QueryVectors, candidates: list[dict[str, str]]
-             ) -> tuple[list[dict[str, float]], dict[str, Document]]:
-    """Exact scores of each query's candidates ({doc id: score} per query), and the documents read."""
+def _rescore(config: Config, lm: TrackedLM, vectors: QueryVectors, candidates: list[dict[str, str]], store: RunDir,
+             norm: Normalization | None) -> tuple[list[dict[str, float]], dict[str, Document]]:
+    """Exact scores of each query's candidates ({doc id: score} per query, normalised as the run's),
+    and the documents read."""
     corpus = config.data.corpus
     shards = {s.shard_id: s for s in plan_shards(expand_paths(corpus.paths), config.data.rows_per_shard, corpus.layout)}
     by_shard: dict[str, set[str]] = {}
@@ -166,7 +182,8 @@ def _rescore(config: Config, lm: TrackedLM, vectors: QueryVectors, candidates: l
     totals: dict[str, torch.Tensor] = {}
     for shard_id, wanted in by_shard.items():
         docs = [d for d in read_documents(shards[shard_id], *corpus.columns)[0] if d.doc_id in wanted]
-        scores = lm.score(document_examples(docs), vectors).total  # [N, Q]
+        scores = _normalized(lm.score(document_examples(docs), vectors).total, store, norm, shard_id,
+                             [d.doc_id for d in docs], vectors)  # [N, Q]
         for k, doc in enumerate(docs):
             documents[doc.doc_id], totals[doc.doc_id] = doc, scores[k]
     exact = [{doc: float(totals[doc][q]) for doc in found if doc in totals} for q, found in enumerate(candidates)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from msif_ray.distributed.merge import tree_merge
-from msif_ray.distributed.worker import RerankJob, ScanJob, ShardJob, StoredFactors
+from msif_ray.distributed.worker import Normalization, RerankJob, ScanJob, ShardJob, StoredFactors
 from msif_ray.engine.index import TermBasis
 from msif_ray.engine.topk import best_of, rank_within_groups, rerank_windows, top_changed
 from msif_ray.pipeline.context import RunContext
@@ -60,13 +60,14 @@ def build_index(run: RunContext, inputs: Inputs, pretrain: str | None, identity:
 
 
 def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list[str], index: RunDir,
-                 identity: dict) -> None:
+                 identity: dict, norm: Normalization | None) -> None:
     """Each query's best candidates by a scan of the index, then the best ``scoring.rerank`` of them
     re-scored exactly (a forward and backward pass over those documents only), then more, round by
-    round, while a round changes the query's top k (``rescore_candidates``)."""
+    round, while a round changes the query's top k (``rescore_candidates``). Estimates and exact
+    scores are normalised alike under ``norm``."""
     cfg = run.config
     num_candidates = cfg.scoring.candidates
-    scan_key = digest(identity, num_candidates)
+    scan_key = digest(identity, num_candidates) if norm is None else digest(identity, num_candidates, [norm.how, norm.key])
     key = named["key"]
     if scores_done(run, key, named):
         return
@@ -78,7 +79,7 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
             jobs.append(ScanJob(shard.shard_id, layout.index_shard(shard.shard_id), files,
                                 tuple(outputs[f] for f in files)))
     stats = {"scan": run.passes.map("scan", "scan", jobs, index.url(), identity["basis"], num_candidates,
-                                    tuple(s.name for s in inputs.layers))}
+                                    tuple(s.name for s in inputs.layers), norm)}
     candidates = {}
     for f in query_files:
         candidates[f] = layout.batch_candidates(scan_key, f, inputs.digests["data.corpus"])
@@ -88,7 +89,7 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
                        lambda level, i: layout.candidates_merge_step(candidates[f], level, i), output=candidates[f])
     final = [candidates[f] for f in query_files]
     if cfg.scoring.rerank:
-        final, passes, accounts = rescore_candidates(run, inputs, scan_key, query_files, candidates)
+        final, passes, accounts = rescore_candidates(run, inputs, scan_key, query_files, candidates, norm)
         stats |= passes
     merge_result(run, key, final, cfg.scoring.top_k)
     if cfg.scoring.rerank:
@@ -107,7 +108,8 @@ class QueryCandidates:
 
 
 def rescore_candidates(run: RunContext, inputs: Inputs, scan_key: str, query_files: list[str],
-                       candidates: dict[str, str]) -> tuple[list[str], dict, dict[tuple[str, str], QueryCandidates]]:
+                       candidates: dict[str, str], norm: Normalization | None
+                       ) -> tuple[list[str], dict, dict[tuple[str, str], QueryCandidates]]:
     """Exact scores of the candidates, round by round (``topk.rerank_windows``): first each query's
     ``scoring.rerank`` best estimates (and its first ``top_k`` opponents), then, for the queries
     whose top k the round changed, as many again, up to ``scoring.candidates``. Returns the score
@@ -137,7 +139,7 @@ def rescore_candidates(run: RunContext, inputs: Inputs, scan_key: str, query_fil
             for query, doc, shard in found:
                 pairs.setdefault(shard, {}).setdefault(f, []).append((query, doc, "bottom"))
         outputs, stats["rerank" if round_ == 0 else f"rerank/{round_ + 1}"] = _rescore_pairs(run, inputs, scan_key,
-                                                                                            query_files, pairs)
+                                                                                            query_files, pairs, norm)
         files += [output for _, output in outputs]
         for f, output in outputs:
             table = run.store.read_parquet(output)
@@ -152,7 +154,7 @@ def rescore_candidates(run: RunContext, inputs: Inputs, scan_key: str, query_fil
 
 
 def _rescore_pairs(run: RunContext, inputs: Inputs, scan_key: str, query_files: list[str],
-                   pairs: dict[str, dict[str, list]]) -> tuple[list[tuple[str, str]], dict]:
+                   pairs: dict[str, dict[str, list]], norm: Normalization | None) -> tuple[list[tuple[str, str]], dict]:
     """One round of exact re-scoring: the given (query, doc, side) pairs of each shard and batch.
     Returns (batch file, score file) of each output, and the pass's stats."""
     cfg = run.config
@@ -169,7 +171,7 @@ def _rescore_pairs(run: RunContext, inputs: Inputs, scan_key: str, query_files: 
             documents = frozenset(d for f in chunk for _, d, _ in here[f])
             read = ShardJob("rerank", shard, "", cfg.corpus_model, "documents", corpus.columns, doc_ids=documents)
             jobs.append(RerankJob(read, chunk, tuple(here[f] for f in chunk), tuple(outputs[f] for f in chunk)))
-    return files, run.passes.map("rerank", "rescore", jobs)
+    return files, run.passes.map("rerank", "rescore", jobs, norm)
 
 
 def candidate_summary(run: RunContext, key: str, queries: dict[tuple[str, str], QueryCandidates]) -> dict:

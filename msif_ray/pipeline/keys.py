@@ -75,13 +75,20 @@ def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunD
         if not cfg.factors.refit:
             named = kept_factors(store, named, [s.shard_id for s in inputs.corpus_shards], log) or named
         upstream["factors/pretrain"] = add("factors/pretrain", named)
-    queries = add("queries", common | upstream | {
+    # unit needs each query's whitened norm, which query files written before it lack
+    unit = {"scoring.normalize": "unit"} if cfg.scoring.normalize == "unit" else {}
+    queries = add("queries", common | upstream | unit | {
         query_model: d[query_model], "data.queries": d["data.queries"],
         "data.queries.columns": [q.id_column, q.prompt_column, q.completion_column], "method": cfg.method,
         "factors.damping_pretrain": cfg.factors.damping_pretrain,
         "factors.damping_finetune": cfg.factors.damping_finetune,
         "scoring.query_rank": cfg.scoring.query_rank, "budget.query_batch_size": plan.query_batch_size})
     scores = {"queries": queries, "data.corpus": d["data.corpus"], "scoring.top_k": cfg.scoring.top_k}
+    if cfg.scoring.normalize != "none":
+        scores["scoring.normalize"] = cfg.scoring.normalize
+        scores["self_influence"] = add("self_influence", common | {k: v for k, v in upstream.items() if k == "factors/pretrain"} | {
+            corpus_model: d[corpus_model], "data.corpus": d["data.corpus"],
+            "data.corpus.columns": corpus_columns(cfg), "factors.damping_pretrain": cfg.factors.damping_pretrain})
     if cfg.scoring.mode == "index":
         stages["index"] = index_identity(cfg, inputs) | {
             "basis": basis_folder(index_store(cfg, store), upstream.get("factors/pretrain"))}

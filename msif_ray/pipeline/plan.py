@@ -351,26 +351,28 @@ def _scoring_stages(plan: ResourcePlan, z: _Sizes, num_queries: int, corpus_rows
     shards = math.ceil(corpus_rows / config.data.rows_per_shard)
     groups_note = f"{num_groups} query group(s) of up to {plan.query_group_size}" if num_groups > 1 else ""
     score_flops_per_token = z.pass_flops + sum(_scoring_flops_per_token(s, group, z.rank, window) for s in layers)
+    # index and self_influence passes: per token, rotate its factors into the eigenbasis and add its outer
+    # product to V (engine/index.py); one forward+backward per layer group, whose bases (Q_S, Q_A, the
+    # weights: the Λ pass's need) are in memory together
+    groups = plan.layer_groups
+    by_name = {s.name: s for s in layers}
+    bases = max(sum(z.lambda_bytes(by_name[n]) for n in g) for g in groups)
+    v_flops = corpus_tokens * (len(groups) * z.pass_flops + sum(2 * (s.out_features ** 2 + s.in_dim ** 2)
+                                                                + 2 * s.out_features * s.in_dim for s in layers))
+    per_batch_v = config.ray.batch_size * max(s.out_features * s.in_dim for s in layers) * F32 * 3  # one layer's V
+    group_note = f"; {len(groups)} layer groups: {len(groups)} passes over each shard" if len(groups) > 1 else ""
+    if config.scoring.normalize != "none":
+        _stage(plan, z, "self_influence", z.base + per_batch_v + bases, corpus_rows * 8, v_flops,
+               note="once per corpus, base model and factors" + group_note)
     if config.scoring.mode == "exact":
         _stage(plan, z, "scores", z.base + group * z.vector_bytes + z.scoring_work(group),
                shards * num_groups * group * 2 * config.scoring.top_k * 48,
                num_groups * corpus_tokens * score_flops_per_token, note=groups_note)
         return
     rows = config.data.rows_per_shard
-    counts = layer_terms(layers, config.index.terms)
-    width = sum(counts)  # terms per document
-    # per token: rotate its factors into the eigenbasis and add its outer product to V (engine/index.py)
-    # one forward+backward per layer group, whose bases (Q_S, Q_A, the weights: the Λ pass's need) are in memory
-    groups = plan.layer_groups
-    by_name = {s.name: s for s in layers}
-    bases = max(sum(z.lambda_bytes(by_name[n]) for n in g) for g in groups)
-    index_flops = corpus_tokens * (len(groups) * z.pass_flops + sum(2 * (s.out_features ** 2 + s.in_dim ** 2)
-                                                                    + 2 * s.out_features * s.in_dim for s in layers))
-    largest = max(s.out_features * s.in_dim for s in layers)
-    per_batch_v = config.ray.batch_size * largest * F32 * 3  # one layer's V of a batch, its weights and top-k
-    group_note = f"; {len(groups)} layer groups: {len(groups)} passes over each shard" if len(groups) > 1 else ""
+    width = sum(layer_terms(layers, config.index.terms))  # terms per document
     _stage(plan, z, "index", z.base + rows * width * (F32 + 4) + per_batch_v + bases,
-           corpus_rows * (width * 6 + len(layers) * F32), index_flops,
+           corpus_rows * (width * 6 + len(layers) * F32), v_flops,
            note="reused for every shard already in index.path" + group_note)
     one_basis = max(z.lambda_bytes(s) for s in layers)  # queries are rotated one layer's basis at a time
     scan_work = rows * width * (2 + 4 + F32) + SCAN_BLOCK_BYTES + rows * group * 8 + one_basis

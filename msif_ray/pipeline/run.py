@@ -7,6 +7,7 @@
     factors/finetune  EK-FAC of θ_ft on the fine-tuning data            (multi_stage; ``factors.py``)
     factors/pretrain  EK-FAC of θ_pt on the corpus (or a sample of it)  (multi_stage, single_stage)
     queries           G_q, preconditioned by the method's chain, rank-r, in batches (``queries.py``)
+    self_influence    with scoring.normalize: each document's G_mᵀ(H_pt + λI)⁻¹G_m (``self_influence.py``)
     scores            exact: every corpus document against each query group, top/bottom k per shard,
                       a tree of bounded merges (``scores.py``); index: the corpus gradient index, a
                       scan, exact re-scoring of the candidates (``index.py``)
@@ -22,7 +23,7 @@ import time
 from typing import Callable
 
 from msif_ray.config import Config, redact_secrets
-from msif_ray.pipeline import factors, index, queries, scores
+from msif_ray.pipeline import factors, index, queries, scores, self_influence
 from msif_ray.pipeline.context import RunContext
 from msif_ray.pipeline.inputs import Inputs, tokens_per_document, validate
 from msif_ray.pipeline.keys import check_identity, index_identity, index_store, stage_inputs
@@ -105,8 +106,9 @@ class Pipeline:
                                            inputs.corpus_shards, "documents", corpus.columns,
                                            cfg.factors.max_examples)
         query_files = queries.precondition_queries(run, inputs, named["queries"], pretrain, finetune)
+        norm = self_influence.self_influence(run, inputs, named, pretrain)
         if cfg.scoring.mode == "index":
             built = index.build_index(run, inputs, pretrain, named["index"])
-            index.index_scores(run, inputs, named["scores"], query_files, built, named["index"])
+            index.index_scores(run, inputs, named["scores"], query_files, built, named["index"], norm)
         else:
-            scores.exact_scores(run, inputs, named["scores"], query_files)
+            scores.exact_scores(run, inputs, named["scores"], query_files, norm)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from msif_ray.distributed.merge import tree_merge
-from msif_ray.distributed.worker import ShardJob
+from msif_ray.distributed.worker import Normalization, ShardJob
 from msif_ray.pipeline.context import RunContext
 from msif_ray.pipeline.inputs import Inputs
 from msif_ray.pipeline.passes import combine_groups
@@ -46,7 +46,9 @@ def check_documents(stats: dict) -> None:
         raise DataError(f"data.corpus: every document is empty ({stats['skipped_empty']} rows skipped)")
 
 
-def exact_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list[str]) -> None:
+def exact_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list[str],
+                 norm: Normalization | None) -> None:
+    """Every document against every query group (normalised under ``norm``), merged into the key's tables."""
     cfg = run.config
     corpus = cfg.data.corpus
     key = named["key"]
@@ -59,7 +61,7 @@ def exact_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
         jobs = [ShardJob("scores", s, layout.score_partial(key, g, s.shard_id), cfg.corpus_model, "documents",
                          corpus.columns) for s in inputs.corpus_shards]
         name = "scores" if len(groups) == 1 else f"scores/g{g}"
-        stats[name] = run.passes.map(name, "scores", jobs, files, cfg.scoring.top_k)
+        stats[name] = run.passes.map(name, "scores", jobs, files, cfg.scoring.top_k, norm)
         partials += [j.output for j in jobs]
     check_documents({"documents": sum(s["documents"] for s in stats.values()),
                      "skipped_empty": next(iter(stats.values()))["skipped_empty"]})

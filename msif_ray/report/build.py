@@ -43,7 +43,7 @@ from msif_ray.report.html import QueryView, RunView, ShownDocument, index_page, 
 from msif_ray.store.storage import RunDir
 from msif_ray.ops.summary import stage_rows
 
-REPORT_VERSION = 2  # bump when the pages change, so that reruns of msif run / demo rebuild them
+REPORT_VERSION = 3  # bump when the pages change, so that reruns of msif run / demo rebuild them
 Rows = dict[str, list[tuple[int, str, float]]]  # query id -> [(rank, doc_id, score)] in rank order
 
 
@@ -64,6 +64,7 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
         return store.url(REPORT_INDEX)
     config = config_from_dict(manifest["config"], base_dir=".")
     top, bottom = _rows(store, TOPK), _rows(store, BOTTOMK)
+    raw = _raw_scores(store)
     q = config.data.queries
     texts = {p.id: p for p in read_pairs(expand_paths(q.paths), q.prompt_column, q.completion_column, q.id_column)}
     query_ids = [i for i in texts if i in top] + sorted(set(top) - set(texts))
@@ -82,7 +83,7 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
         distribution, note = _distribution(tops, bottoms, num_documents, config.scoring.top_k)
         views.append(QueryView(
             query_id, pair.prompt if pair else "(not in the query files any more)", pair.completion if pair else "",
-            pages[query_id], _shown(tops[:show], explained, query_id), _shown(bottoms[:show], explained, query_id),
+            pages[query_id], _shown(tops[:show], explained, query_id, raw), _shown(bottoms[:show], explained, query_id, raw),
             tops, bottoms, distribution, note))
 
     seconds = time.monotonic() - started
@@ -114,6 +115,7 @@ def breakdowns_table(views: list[QueryView]) -> pa.Table:
         "rank": pa.array([d.rank for _, _, d in rows], pa.int32()),
         "doc_id": pa.array([d.doc_id for _, _, d in rows], pa.string()),
         "score": pa.array([d.score for _, _, d in rows], pa.float64()),
+        "raw_score": pa.array([d.score if d.raw is None else d.raw for _, _, d in rows], pa.float64()),
         "layer_scores": pa.array([d.layers for _, _, d in rows], pa.list_(pa.float64())),
         "token_scores": pa.array([d.tokens for _, _, d in rows], pa.list_(pa.float64())),
         "token_offsets": pa.array([[list(o) for o in d.offsets] for _, _, d in rows], pa.list_(pa.list_(pa.int32()))),
@@ -139,6 +141,16 @@ def _rows(store: RunDir, name: str) -> Rows:
     return rows
 
 
+def _raw_scores(store: RunDir) -> dict[tuple[str, str], float]:
+    """(query id, doc id) -> the raw score, when the run's scores are normalised (``raw_score``); else empty."""
+    raw = {}
+    for name in (TOPK, BOTTOMK):
+        table = store.read_parquet(name) if store.exists(name) else None
+        if table is not None and "raw_score" in table.column_names:
+            raw |= {(q, d): r for q, d, r in zip(*(table[c].to_pylist() for c in ("query_id", "doc_id", "raw_score")))}
+    return raw
+
+
 def _page_names(query_ids: list[str]) -> dict[str, str]:
     """A file name per query: its id when that is a safe name, else a safe stem plus a hash of the id."""
     names = {}
@@ -161,14 +173,17 @@ def _distribution(top: list, bottom: list, num_documents: int | None, top_k: int
         f"{len(kept)}; the middle of the distribution is not recorded (raise scoring.top_k to see more).")
 
 
-def _shown(rows: list[tuple[int, str, float]], explained: dict[str, dict], query_id: str) -> list[ShownDocument]:
-    """The shown documents of one side of one query, with their breakdowns from the report pass."""
+def _shown(rows: list[tuple[int, str, float]], explained: dict[str, dict], query_id: str,
+           raw: dict[tuple[str, str], float]) -> list[ShownDocument]:
+    """The shown documents of one side of one query, with their breakdowns from the report pass (which
+    split the raw score, ``raw`` when the scores are normalised)."""
     shown = []
     for rank, doc_id, score in rows:
         doc = explained[doc_id]
         breakdown = doc["queries"][query_id]
         shown.append(ShownDocument(rank, doc_id, score, doc["text"], [tuple(o) for o in doc["offsets"]],
-                                   breakdown["tokens"], breakdown["layers"], doc["starts"], breakdown["segments"]))
+                                   breakdown["tokens"], breakdown["layers"], doc["starts"], breakdown["segments"],
+                                   raw.get((query_id, doc_id))))
     return shown
 
 

@@ -42,6 +42,7 @@ class ShownDocument:
     layers: list[float]
     starts: list[int] = field(default_factory=list)  # a packed training sequence: its source documents' first tokens
     segments: list[float] = field(default_factory=list)  # ... and their shares of the score (they add up to it)
+    raw: float | None = None  # the raw score when ``score`` is normalised (scoring.normalize): the breakdowns split it
 
 
 @dataclass
@@ -349,7 +350,7 @@ def query_page(q: QueryView, layers: list[str], previous: QueryView | None, foll
   <span class="sw" style="background:rgba(34,197,94,.6)"></span>raises
   <span class="sw" style="background:rgba(239,68,68,.6)"></span>lowers the query. A token's share is the term of the
   position that predicts it (s<sub>t</sub>ᵀ Ṽ a<sub>t</sub> at position t is credited to token t+1), so the shares
-  sum to the score; hover a token for its value. The bars split each score over the {len(layers)} tracked layers, in model order.</div>
+  sum to the score; hover a token for its value. The bars split each score over the {len(layers)} tracked layers, in model order.{_normalized_note(q)}</div>
 </div>
 <h2 class="pos">Top proponents <small>{len(q.proponents)} of {len(q.top_rows)} kept</small></h2>
 {"".join(_document(d, layers, "proponent") for d in q.proponents) or '<p class="muted">none</p>'}
@@ -362,20 +363,33 @@ def query_page(q: QueryView, layers: list[str], previous: QueryView | None, foll
     return page(f"Query {q.query_id} — msif-ray report", body)
 
 
+def _normalized_note(q: QueryView) -> str:
+    if not any(d.raw is not None for d in q.proponents + q.opponents):
+        return ""
+    return (" <b>Normalised scores</b> (scoring.normalize): documents are ranked by the score divided by the square root "
+            "of their self-influence (and, for <i>unit</i>, the query's norm); the raw score is shown beside it, and the "
+            "token shades and layer bars split the raw score.")
+
+
 def _completion(completion: str) -> str:
     """The completion, marked; its leading space (completions usually start with one) stays outside the mark."""
     core = completion.lstrip()
     return f'{esc(completion[: len(completion) - len(core)])}<span class="completion">{esc(core)}</span>'
 
 
+def _raw(d: ShownDocument) -> str:
+    """The raw score beside a normalised one (the tokens and layer bars split the raw score)."""
+    return "" if d.raw is None else f'<span class="muted raw" title="before scoring.normalize">raw {fmt(d.raw)}</span>'
+
+
 def _document(d: ShownDocument, layers: list[str], kind: str) -> str:
     sign = 1.0 if kind == "proponent" else -1.0
     return f"""<article class="doc {kind}" data-doc-id="{esc(d.doc_id)}">
 <header><span class="rank">#{d.rank}</span><span class="id">{esc(d.doc_id)}</span>
-<span class="score {"pos" if d.score > 0 else "neg"}">{fmt(d.score)}</span></header>
+<span class="score {"pos" if d.score > 0 else "neg"}">{fmt(d.score)}</span>{_raw(d)}</header>
 <div class="body"><div><div class="text">{highlight(d.text, d.offsets, d.tokens)}</div>
 <div class="tops">{"raise" if sign > 0 else "lower"} the query most: {top_tokens(d.text, d.offsets, d.tokens, sign)}</div></div>
-<figure>{layer_plot(d.layers, layers)}<figcaption>score per layer (Σ = {fmt(sum(d.layers))})</figcaption></figure></div>
+<figure>{layer_plot(d.layers, layers)}<figcaption>{"raw " if d.raw is not None else ""}score per layer (Σ = {fmt(sum(d.layers))})</figcaption></figure></div>
 {_segments(d)}</article>"""
 
 

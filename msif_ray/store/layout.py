@@ -14,6 +14,8 @@
         lambdas/g<group>/<worker>-<seq>.safetensors     a worker's checkpoint of Σ (Q_Sᵀ G Q_A)² (+ .json)
     queries/<chain key>/<batch key>.safetensors         Ṽ_q of one batch of queries (+ .done.json): named by the
                                                         chain's inputs and the batch's queries, shared by query sets
+    self_influence/<key>/<shard>.safetensors            scoring.normalize: each document's G_mᵀ(H_pt + λI)⁻¹G_m, with
+                                                        the doc ids (+ .done.json), reused by every query set
     scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
     scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
     scores/scan/<scan key>/<batch>/<shard>.parquet      index mode: one query batch's best candidates in one index
@@ -127,6 +129,11 @@ def eigen_file(factors: str, layer: str, which: str) -> str:
 
 def query_batch(chain_key: str, batch_key: str) -> str:
     return f"queries/{chain_key}/{batch_key}.safetensors"
+
+
+def self_influence_shard(key: str, shard_id: str) -> str:
+    """One corpus shard's document self-influences for ``scoring.normalize`` (``pipeline/self_influence.py``)."""
+    return f"self_influence/{key}/{shard_id}.safetensors"
 
 
 def score_partial(key: str, group: int, shard_id: str) -> str:

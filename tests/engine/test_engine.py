@@ -16,7 +16,8 @@ from torch import nn
 from msif_ray.engine.curvature import CovarianceSums, Factors, LambdaSums, LayerFactors, eigendecompose_layer, finish_factors, rotated_square_sum
 from msif_ray.engine.gradients import InputError, split_windows
 from msif_ray.engine.api import Examples, TrackedLM
-from msif_ray.engine.influence import precondition
+from msif_ray.engine.influence import Chain, precondition
+from msif_ray.engine.vectors import QueryVectors
 from msif_ray.engine.modules import ModuleSelectionError, select_modules, weight_gradient
 from tiny import ARCHITECTURES, SENTENCES, make_model, make_tokenizer
 
@@ -206,6 +207,45 @@ def test_multi_stage_score_equals_dense_composition(tmp_path, tokenizer):
             for m, gm in enumerate(doc_refs):
                 want[m, q] += vec(gq[name]) @ middle @ vec(gm[name])
     torch.testing.assert_close(scores, want, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_normalized_scores_equal_dense_references(rank, tmp_path, tokenizer):
+    """``scoring.normalize`` against dense matrices: I_m = g_mᵀ (F_pt + λI)⁻¹ g_m from the autograd
+    loop's g_m, and ‖Ṽ_q‖² = ṽᵀ (F_pt + λI) ṽ for the full-rank multi-stage ṽ; ``unit`` divides by
+    both, so its scores are cosines (|·| ≤ 1), and a single_stage query made of a document's own
+    gradient scores exactly 1 against it."""
+    kw = dict(include=r"mlp\.", max_length=8, batch_size=3)  # documents span several windows
+    pt = tiny_lm("gpt_neox", tmp_path, tokenizer, seed=0, **kw)
+    ft = tiny_lm("gpt_neox", tmp_path, tokenizer, seed=1, **kw)
+    documents = Examples.documents(SENTENCES)
+    pt_factors = pt.fit_factors(documents, fisher="empirical")
+    ft_factors = ft.fit_factors(Examples.pairs(QUERY_PROMPTS, QUERY_COMPLETIONS), fisher="empirical")
+    vectors = ft.query_vectors(Examples.pairs(QUERY_PROMPTS, QUERY_COMPLETIONS),
+                               Chain.of("multi_stage", pt_factors, ft_factors), rank)
+    full = precondition(ft.gradients(Examples.pairs(QUERY_PROMPTS, QUERY_COMPLETIONS)), "multi_stage", pt_factors, ft_factors)
+    self_influence = pt.self_influence(documents, pt_factors)
+
+    doc_refs = [reference_gradient(pt, ids, m, 8) for ids, m in documents.encode(tokenizer)]
+    want_self = torch.zeros(len(documents), dtype=torch.float64)
+    want_norm2 = torch.zeros(len(QUERY_PROMPTS), dtype=torch.float64)
+    for name in pt.layers:
+        f = pt_factors.layers[name]
+        h = dense_ekfac(f) + 0.1 * f.lambdas.mean() * torch.eye(f.lambdas.numel(), dtype=torch.float64)
+        for m, g in enumerate(doc_refs):
+            want_self[m] += vec(g[name]) @ torch.linalg.solve(h, vec(g[name]))
+        for q in range(len(QUERY_PROMPTS)):
+            want_norm2[q] += vec(full[name][q]) @ h @ vec(full[name][q])
+    # the self-influence rotates in float32 (the index's basis), the chain works in float64
+    torch.testing.assert_close(self_influence, want_self, rtol=1e-5, atol=0)
+    torch.testing.assert_close(vectors.whitened_norms() ** 2, want_norm2, rtol=1e-9, atol=0)
+
+    unit = pt.score(documents, vectors).normalized("unit", self_influence, vectors)
+    assert float(unit.abs().max()) <= 1 + 1e-6
+    own, grads = Chain.of("single_stage", pt_factors), pt.gradients(documents)
+    own_vectors = QueryVectors([str(m) for m in range(len(documents))], {n: own.layer(n, grads[n]) for n in pt.layers})
+    cosine = pt.score(documents, own_vectors).normalized("unit", self_influence, own_vectors)
+    torch.testing.assert_close(cosine.diagonal(), torch.ones(len(documents), dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 def test_single_stage_and_grad_dot_chains(tmp_path, tokenizer):

@@ -18,7 +18,8 @@ from msif_ray.store.layout import TOPK
 # in one round, or of 2, then 2 more, then 4 more while a round changes the top 3.
 SETTINGS = {"method": "multi_stage", "scoring.mode": "index", "scoring.top_k": 3, "index.terms": 16}
 ROUNDS = {"one round": {"scoring.rerank": 6, "scoring.rerank_max": 6},
-          "rounds": {"scoring.rerank": 2, "scoring.rerank_max": 8}}
+          "rounds": {"scoring.rerank": 2, "scoring.rerank_max": 8},
+          "normalised rounds": {"scoring.rerank": 2, "scoring.rerank_max": 8, "scoring.normalize": "unit"}}
 
 
 @pytest.fixture(scope="module", params=list(ROUNDS))

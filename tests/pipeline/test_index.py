@@ -159,6 +159,19 @@ def test_rerank_of_every_document_equals_exact_mode(world, ray_session, exact_al
     assert stages["scores"]["passes"]["rerank"]["documents"] == len(corpus_documents())  # each re-scored once
 
 
+def test_normalized_index_mode_equals_exact_mode(world, ray_session, tmp_path):
+    """``scoring.normalize: self`` in index mode (estimates and exact re-scores divided alike by the
+    stored self-influence) returns exact mode's normalised table when every document is a
+    candidate; both runs share one run directory, so the self-influence stage is computed once."""
+    settings = {**ALL, "scoring.normalize": "self"}
+    exact = run(world, tmp_path, **settings)
+    indexed = run(world, tmp_path, **settings, **{"scoring.mode": "index", "scoring.rerank": 1000})
+    assert indexed["doc_id"] == exact["doc_id"] and indexed["rank"] == exact["rank"]
+    for column in ("score", "raw_score"):
+        assert indexed[column] == pytest.approx(exact[column], rel=1e-4, abs=1e-6)
+    assert manifest(tmp_path)["stages"]["self_influence"]["outcome"] == "reused"
+
+
 def test_reranked_scores_are_exact(world, ray_session, exact_all, tmp_path):
     exact = pairs(exact_all)
     table = run(world, tmp_path / "index", **{**ALL, "scoring.top_k": 2, "scoring.mode": "index", "scoring.rerank": 4,

@@ -151,12 +151,16 @@ def _read_json(path: Path) -> dict:
     ("multi_stage", {"budget.query_batch_size": 1, "budget.query_group_size": 1, "budget.layer_groups": 3}),
     ("single_stage", {"scoring.query_rank": 2}),
     ("grad_dot", {}),
+    ("multi_stage", {"budget.layer_groups": 3, "scoring.normalize": "unit"}),
+    ("single_stage", {"scoring.normalize": "self"}),
+    ("grad_dot", {"scoring.normalize": "unit"}),
 ])
 def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_path):
     """Every (document, query) score of the distributed pipeline equals the in-process API's.
 
     The multi_stage run uses query batches of 1, one query per scoring pass (two corpus passes) and
-    three layer groups; single_stage uses rank-2 query vectors. Empirical Fisher, so that factors
+    three layer groups; single_stage uses rank-2 query vectors. With ``scoring.normalize``, both the
+    normalised score and the raw one beside it equal the API's (``Scores.normalized``). Empirical Fisher, so that factors
     do not depend on how labels are seeded. Float32 models and sums in another order (per shard and
     worker vs one pass): each score within 1e-4 of the largest score's magnitude (small scores are
     differences of large terms, so a relative tolerance on each would measure cancellation).
@@ -171,7 +175,7 @@ def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_p
     settings = {"method": method, "factors.fisher": "empirical", "scoring.top_k": 1000, **overrides}
     topk = run(world, tmp_path, **settings)
     manifest = RunDir(str(tmp_path)).read_json(MANIFEST)
-    if method == "multi_stage":
+    if "budget.query_group_size" in overrides:
         assert manifest["plan"]["layer_groups"] == 3 and manifest["plan"]["query_group_size"] == 1
         assert manifest["stages"]["scores"]["passes"]["scores"]["groups"] == 2
         assert manifest["stages"]["factors/pretrain"]["passes"]["covariance"]["groups"] == 3
@@ -194,13 +198,22 @@ def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_p
     vectors = query_lm.query_vectors(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries],
                                                     [q.id for q in queries]),
                                      Chain.of(method, pt, ft), rank=overrides.get("scoring.query_rank", 32))
-    want = corpus_lm.score(documents, vectors).total
-    got = {(q, d): s for q, d, s in zip(topk["query_id"], topk["doc_id"], topk["score"])}
-    assert len(got) == len(docs) * len(queries)
-    scale = float(want.abs().max())
-    for i, doc in enumerate(docs):
-        for j, query in enumerate(queries):
-            assert got[(query.id, doc["id"])] == pytest.approx(float(want[i, j]), rel=1e-4, abs=1e-4 * scale)
+    scores = corpus_lm.score(documents, vectors)
+    normalize = overrides.get("scoring.normalize", "none")
+    expected = {"score": scores.normalized(normalize, corpus_lm.self_influence(documents, pt), vectors)}
+    if normalize != "none":  # the ranking's score, and the raw one beside it
+        expected["raw_score"] = scores.total
+    else:
+        assert "raw_score" not in topk
+    for column, want in expected.items():
+        got = {(q, d): s for q, d, s in zip(topk["query_id"], topk["doc_id"], topk[column])}
+        assert len(got) == len(docs) * len(queries)
+        scale = float(want.abs().max())
+        for i, doc in enumerate(docs):
+            for j, query in enumerate(queries):
+                assert got[(query.id, doc["id"])] == pytest.approx(float(want[i, j]), rel=1e-4, abs=1e-4 * scale)
+    if normalize == "unit":  # cosines
+        assert max(abs(s) for s in topk["score"]) <= 1 + 1e-6
 
 
 def test_zero_quota_shards_are_not_visited(world, ray_session, tmp_path):

@@ -143,6 +143,25 @@ def test_breakdowns_add_up_to_the_scores(report_run):
     assert longest > 32, "no shown document spans several windows (max_length 32); the window path is untested"
 
 
+def test_normalized_report_shows_both_scores(world, ray_session, tmp_path):
+    """With ``scoring.normalize: unit`` the report ranks by the normalised score, shows the raw one
+    beside it, and its breakdowns split the raw score (which ``raw_score`` records)."""
+    run_dir = tmp_path / "run"
+    overrides = {"method": "grad_dot", "scoring.top_k": 3, "scoring.normalize": "unit"}
+    Pipeline(config_from_dict(world.config(run_dir, **overrides), base_dir=world.root), log=lambda line: None).run()
+    assert main(["report", str(run_dir), "--show", "2"]) == 0
+    topk = {(r["query_id"], r["doc_id"]): r for r in pq.read_table(run_dir / TOPK).to_pylist()}
+    for row in pq.read_table(run_dir / BREAKDOWNS).to_pylist():
+        result = topk.get((row["query_id"], row["doc_id"]))
+        if result is None:
+            continue  # an opponent
+        assert (row["score"], row["raw_score"]) == (result["score"], result["raw_score"])
+        assert abs(row["score"]) <= 1 + 1e-6  # a cosine
+        assert sum(row["layer_scores"]) == pytest.approx(row["raw_score"], abs=1e-4 * sum(map(abs, row["layer_scores"])) + 1e-9)
+    page = next((run_dir / "report" / "queries").iterdir()).read_text()
+    assert "Normalised scores" in page and 'class="muted raw"' in page
+
+
 def test_cli_summary_names_the_report(report_run):
     run_dir, _, stdout = report_run
     assert "msif report: finished in" in stdout
