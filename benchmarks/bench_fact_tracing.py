@@ -14,7 +14,8 @@ Methods (all in-process through the Python API, ``TrackedLM``; one torch thread)
   multi_stage     α(H_pt+λ)⁻¹(H_ft+α)⁻¹ G_q(θ_ft) · G_m(θ_pt), sampled Fisher, auto dampings (defaults)
   single_stage    (H+λ)⁻¹ G_q · G_m at θ_ft, H fitted on the corpus at θ_ft (the pipeline's single_stage)
   grad_dot        G_q · G_m at θ_ft
-  cosine          TrackStar-style: unit-normalised G_q, G_m at θ_ft (no projection, no optimizer state)
+  cosine          unit-normalised G_q, G_m at θ_ft: the normalisation TrackStar uses, without its
+                  projection or its optimizer second-moment correction (not TrackStar itself)
   bm25            bm25s over prompt + completion (the answer is in the query text)
 
 plus prototypes of score normalisations (``/√self``: divide by √(G_mᵀ(H+λ)⁻¹G_m), which for
@@ -23,18 +24,25 @@ the self-influence), and the puzzle's variants: a ladder from single_stage to mu
 changes one thing at a time, the pre-training damping, the fine-tuning damping, the Fisher type,
 and the checkpoint of the corpus gradients. What fills each method's top 10 is counted by kind
 (gold, same entity, same value, other facts of the same relation, other facts, no fact).
+
+Held-out selection: the held-out people are split in two (seeded per world); every configurable
+setting (method x damping_pretrain auto:<m> x damping_finetune x normalize, ``candidate_settings``)
+is ranked by MRR on the first half's queries, and the chosen one is measured on the other half,
+with 95% bootstrap intervals over the test queries of all seeds: a default chosen on the queries
+it is measured on would overstate itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import time
 from dataclasses import replace
 
 import torch
 
-from common import (corpus_pass, flat, fmt, inverse, load_world, mean_spread, multi_stage_chain, new_figure,
-                    print_table, query_entity, result_paths, retrieval, save_figure, setup, write_json)
+from common import (bootstrap_interval, corpus_pass, flat, fmt, inverse, load_world, mean_spread, multi_stage_chain,
+                    new_figure, print_table, query_entity, result_paths, retrieval, save_figure, setup, write_json)
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.demo.toy import ToySpec
 
@@ -136,11 +144,14 @@ def run_seed(spec: ToySpec, seed: int, log) -> dict:
         "multi_stage, G_m(θ_ft)": multi_stage_chain(g_ft, H_pt, H_ft),
     }
     scores: dict[str, torch.Tensor] = {}
-    for lm, variants, selfs in ((pt, at_pt, {"self": (H_pt, "auto")}), (ft, at_ft, {"self": (H_c, "auto")})):
+    selfs_pt = {"self": (H_pt, "auto")} | {f"self@{scale}": (H_pt, scale) for scale in LAMBDA_SCALES}
+    selfs_ft = {"self": (H_c, "auto")} | {f"self@{scale}": (H_c, scale) for scale in ("0.01x", "1x")}
+    for lm, variants, selfs in ((pt, at_pt, selfs_pt), (ft, at_ft, selfs_ft)):
         out = corpus_pass(lm, lw.texts, {k: flat(v, layers) for k, v in variants.items()}, selfs)
         where = "pt" if lm is pt else "ft"
         scores |= {k: out[k] for k in variants}
         scores[f"__norm_{where}__"], scores[f"__self_{where}__"] = out["__norm__"], out["self"]
+        scores |= {f"__{k}_{where}__": out[k] for k in selfs if k != "self"}
     q_norm = flat(g_ft, layers).double().norm(dim=1)
     scores["cosine"] = scores["grad_dot"] / scores["__norm_ft__"][:, None] / q_norm[None, :]
     scores["cosine, G_q(θ_ft)·G_m(θ_pt)"] = scores["cosine, G_q(θ_ft)·G_m(θ_pt)"] / scores["__norm_pt__"][:, None]
@@ -154,6 +165,7 @@ def run_seed(spec: ToySpec, seed: int, log) -> dict:
     gold = lw.gold_indices()
     methods = {k: v for k, v in scores.items() if not k.startswith("__")}
     metrics = {k: retrieval(v, gold) for k, v in methods.items()}
+    held_out = held_out_selection(candidate_settings(scores), gold, [query_entity(q) for q in lw.queries], seed)
     kinds = {k: top10_kinds(methods[k], lw) for k in ("multi_stage", "single_stage", "grad_dot", "cosine",
                                                       "H_pt, G_m(θ_pt)", "multi_stage, G_m(θ_ft)",
                                                       "multi_stage /√self", "single_stage /√self")}
@@ -169,8 +181,70 @@ def run_seed(spec: ToySpec, seed: int, log) -> dict:
         f"{time.process_time() - t0:.0f}s CPU; MRR multi {metrics['multi_stage']['mrr']:.3f} "
         f"single {metrics['single_stage']['mrr']:.3f} bm25 {metrics['bm25']['mrr']:.3f}")
     return {"seed": seed, "num_documents": len(lw.documents), "num_queries": len(lw.queries),
-            "world_stats": build, "metrics": metrics, "top10_kinds": kinds, "top10_norm_percentile": norm_pct,
+            "world_stats": build, "metrics": metrics, "held_out": held_out, "top10_kinds": kinds, "top10_norm_percentile": norm_pct,
             "score_vs_norm_correlation": norm_corr, "lambda_layer_mean_range": lambda_means, "cpu_seconds": time.process_time() - t0}
+
+
+def candidate_settings(scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every setting a user can configure, by its config values, with its scores [N, Q]: multi_stage
+    and single_stage over damping_pretrain (auto:<m>), multi_stage over damping_finetune, each with
+    normalize none and self (÷√ self-influence at the same λ), grad_dot none and unit (cosine)."""
+    out = {"grad_dot, none": scores["grad_dot"], "grad_dot, unit": scores["cosine"]}
+    for scale in LAMBDA_SCALES:
+        name = "multi_stage" if scale == "0.1x" else f"multi_stage λ={scale}"
+        out[f"multi_stage, λ auto:{scale[:-1]}, none"] = scores[name]
+        out[f"multi_stage, λ auto:{scale[:-1]}, self"] = scores[name] / scores[f"__self@{scale}_pt__"].sqrt()[:, None]
+    for alpha in ALPHAS[1:]:
+        out[f"multi_stage, α {alpha}, none"] = scores[f"multi_stage α={alpha}"]
+    for scale, name in (("0.01x", "single_stage λ=0.01x"), ("0.1x", "single_stage"), ("1x", "single_stage λ=1x")):
+        self_influence = scores["__self_ft__"] if scale == "0.1x" else scores[f"__self@{scale}_ft__"]
+        out[f"single_stage, λ auto:{scale[:-1]}, none"] = scores[name]
+        out[f"single_stage, λ auto:{scale[:-1]}, self"] = scores[name] / self_influence.sqrt()[:, None]
+    out["bm25 (sees the names)"] = scores["bm25"]
+    return out
+
+
+def held_out_selection(candidates: dict[str, torch.Tensor], gold: list[list[int]], entities: list[str],
+                       seed: int) -> dict:
+    """Choose a setting on half of the held-out people's queries (dev) and measure it on the other
+    half (test): the people are split, so no person's queries are on both sides. Per query, the
+    reciprocal rank and Recall@10 of every candidate on the test half are kept (for intervals)."""
+    people = sorted(set(entities))
+    random.Random(seed).shuffle(people)
+    dev_people = set(people[: len(people) // 2])
+    dev = [q for q, e in enumerate(entities) if e in dev_people]
+    test = [q for q, e in enumerate(entities) if e not in dev_people]
+
+    def on(queries: list[int], name: str) -> dict[str, list[float]]:
+        return retrieval(candidates[name][:, queries], [gold[q] for q in queries], per_query=True)
+
+    dev_mrr = {name: sum(on(dev, name)["mrr"]) / len(dev) for name in candidates if not name.startswith("bm25")}
+    chosen = max(dev_mrr, key=dev_mrr.get)
+    test_scores = {name: on(test, name) for name in candidates}
+    return {"dev_queries": len(dev), "test_queries": len(test), "chosen": chosen, "dev_mrr": dev_mrr,
+            "test": {name: {"mrr": v["mrr"], "recall@10": v["recall@10"]} for name, v in test_scores.items()}}
+
+
+def held_out_summary(per_seed: list[dict]) -> tuple[dict, str]:
+    """Test-half MRR and Recall@10 with 95% bootstrap intervals over the test queries of every seed,
+    for the setting chosen on the dev half (per seed), the default and BM25; and each setting's."""
+    def pooled(name_of) -> dict:
+        rr = [v for s in per_seed for v in s["held_out"]["test"][name_of(s)]["mrr"]]
+        recall = [v for s in per_seed for v in s["held_out"]["test"][name_of(s)]["recall@10"]]
+        return {"mrr": sum(rr) / len(rr), "mrr_interval": bootstrap_interval(rr),
+                "recall@10": sum(recall) / len(recall), "recall@10_interval": bootstrap_interval(recall)}
+
+    rows = {"chosen on dev (per seed)": pooled(lambda s: s["held_out"]["chosen"]),
+            "default (multi_stage, auto, none)": pooled(lambda s: "multi_stage, λ auto:0.1, none")}
+    rows |= {name: pooled(lambda s, n=name: n) for name in per_seed[0]["held_out"]["test"]}
+    lines = [[name, f"{r['mrr']:.3f} [{r['mrr_interval'][0]:.3f}, {r['mrr_interval'][1]:.3f}]",
+              f"{r['recall@10']:.3f} [{r['recall@10_interval'][0]:.3f}, {r['recall@10_interval'][1]:.3f}]"]
+             for name, r in rows.items()]
+    table = print_table(["held-out test queries (setting chosen on the dev people)", "MRR [95% CI]", "Recall@10 [95% CI]"],
+                        lines)
+    chosen = [s["held_out"]["chosen"] for s in per_seed]
+    print("chosen on dev, per seed: " + "; ".join(chosen))
+    return {"rows": rows, "chosen_per_seed": chosen}, table
 
 
 def summarise(per_seed: list[dict]) -> dict[str, dict[str, dict]]:
@@ -233,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     + ["multi_stage, empirical Fisher", "multi_stage, paper's fixed dampings (λ=1e-4, α=2e-4)",
                                        "single_stage λ=0.01x", "single_stage λ=1x", "cosine, G_q(θ_ft)·G_m(θ_pt)"])),
     }
+    held_out, tables["held_out"] = held_out_summary(per_seed)
     kinds = {m: {k: mean_spread([s["top10_kinds"][m][k] for s in per_seed])["mean"] for k in KINDS}
              for m in per_seed[0]["top10_kinds"]}
     norm_pct = {m: mean_spread([s["top10_norm_percentile"][m] for s in per_seed])["mean"] for m in kinds}
@@ -240,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   [[m, *(f"{kinds[m][k]:.2f}" for k in KINDS), f"{norm_pct[m]:.0f}"] for m in kinds])
     json_path, png_path = result_paths(args.name, args.smoke, args.out_dir)
     payload = {"command": "python benchmarks/bench_fact_tracing.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-               "spec": spec.__dict__, "seeds": seeds, "summary": summary, "top10_kinds": kinds,
+               "spec": spec.__dict__, "seeds": seeds, "summary": summary, "held_out": held_out, "top10_kinds": kinds,
                "top10_norm_percentile": norm_pct, "tables": tables, "per_seed": per_seed,
                "wall_seconds": time.perf_counter() - started}
     write_json(json_path, payload)

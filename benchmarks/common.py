@@ -159,25 +159,43 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return pearson(ranks(a), ranks(b))
 
 
-def retrieval(scores: torch.Tensor, gold: Sequence[Sequence[int]], cutoffs: Sequence[int] = (1, 10)) -> dict[str, float]:
-    """MRR of the first gold document and Recall@k of the gold set, averaged over queries.
+def gold_ranks(scores: torch.Tensor, gold: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """Per query, the 1-based ranks of its gold documents: scores [N docs, Q], higher = more relevant.
 
-    scores [N docs, Q]; higher = more relevant. Ties are broken against the gold documents
-    (a gold document ranks after every non-gold document with the same score).
+    Ties are broken against the gold documents (a gold document ranks after every non-gold
+    document with the same score), and gold documents tied with each other take consecutive
+    ranks, so that no two documents share a rank (Recall@1 is at most 1 / |gold|). Only the gold
+    documents' ranks are computed, O(N·G).
     """
-    out = {"mrr": 0.0} | {f"recall@{k}": 0.0 for k in cutoffs}
+    out = []
     for q, gold_ids in enumerate(gold):
         s = scores[:, q].double()
         is_gold = torch.zeros(len(s), dtype=torch.bool)
         is_gold[list(gold_ids)] = True
-        g = s[is_gold][:, None]  # [G, 1]: only the gold documents' ranks are needed, O(N·G)
-        # rank of a gold doc: 1 + number of docs strictly better + non-gold docs tied with it
-        better = (s[None, :] > g).sum(1) + ((s[None, :] == g) & ~is_gold[None, :]).sum(1)
-        gold_ranks = (better + 1).double()
-        out["mrr"] += float(1.0 / gold_ranks.min())
-        for k in cutoffs:
-            out[f"recall@{k}"] += float((gold_ranks <= k).double().mean())
-    return {k: v / len(gold) for k, v in out.items()}
+        g = s[is_gold]  # [G]
+        # rank of a gold doc: 1 + docs strictly better + non-gold docs tied with it + gold docs tied before it
+        better = (s[None, :] > g[:, None]).sum(1) + ((s[None, :] == g[:, None]) & ~is_gold[None, :]).sum(1)
+        tied_before = torch.tril(g[None, :] == g[:, None], diagonal=-1).sum(1)
+        out.append((better + tied_before + 1).double())
+    return out
+
+
+def retrieval(scores: torch.Tensor, gold: Sequence[Sequence[int]], cutoffs: Sequence[int] = (1, 10),
+              per_query: bool = False) -> dict[str, float] | dict[str, list[float]]:
+    """MRR of the first gold document and Recall@k of the gold set, averaged over queries (or, with
+    ``per_query``, each query's reciprocal rank and recalls). Ranks as in ``gold_ranks``."""
+    ranks_of = gold_ranks(scores, gold)
+    out = {"mrr": [float(1.0 / r.min()) for r in ranks_of]}
+    out |= {f"recall@{k}": [float((r <= k).double().mean()) for r in ranks_of] for k in cutoffs}
+    return out if per_query else {k: sum(v) / len(gold) for k, v in out.items()}
+
+
+def bootstrap_interval(values: Sequence[float], samples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (resampling them with replacement)."""
+    t = torch.tensor(list(values), dtype=torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    means = t[torch.randint(len(t), (samples, len(t)), generator=g)].mean(1).sort().values
+    return float(means[int(0.025 * samples)]), float(means[int(0.975 * samples) - 1])
 
 
 def mean_spread(values: Sequence[float]) -> dict[str, float]:

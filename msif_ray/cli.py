@@ -1,4 +1,4 @@
-"""``msif run | plan | nightly | status | report | demo``: the command line; each command ends with a one-screen summary.
+"""``msif run | plan | nightly | status | report | query | tune | demo``: the command line; each command ends with a one-screen summary.
 
 Exit codes: 0 done; 2 bad input (a one-line message naming the culprit, no traceback: only the
 project's own ``errors.UserError`` classes count); 3 the run directory is locked by
@@ -147,6 +147,40 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Trials of the swept settings on labelled development queries, in the config's run directory."""
+    from msif_ray.ops.tune import (DEFAULT_DAMPINGS, DEFAULT_NORMALIZE, best_trial, format_trials, parse_values,
+                                   read_labels, trial_config, trial_settings, tune, write_best)
+    from msif_ray.pipeline.run import Pipeline
+
+    config = load_config(args.config)
+    settings = trial_settings(
+        config, parse_values(args.method, [config.method], "--method"),
+        parse_values(args.damping_pretrain, DEFAULT_DAMPINGS, "--damping-pretrain"),
+        parse_values(args.damping_finetune, [config.factors.damping_finetune], "--damping-finetune"),
+        parse_values(args.normalize, DEFAULT_NORMALIZE, "--normalize"))
+    for trial in settings:  # a bad value fails here, before anything runs
+        trial_config(config, trial, args.queries)
+    gold = read_labels(config, args.queries, args.gold)
+    out = args.out or str(Path(args.config).with_suffix(".tuned.yaml"))
+
+    def work(pipeline, inputs) -> None:
+        had_result = pipeline.manifest["stages"].get("scores", {}).get("state") == "done"
+        trials = tune(config, args.queries, gold, lambda trial: Pipeline(trial).run(), settings)
+        if had_result:  # every stage reused: the run directory's own result is published again
+            Pipeline(config, log=lambda line: None).run()
+        else:
+            for name in (layout.TOPK, layout.BOTTOMK):
+                pipeline.store.remove(name)
+        best = best_trial(trials)
+        write_best(config, best, out)
+        print(format_trials(trials))
+        print(f"best: {', '.join(f'{k} {v}' for k, v in best.settings.items())}; written to {out}")
+
+    run_locked(config, "tune", work)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msif", description="Multi-stage influence functions on Ray")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--file", help="JSON Lines or Parquet of queries (columns id, prompt, completion) instead")
     query.add_argument("--top", type=int, default=10, help="documents shown per query (default 10)")
     query.set_defaults(handler=cmd_query)
+    tune = commands.add_parser("tune", help="choose method, dampings and normalisation on labelled development "
+                               "queries, reusing every stage the swept settings leave unchanged")
+    tune.add_argument("config", help="path to the YAML config (its run directory holds the trials)")
+    tune.add_argument("--queries", required=True, help="development queries (the config's query columns)")
+    tune.add_argument("--gold", required=True, help='JSON Lines: {"query_id": ..., "doc_ids": [...]} per query')
+    tune.add_argument("--method", help="methods to try, comma-separated (default: the config's)")
+    tune.add_argument("--damping-pretrain", help="λ values, comma-separated (default: auto:0.001,auto:0.01,auto:0.1,auto:1)")
+    tune.add_argument("--damping-finetune", help="α values for multi_stage, comma-separated (default: the config's)")
+    tune.add_argument("--normalize", help="scoring.normalize values, comma-separated (default: none,self)")
+    tune.add_argument("--out", help="where the best config goes (default: CONFIG with .tuned.yaml)")
+    tune.set_defaults(handler=cmd_tune)
     demo = commands.add_parser("demo", help="the built-in toy world, end to end, on local Ray")
     demo.add_argument("--workdir", default=str(cache_root() / "demo"), help="where the toy world and the run live")
     demo.add_argument("--workers", type=int, default=2, help="Ray workers (one CPU thread each)")

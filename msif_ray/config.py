@@ -43,7 +43,7 @@ Fisher = Literal["sampled", "empirical"]
 ScoringMode = Literal["exact", "index"]
 Normalize = Literal["none", "self", "unit"]
 Precision = Literal["auto", "bf16", "fp32"]
-Damping = float | Literal["auto"]
+Damping = float | str  # a positive float, "auto" or "auto:<m>" (engine/curvature.relative_damping)
 
 METHODS: tuple[Method, ...] = ("multi_stage", "single_stage", "grad_dot")
 FISHERS: tuple[Fisher, ...] = ("sampled", "empirical")
@@ -132,7 +132,8 @@ class Data:
 
 @dataclass(frozen=True)
 class Factors:
-    """EK-FAC settings. A damping is a positive float or ``"auto"`` (0.1 × mean eigenvalue of the layer).
+    """EK-FAC settings. A damping is a positive float (absolute), ``"auto"`` (0.1 × the layer's mean
+    eigenvalue) or ``"auto:<m>"`` (m × it: ``auto:0.01``), which sweeps without knowing the scale of Λ.
 
     Pre-training factors are fitted once per base model (on ``max_examples`` documents, or all) and
     kept when corpus shards are appended; ``refit: true`` fits them again on the current corpus
@@ -521,14 +522,21 @@ class _Section:
         return value
 
     def damping(self, name: str) -> Damping:
-        """``auto`` (the default) or a positive number; text such as ``1e-4`` (YAML reads it as a string) is accepted."""
+        """``auto`` (the default), ``auto:<m>`` (m x each layer's mean eigenvalue, m > 0) or a positive
+        number; text such as ``1e-4`` (YAML reads it as a string) is accepted."""
         value = self.take(name)
         if value is None or value == "auto":
             return "auto"
-        number = _to_float(value)
-        if not (math.isfinite(number) and number > 0):
-            raise ConfigError(f"{self.dotted(name)}: expected auto or a positive number, got {_kind(value)}")
-        return number
+        if isinstance(value, str) and value.startswith("auto:"):
+            m = _to_float(value[len("auto:"):])
+            if math.isfinite(m) and m > 0:
+                return value
+        else:
+            number = _to_float(value)
+            if math.isfinite(number) and number > 0:
+                return number
+        raise ConfigError(f"{self.dotted(name)}: expected auto, auto:<m> (m x each layer's mean eigenvalue, m > 0, "
+                          f"e.g. auto:0.01) or a positive number, got {_kind(value)}")
 
     def regex(self, name: str) -> str | None:
         value = self.text(name, None)

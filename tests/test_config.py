@@ -112,7 +112,8 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
     assert load_config(path) == config
 
 
-@pytest.mark.parametrize("value, expected", [(1e-4, 1e-4), (2, 2.0), ("1e-4", 1e-4), ("auto", "auto"), (None, "auto")])
+@pytest.mark.parametrize("value, expected", [(1e-4, 1e-4), (2, 2.0), ("1e-4", 1e-4), ("auto", "auto"), (None, "auto"),
+                                             ("auto:0.01", "auto:0.01"), ("auto:1e-3", "auto:1e-3")])
 def test_damping_accepts_auto_or_a_positive_number(value: object, expected: object) -> None:
     config = config_from_dict(with_setting("factors.damping_finetune", value), "/base")
     assert config.factors.damping_finetune == expected
@@ -155,6 +156,8 @@ def test_model_roles() -> None:
     ("seed", "zero", ["seed", "integer"]),
     ("factors.damping_pretrain", "big", ["factors.damping_pretrain", "auto", "positive"]),
     ("factors.damping_finetune", 0, ["factors.damping_finetune", "positive"]),
+    ("factors.damping_pretrain", "auto:0", ["factors.damping_pretrain", "auto:<m>", "m > 0"]),
+    ("factors.damping_pretrain", "auto:x", ["factors.damping_pretrain", "auto:0.01"]),
     ("factors.damping_finetune", -1e-3, ["factors.damping_finetune", "positive"]),
     ("factors.damping_finetune", True, ["factors.damping_finetune", "positive"]),
     ("models.trust_remote_code", "yes", ["models.trust_remote_code", "true or false"]),

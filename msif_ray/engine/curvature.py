@@ -19,8 +19,9 @@ through storage (``CovarianceSums`` and ``LambdaSums`` ``.to_tensors()`` / ``.fr
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -28,8 +29,25 @@ from torch import nn
 from msif_ray.engine.gradients import Batch, Fisher, backward_through_layers, model_device, per_example_gradient
 from msif_ray.engine.modules import LayerTaps
 
-Damping = float | Literal["auto"]
+Damping = float | str  # a positive float (absolute), "auto" or "auto:<m>" (relative: see relative_damping)
 AUTO_DAMPING_SCALE = 0.1  # auto damping = 0.1 x mean of Λ in the layer (kronfluence's heuristic)
+
+
+def relative_damping(damping: Damping) -> float | None:
+    """The multiplier m of a relative damping, λ = m x the layer's mean Λ: ``auto`` is m = 0.1
+    (``AUTO_DAMPING_SCALE``), ``auto:<m>`` any positive m (``auto:0.01``); None for a float (absolute)."""
+    if not isinstance(damping, str):
+        return None
+    if damping == "auto":
+        return AUTO_DAMPING_SCALE
+    head, _, tail = damping.partition(":")
+    try:
+        m = float(tail) if head == "auto" else math.nan
+    except ValueError:
+        m = math.nan
+    if not (math.isfinite(m) and m > 0):
+        raise ValueError(f"damping {damping!r}: expected a positive number, auto, or auto:<m> with m > 0 (auto:0.01)")
+    return m
 
 
 def batch_generator(device: torch.device, seed: int, batch_index: int) -> torch.Generator:
@@ -229,10 +247,9 @@ class LayerFactors:
     lambdas: torch.Tensor
 
     def damping(self, damping: Damping) -> float:
-        """λ for this layer: a float, or ``auto`` = 0.1 x mean(Λ)."""
-        if damping == "auto":
-            return AUTO_DAMPING_SCALE * float(self.lambdas.double().mean())
-        return float(damping)
+        """λ for this layer: a float, or m x mean(Λ) for ``auto`` (m = 0.1) and ``auto:<m>``."""
+        m = relative_damping(damping)
+        return float(damping) if m is None else m * float(self.lambdas.double().mean())
 
     def inverse_apply(self, v: torch.Tensor, damping: float) -> torch.Tensor:
         """(H + λI)⁻¹ v for a stack of matrices v [Q, out, in]."""

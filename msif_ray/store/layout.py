@@ -25,6 +25,7 @@
     scores/<key>/candidates.parquet                     index mode: how each query's top k was found (re-scored, ...)
     scores/<key>/topk.parquet  scores/<key>/bottomk.parquet    the merged result of that key
     scores/topk.parquet  scores/bottomk.parquet         the result: a copy of the last run's key's tables
+    tune/trials.json                                    the last msif tune: each trial's settings, MRR, Recall@10, scores key
     report/index.html, report/queries/<query>.html      the HTML report (``msif report``)
     report/breakdowns.parquet, report/report.json       the shown documents' per-token and per-layer numbers; what
                                                         the report pass did
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
 MANIFEST = "manifest.json"
 TOPK = "scores/topk.parquet"
 BOTTOMK = "scores/bottomk.parquet"
+TUNE_TRIALS = "tune/trials.json"
 REPORT_DIR = "report"
 REPORT_INDEX = "report/index.html"
 REPORT_STATS = "report/report.json"

@@ -88,6 +88,9 @@ def test_retrieval_metrics_and_rank_correlations_by_hand():
     assert m["mrr"] == pytest.approx((1 / 3 + 1) / 2)
     assert m["recall@1"] == pytest.approx((0 + 0.5) / 2)
     assert m["recall@2"] == pytest.approx((0 + 0.5) / 2)
+    # Four gold documents tied at the top (BM25 on the same words): ranks 1-4, not 1 each.
+    tied = retrieval(torch.tensor([[2.0], [2.0], [2.0], [2.0], [1.0]]), [[0, 1, 2, 3]], cutoffs=(1, 4))
+    assert (tied["mrr"], tied["recall@1"], tied["recall@4"]) == (1.0, 0.25, 1.0)
     assert ranks(torch.tensor([[3.0], [1.0], [2.0], [2.0]])).flatten().tolist() == [3.0, 0.0, 1.5, 1.5]
     x = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     assert torch.allclose(spearman(x, x.exp()), torch.ones(2, dtype=torch.float64))  # monotone: rank correlation 1
@@ -150,6 +153,13 @@ def test_fact_tracing_smoke(tmp_path):
     assert saved["summary"]["bm25"]["mrr"]["mean"] == pytest.approx(1.0)
     for kinds in saved["top10_kinds"].values():
         assert sum(kinds.values()) == pytest.approx(1.0)
+    for seed in saved["per_seed"]:  # the default is chosen on one half of the people, measured on the other
+        held_out = seed["held_out"]
+        assert held_out["dev_queries"] + held_out["test_queries"] == seed["num_queries"]
+        assert held_out["chosen"] in held_out["test"] and "bm25" not in held_out["chosen"]
+    rows = saved["held_out"]["rows"]
+    lo, hi = rows["chosen on dev (per seed)"]["mrr_interval"]
+    assert lo <= rows["chosen on dev (per seed)"]["mrr"] <= hi
 
 
 @pytest.mark.slow

@@ -137,6 +137,16 @@ def test_ekfac_inverse_equals_dense_inverse():
         torch.testing.assert_close(got[q], want, rtol=1e-9, atol=1e-12)
 
 
+def test_relative_dampings_scale_the_layers_mean_eigenvalue():
+    f = random_layer_factors(5, 4)
+    mean = float(f.lambdas.mean())
+    assert f.damping("auto") == pytest.approx(0.1 * mean) and f.damping("auto:0.01") == pytest.approx(0.01 * mean)
+    assert f.damping(2e-3) == 2e-3
+    for bad in ("auto:0", "auto:-1", "auto:x", "automatic"):
+        with pytest.raises(ValueError, match="auto:<m>"):
+            f.damping(bad)
+
+
 def test_kfac_special_case_equals_kronecker_inverse():
     """With Λ = d_S d_Aᵀ (no eigenvalue correction) the inverse is (A ⊗ S + λI)⁻¹."""
     g = torch.Generator().manual_seed(1)
