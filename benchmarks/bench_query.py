@@ -1,11 +1,11 @@
 """``msif query`` latency on the demo world in index mode (the defaults: 512 terms, re-scoring rounds).
 
-    python benchmarks/bench_query.py [--workdir DIR]
+    python benchmarks/bench_query.py [--workdir DIR] [--smoke]
 
 Builds the demo's toy world (``ToySpec()``, cached), runs it in ``scoring.mode: index`` with
 ``Pipeline.run`` (embedded Ray, 1 worker of 1 CPU), then times one query: ``msif query`` as a fresh
 process, and ``ops.query.ask`` four times in this process (each call loads the models again).
-Writes ``results/query.json``.
+Writes ``results/query.json``; ``--smoke`` runs the small toy world (CI) and writes ``query.smoke.json``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from common import cache_dir, result_paths, setup, write_json
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=str(cache_dir() / "query-latency"))
+    parser.add_argument("--smoke", action="store_true", help="the small toy world (CI)")
+    parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
     setup(1)
     import ray
@@ -36,13 +38,16 @@ def main(argv: list[str] | None = None) -> dict:
     from msif_ray.store.data import PromptCompletion
 
     root = Path(args.workdir)
-    world = build_toy_world(root / "world", ToySpec(), 0, log=lambda *a: None)
+    world = build_toy_world(root / "world", ToySpec.small() if args.smoke else ToySpec(), 0, log=lambda *a: None)
     values = demo_config(world, root / "run", 1)
     values["scoring"] |= {"mode": "index"}
     values["ray"] |= {"num_cpus_per_worker": 1}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     Pipeline(config_from_dict(values, root), log=lambda line: None).run()
-    ray.shutdown()
+    if started_ray:
+        ray.shutdown()
     q = json.loads(world.queries_path.read_text().splitlines()[0])
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "msif_ray", "query", str(root / "run"), "--prompt", q["prompt"],
@@ -56,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"fresh_process_s": fresh, "ask_s": calls, "last_call_steps_s": answer.seconds,
            "candidates_rescored": answer.candidates}
     print(json.dumps(out, indent=1))
-    json_path, _ = result_paths("query", False, None)
+    json_path, _ = result_paths("query", args.smoke, args.out_dir)
     write_json(json_path, {"command": "python benchmarks/bench_query.py " + " ".join(argv or sys.argv[1:]), **out})
     return out
 

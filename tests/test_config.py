@@ -112,6 +112,12 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
     assert load_config(path) == config
 
 
+def test_default_dampings_are_relative() -> None:
+    """λ defaults to 0.01 x each layer's mean eigenvalue (chosen on held-out queries), α to ``auto``."""
+    factors = config_from_dict(MINIMAL, "/base").factors
+    assert (factors.damping_pretrain, factors.damping_finetune) == ("auto:0.01", "auto")
+
+
 @pytest.mark.parametrize("value, expected", [(1e-4, 1e-4), (2, 2.0), ("1e-4", 1e-4), ("auto", "auto"), (None, "auto"),
                                              ("auto:0.01", "auto:0.01"), ("auto:1e-3", "auto:1e-3")])
 def test_damping_accepts_auto_or_a_positive_number(value: object, expected: object) -> None:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_exact_influence  # noqa: E402
 import bench_fact_tracing  # noqa: E402
 import bench_lds  # noqa: E402
+import bench_query  # noqa: E402
 from common import pearson, ranks, retrieval, spearman  # noqa: E402
 
 from msif_ray.demo import toy  # noqa: E402
@@ -260,3 +261,12 @@ def test_readers_smoke(tmp_path):
                           "npy", "raw uint16x256"}
     assert all(f["read"]["median"] == f["read+tokenize"]["median"] for f in forms.values() if not f["text"])
     assert all(f["ratio"]["read+tokenize"] > 1 for f in forms.values())
+
+
+@pytest.mark.slow
+def test_query_latency_smoke(ray_session, tmp_path):
+    """``msif query`` timed on the small toy world in index mode: a fresh process and four calls in this one."""
+    out = bench_query.main(["--smoke", "--workdir", str(tmp_path / "work"), "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "query.smoke.json").read_text())
+    assert saved["fresh_process_s"] == out["fresh_process_s"] > 0 and len(saved["ask_s"]) == 4
+    assert saved["candidates_rescored"] > 0 and set(saved["last_call_steps_s"]) == {"precondition", "scan", "rerank"}

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from msif_ray.config import config_from_dict
+from msif_ray.config import DEFAULT_DAMPING_PRETRAIN, config_from_dict
 from msif_ray.pipeline.run import FAULT_ENV, Pipeline
 from msif_ray.store.layout import MANIFEST, TOPK
 from msif_ray.store.storage import RunDir
@@ -82,6 +82,24 @@ def test_worker_killed_mid_pass(pass_name, world, ray_session, reference, tmp_pa
     assert record["retried_after_crash"], "the crash was not seen by the driver"
     assert sorted(record["per_shard"]) == sorted(reference_record["per_shard"])
     assert record["tokens"] == reference_record["tokens"] and record["documents"] == reference_record["documents"]
+
+
+@pytest.mark.slow
+def test_worker_killed_in_the_self_influence_pass(world, ray_session, tmp_path, monkeypatch):
+    """``scoring.normalize: self``: a worker dies on a shard of the self_influence pass; the run
+    equals an uninterrupted one (scores and raw scores) and counts every shard once."""
+    settings = {"scoring.normalize": "self", "ray.num_workers": 2}
+    reference_topk = run(world, tmp_path / "reference", **settings)
+    reference_record = RunDir(str(tmp_path / "reference")).read_json(MANIFEST)["stages"]["self_influence"]
+    monkeypatch.setenv(FAULT_ENV, "self_influence")
+    topk = run(world, tmp_path / "faulted", **settings)
+    assert (tmp_path / "faulted" / "_faults" / "self_influence").exists(), "the fault was not injected"
+    assert_same_scores(topk, reference_topk)
+    assert topk["raw_score"] == pytest.approx(reference_topk["raw_score"], rel=1e-4, abs=1e-6)
+    record = RunDir(str(tmp_path / "faulted")).read_json(MANIFEST)["stages"]["self_influence"]["passes"]["self_influence"]
+    assert record["retried_after_crash"], "the crash was not seen by the driver"
+    assert record["documents"] == reference_record["passes"]["self_influence"]["documents"]
+    assert sorted(record["per_shard"]) == sorted(reference_record["passes"]["self_influence"]["per_shard"])
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +178,8 @@ def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_p
 
     The multi_stage run uses query batches of 1, one query per scoring pass (two corpus passes) and
     three layer groups; single_stage uses rank-2 query vectors. With ``scoring.normalize``, both the
-    normalised score and the raw one beside it equal the API's (``Scores.normalized``). Empirical Fisher, so that factors
+    normalised score and the raw one beside it equal the API's (``Scores.normalized``). The API is
+    given the config's default pre-training damping (its own default is the engine's ``auto``). Empirical Fisher, so that factors
     do not depend on how labels are seeded. Float32 models and sums in another order (per shard and
     worker vs one pass): each score within 1e-4 of the largest score's magnitude (small scores are
     differences of large terms, so a relative tolerance on each would measure cancellation).
@@ -197,10 +216,11 @@ def test_pipeline_equals_python_api(method, overrides, world, ray_session, tmp_p
     queries = read_pairs([str(world.queries)], "prompt", "completion", "id")
     vectors = query_lm.query_vectors(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries],
                                                     [q.id for q in queries]),
-                                     Chain.of(method, pt, ft), rank=overrides.get("scoring.query_rank", 32))
+                                     Chain.of(method, pt, ft, DEFAULT_DAMPING_PRETRAIN), rank=overrides.get("scoring.query_rank", 32))
     scores = corpus_lm.score(documents, vectors)
     normalize = overrides.get("scoring.normalize", "none")
-    expected = {"score": scores.normalized(normalize, corpus_lm.self_influence(documents, pt), vectors)}
+    self_influence = corpus_lm.self_influence(documents, pt, DEFAULT_DAMPING_PRETRAIN)
+    expected = {"score": scores.normalized(normalize, self_influence, vectors)}
     if normalize != "none":  # the ranking's score, and the raw one beside it
         expected["raw_score"] = scores.total
     else:
