@@ -269,17 +269,23 @@ def linear_control(num_examples: int = 20_000, dim: int = 6, outputs: int = 4, n
     return out
 
 
+def float64_world(spec: ToySpec, seed: int, log) -> tuple:
+    """A toy world in float64: (the loaded world, θ_pt and θ_ft as TrackedLMs, its documents,
+    fine-tuning pairs and queries as Examples)."""
+    lw = load_world(spec, seed, dtype=torch.float64, log=log)
+    tracked = lambda model: TrackedLM(model, lw.tokenizer, max_length=128, batch_size=32)  # noqa: E731
+    return (lw, tracked(lw.pretrained), tracked(lw.finetuned), Examples.documents(lw.texts),
+            Examples.pairs([p for p, _ in lw.finetune], [c for _, c in lw.finetune]),
+            Examples.pairs([q["prompt"] for q in lw.queries], [q["completion"] for q in lw.queries]))
+
+
 def lm_control(spec: ToySpec, seed: int, log) -> dict:
     """The positive control on the 2-layer LM: N ≫ each block's dimension (``CONTROL``), against the
     exact block-diagonal answer with the engine's per-layer dampings, which is what EK-FAC
     approximates inside each block. Same Pearson per query over documents as ``linear_control``."""
-    lw = load_world(spec, seed, dtype=torch.float64, log=log)
-    pt = TrackedLM(lw.pretrained, lw.tokenizer, max_length=128, batch_size=32)
-    ft = TrackedLM(lw.finetuned, lw.tokenizer, max_length=128, batch_size=32)
+    _, pt, ft, docs, pairs, qx = float64_world(spec, seed, log)
     layers = pt.layers
-    docs = Examples.documents(lw.texts)
-    pairs = Examples.pairs([p for p, _ in lw.finetune], [c for _, c in lw.finetune])
-    g_q_layers = ft.gradients(Examples.pairs([q["prompt"] for q in lw.queries], [q["completion"] for q in lw.queries]))
+    g_q_layers = ft.gradients(qx)
     j_pt, j_ft = flat(pt.gradients(docs), layers), flat(ft.gradients(pairs), layers)
     blocks = layer_slices(g_q_layers, layers)
     g_q = flat(g_q_layers, layers)
@@ -313,13 +319,8 @@ def lm_control(spec: ToySpec, seed: int, log) -> dict:
 
 def run_seed(spec: ToySpec, seed: int, log, workdir: Path) -> dict:
     t0 = time.process_time()
-    lw = load_world(spec, seed, dtype=torch.float64, log=log)
-    pt = TrackedLM(lw.pretrained, lw.tokenizer, max_length=128, batch_size=32)
-    ft = TrackedLM(lw.finetuned, lw.tokenizer, max_length=128, batch_size=32)
+    lw, pt, ft, docs, pairs, qx = float64_world(spec, seed, log)
     layers = pt.layers
-    docs = Examples.documents(lw.texts)
-    pairs = Examples.pairs([p for p, _ in lw.finetune], [c for _, c in lw.finetune])
-    qx = Examples.pairs([q["prompt"] for q in lw.queries], [q["completion"] for q in lw.queries])
 
     g_q_layers = ft.gradients(qx)
     g_q = flat(g_q_layers, layers)
