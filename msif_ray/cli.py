@@ -166,12 +166,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     def work(pipeline, inputs) -> None:
         had_result = pipeline.manifest["stages"].get("scores", {}).get("state") == "done"
-        trials = tune(config, args.queries, gold, lambda trial: Pipeline(trial).run(), settings)
-        if had_result:  # every stage reused: the run directory's own result is published again
-            Pipeline(config, log=lambda line: None).run()
-        else:
-            for name in (layout.TOPK, layout.BOTTOMK):
-                pipeline.store.remove(name)
+        try:
+            trials = tune(config, args.queries, gold, lambda trial: Pipeline(trial).run(), settings)
+        finally:  # also after a failed trial: no trial's result is left published as the run's
+            if had_result:  # every stage reused: the run directory's own result is published again
+                Pipeline(config, log=lambda line: None).run()
+            else:
+                for name in (layout.TOPK, layout.BOTTOMK):
+                    pipeline.store.remove(name)
         best = best_trial(trials)
         write_best(config, best, out)
         print(format_trials(trials))
