@@ -298,7 +298,7 @@ class ShardWorker:
         start = _start()
         group = self._query_group(query_files)
         doc_ids, totals, skipped, tokens = self._exact_scores(job, group)
-        normalized = self._normalized(totals, doc_ids, job.shard.shard_id, group.norms, norm)
+        normalized = normalized_scores(totals, norm, self.run_dir, job.shard.shard_id, doc_ids, group.norms)
         self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, normalized, top_k,
                                                               raw=None if norm is None else totals))
         return self._finish(job, job.output, start, doc_ids, skipped, tokens)
@@ -308,7 +308,7 @@ class ShardWorker:
         start = _start()
         group = self._query_group(job.batches)
         doc_ids, totals, skipped, tokens = self._exact_scores(job.read, group)
-        normalized = self._normalized(totals, doc_ids, job.read.shard.shard_id, group.norms, norm)
+        normalized = normalized_scores(totals, norm, self.run_dir, job.read.shard.shard_id, doc_ids, group.norms)
         row, column = {d: i for i, d in enumerate(doc_ids)}, {q: i for i, q in enumerate(group.ids)}
         for pairs, output in zip(job.pairs, job.outputs):
             pairs = [p for p in pairs if p[1] in row]  # a document left out as empty has no score
@@ -350,7 +350,7 @@ class ShardWorker:
         rows = IndexRows.from_tensors(tensors).to(self.device)
         for batch, output in zip(job.batches, job.outputs):
             ids, rotated, norms = self._rotated_queries(batch, index_url, folder, layers)
-            estimates = self._normalized(scan(rows, rotated, list(layers)), doc_ids, job.shard_id, norms, norm)
+            estimates = normalized_scores(scan(rows, rotated, list(layers)), norm, self.run_dir, job.shard_id, doc_ids, norms)
             table = extremes_table(ids, doc_ids, estimates, candidates)
             self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
                                                                                      pa.string())))
@@ -368,14 +368,6 @@ class ShardWorker:
             totals.index_add_(0, batch.examples, score_windows(lm.model, lm.taps, batch, group).sum(0).cpu())
             tokens += batch.num_tokens
         return doc_ids, totals, skipped, tokens
-
-    def _normalized(self, scores: torch.Tensor, doc_ids: list[str], shard_id: str, query_norms: torch.Tensor | None,
-                    norm: Normalization | None) -> torch.Tensor:
-        """``scores`` [N, Q] of the shard's ``doc_ids``, normalised by their stored self-influence (and
-        the queries' whitened norms) under ``norm``; unchanged without."""
-        if norm is None:
-            return scores
-        return normalize_scores(scores, norm.how, read_self_influence(self.run_dir, norm.key, shard_id, doc_ids), query_norms)
 
     def _rotated_queries(self, batch: str, index_url: str, folder: str, layers: tuple[str, ...]
                          ) -> tuple[list[str], dict[str, LayerVectors], torch.Tensor | None]:
@@ -468,11 +460,16 @@ def read_index_basis(index: RunDir, folder: str, layers: tuple[str, ...] | list[
             for layer in layers}
 
 
-def read_self_influence(store: RunDir, key: str, shard_id: str, doc_ids: list[str]) -> torch.Tensor:
-    """The stored self-influence (``layout.self_influence_shard``) of ``doc_ids`` of one shard, in that order: [N]."""
-    tensors, metadata = store.load_tensors(self_influence_shard(key, shard_id))
+def normalized_scores(scores: torch.Tensor, norm: Normalization | None, store: RunDir, shard_id: str,
+                      doc_ids: list[str], query_norms: torch.Tensor | None) -> torch.Tensor:
+    """``scores`` [N, Q] of one shard's ``doc_ids`` as the run ranks them: divided by the documents'
+    self-influence stored in ``store`` (``layout.self_influence_shard``; and by the queries' whitened
+    norms for ``unit``) under ``norm``, unchanged without."""
+    if norm is None:
+        return scores
+    tensors, metadata = store.load_tensors(self_influence_shard(norm.key, shard_id))
     row = {d: i for i, d in enumerate(json.loads(metadata["doc_ids"]))}
-    return tensors["self_influence"][[row[d] for d in doc_ids]]
+    return normalize_scores(scores, norm.how, tensors["self_influence"][[row[d] for d in doc_ids]], query_norms)
 
 
 def load_query_vectors(store: RunDir, files: tuple[str, ...] | list[str]) -> QueryVectors:

@@ -19,12 +19,11 @@ import torch
 
 from msif_ray.config import Config, config_from_dict
 from msif_ray.pipeline.keys import index_store
-from msif_ray.distributed.worker import (ChainSpec, Normalization, StoredFactors, document_examples, read_index_basis,
-                                        read_self_influence)
+from msif_ray.distributed.worker import (ChainSpec, Normalization, StoredFactors, document_examples, normalized_scores,
+                                        read_index_basis)
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.engine.index import IndexRows, rotate_queries, scan
 from msif_ray.engine.influence import precondition_queries
-from msif_ray.engine.scoring import normalize_scores
 from msif_ray.engine.topk import best_of, rerank_windows, top_changed
 from msif_ray.engine.vectors import QueryVectors
 from msif_ray.errors import UserError
@@ -136,14 +135,6 @@ def _precondition(store: RunDir, manifest: dict, config: Config, tokenizer, devi
     return precondition_queries(lm.model, lm.taps, batches, len(ids), chain, spec.rank, ids)
 
 
-def _normalized(scores: torch.Tensor, store: RunDir, norm: Normalization | None, shard: str, doc_ids: list[str],
-                vectors: QueryVectors) -> torch.Tensor:
-    """Scores [N, Q] of one shard's ``doc_ids`` as the run ranks them (``scoring.normalize``)."""
-    if norm is None:
-        return scores
-    return normalize_scores(scores, norm.how, read_self_influence(store, norm.key, shard, doc_ids), vectors.whitened_norms())
-
-
 def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: int, store: RunDir,
           norm: Normalization | None) -> list[list[tuple[str, str]]]:
     """Per query, its ``wanted`` best documents by the index's estimate, best first: (doc id, shard id)
@@ -155,7 +146,8 @@ def _scan(index: RunDir, shard_ids: list[str], vectors: QueryVectors, wanted: in
     for shard in shard_ids:
         tensors, metadata = index.load_tensors(layout.index_shard(shard))
         doc_ids = json.loads(metadata["doc_ids"])
-        estimates = _normalized(scan(IndexRows.from_tensors(tensors), rotated, layers), store, norm, shard, doc_ids, vectors)
+        estimates = normalized_scores(scan(IndexRows.from_tensors(tensors), rotated, layers), norm, store, shard, doc_ids,
+                                      vectors.whitened_norms())
         here = [(d, shard) for d in doc_ids]
         for q, (values, found) in enumerate(best):
             merged, pairs = torch.cat([values, estimates[:, q]]), found + here
@@ -182,8 +174,8 @@ def _rescore(config: Config, lm: TrackedLM, vectors: QueryVectors, candidates: l
     totals: dict[str, torch.Tensor] = {}
     for shard_id, wanted in by_shard.items():
         docs = [d for d in read_documents(shards[shard_id], *corpus.columns)[0] if d.doc_id in wanted]
-        scores = _normalized(lm.score(document_examples(docs), vectors).total, store, norm, shard_id,
-                             [d.doc_id for d in docs], vectors)  # [N, Q]
+        scores = normalized_scores(lm.score(document_examples(docs), vectors).total, norm, store, shard_id,
+                                   [d.doc_id for d in docs], vectors.whitened_norms())  # [N, Q]
         for k, doc in enumerate(docs):
             documents[doc.doc_id], totals[doc.doc_id] = doc, scores[k]
     exact = [{doc: float(totals[doc][q]) for doc in found if doc in totals} for q, found in enumerate(candidates)]
