@@ -40,6 +40,7 @@ from msif_ray.store import layout
 from msif_ray.progress import format_duration
 from msif_ray.store.storage import RunDir
 
+PER_SHARD_STAGES = ("self_influence", "index")  # run every time, computing only the shards not done yet
 STAGES = {  # the stages a method runs, in order
     "multi_stage": ["factors/finetune", "factors/pretrain", "queries", "scores"],
     "single_stage": ["factors/pretrain", "queries", "scores"],
@@ -87,8 +88,8 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
     ``before`` / ``after``: the manifest's ``stages`` when the night started and when it finished.
     A stage this run skipped (outcome ``reused``; without an outcome: a record that did not change)
     was reused whole: every shard of each pass counts as reused.
-    Index mode's ``index`` stage (listed before ``scores``) runs every time to find shards not
-    indexed yet: it counts as recomputed when it indexed any, and its seconds are always its own.
+    The ``PER_SHARD_STAGES`` (listed before ``scores``) run every time to find shards not done yet:
+    such a stage counts as recomputed when it computed any, and its seconds are always its own.
     """
     stages = {}
     for name in _with_optional(STAGES.get(method, list(after)), after):
@@ -101,7 +102,7 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
             recomputed = record["outcome"] != "reused"
         else:
             recomputed = before.get(name) != record
-        if name == "index":  # its record is rewritten by every run (it checks its shards): new shards count
+        if name in PER_SHARD_STAGES:  # its record is rewritten by every run (it checks its shards): new shards count
             recomputed = any(p.get("computed", 0) > 0 for p in record.get("passes", {}).values())
         passes = {}
         for pass_name, p in record.get("passes", {}).items():
@@ -110,7 +111,7 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
             computed = p["computed"] if recomputed else 0
             passes[pass_name] = {"shards_total": p["shards_total"], "computed": computed,
                                  "reused": p["shards_total"] - computed}
-        seconds = record.get("seconds", 0.0) if recomputed or name == "index" else 0.0
+        seconds = record.get("seconds", 0.0) if recomputed or name in PER_SHARD_STAGES else 0.0
         stages[name] = {"recomputed": recomputed, "fingerprint": record.get("fingerprint"),
                         "seconds": seconds, "passes": passes}
     return stages
@@ -119,7 +120,7 @@ def night_stages(method: str, before: dict, after: dict) -> dict:
 def _with_optional(stages: list[str], after: dict) -> list[str]:
     """The method's stages, with ``self_influence`` (scoring.normalize) and index mode's ``index`` before
     ``scores`` when the run has them."""
-    optional = [name for name in ("self_influence", "index") if name in after and name not in stages]
+    optional = [name for name in PER_SHARD_STAGES if name in after and name not in stages]
     at = stages.index("scores") if "scores" in stages else len(stages)
     return stages[:at] + optional + stages[at:]
 

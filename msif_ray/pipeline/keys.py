@@ -86,9 +86,10 @@ def stage_inputs(config: Config, inputs: Inputs, plan: ResourcePlan, store: RunD
     scores = {"queries": queries, "data.corpus": d["data.corpus"], "scoring.top_k": cfg.scoring.top_k}
     if cfg.scoring.normalize != "none":
         scores["scoring.normalize"] = cfg.scoring.normalize
+        # not the corpus: its outputs are per content-named shard, so appended shards are computed alone
         scores["self_influence"] = add("self_influence", common | {k: v for k, v in upstream.items() if k == "factors/pretrain"} | {
-            corpus_model: d[corpus_model], "data.corpus": d["data.corpus"],
-            "data.corpus.columns": corpus_columns(cfg), "factors.damping_pretrain": cfg.factors.damping_pretrain})
+            corpus_model: d[corpus_model], "data.corpus.columns": corpus_columns(cfg),
+            "factors.damping_pretrain": cfg.factors.damping_pretrain})
     if cfg.scoring.mode == "index":
         stages["index"] = index_identity(cfg, inputs) | {
             "basis": basis_folder(index_store(cfg, store), upstream.get("factors/pretrain"))}

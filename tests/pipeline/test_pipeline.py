@@ -84,6 +84,25 @@ def test_worker_killed_mid_pass(pass_name, world, ray_session, reference, tmp_pa
     assert record["tokens"] == reference_record["tokens"] and record["documents"] == reference_record["documents"]
 
 
+def test_self_influence_of_appended_shards_only(world, ray_session, tmp_path):
+    """``scoring.normalize`` on a grown corpus: the self_influence stage computes the appended
+    file's shards alone (reusing the others' files), and the result equals a fresh run's."""
+    import pyarrow as pa
+
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(pa.table({"id": ["new-0", "new-1", "new-2"],
+                             "text": ["Mira Tolsen walked to Elsk.", "Otto Fenn sold bread.", "The hills were quiet."]}), extra)
+    settings = {"method": "grad_dot", "scoring.normalize": "self", "scoring.top_k": 100}
+    run(world, tmp_path / "grown", **settings)
+    grown = run(world, tmp_path / "grown", **settings, **{"data.corpus.paths": [str(world.corpus), str(extra)]})
+    fresh = run(world, tmp_path / "fresh", **settings, **{"data.corpus.paths": [str(world.corpus), str(extra)]})
+    assert_same_scores(grown, fresh)
+    assert grown["raw_score"] == pytest.approx(fresh["raw_score"], rel=1e-4, abs=1e-6)
+    passes = RunDir(str(tmp_path / "grown")).read_json(MANIFEST)["stages"]["self_influence"]["passes"]["self_influence"]
+    fresh_passes = RunDir(str(tmp_path / "fresh")).read_json(MANIFEST)["stages"]["self_influence"]["passes"]["self_influence"]
+    assert passes["computed"] == 1 and passes["reused"] == fresh_passes["shards_total"] - 1  # one shard of 3 rows
+
+
 @pytest.mark.slow
 def test_worker_killed_in_the_self_influence_pass(world, ray_session, tmp_path, monkeypatch):
     """``scoring.normalize: self``: a worker dies on a shard of the self_influence pass; the run
