@@ -149,13 +149,13 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """Trials of the swept settings on labelled development queries, in the config's run directory."""
-    from msif_ray.ops.tune import (DEFAULT_DAMPINGS, DEFAULT_NORMALIZE, best_trial, format_trials, parse_values,
+    from msif_ray.ops.tune import (DEFAULT_DAMPINGS, DEFAULT_NORMALIZE, format_trials, parse_values, ranked_trials,
                                    read_labels, trial_config, trial_settings, tune, write_best)
     from msif_ray.pipeline.run import Pipeline
 
     config = load_config(args.config)
     settings = trial_settings(
-        config, parse_values(args.method, [config.method], "--method"),
+        parse_values(args.method, [config.method], "--method"),
         parse_values(args.damping_pretrain, DEFAULT_DAMPINGS, "--damping-pretrain"),
         parse_values(args.damping_finetune, [config.factors.damping_finetune], "--damping-finetune"),
         parse_values(args.normalize, DEFAULT_NORMALIZE, "--normalize"))
@@ -174,7 +174,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             else:
                 for name in (layout.TOPK, layout.BOTTOMK):
                     pipeline.store.remove(name)
-        best = best_trial(trials)
+        best = ranked_trials(trials)[0]
         write_best(config, best, out)
         print(format_trials(trials))
         print(f"best: {', '.join(f'{k} {v}' for k, v in best.settings.items())}; written to {out}")

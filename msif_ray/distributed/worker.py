@@ -348,9 +348,12 @@ class ShardWorker:
         tensors, metadata = RunDir(index_url).load_tensors(job.rows)
         doc_ids = json.loads(metadata["doc_ids"])
         rows = IndexRows.from_tensors(tensors).to(self.device)
+        self_influence = None if norm is None else read_self_influence(self.run_dir, norm.key, job.shard_id, doc_ids)
         for batch, output in zip(job.batches, job.outputs):
             ids, rotated, norms = self._rotated_queries(batch, index_url, folder, layers)
-            estimates = normalized_scores(scan(rows, rotated, list(layers)), norm, self.run_dir, job.shard_id, doc_ids, norms)
+            estimates = scan(rows, rotated, list(layers))
+            if norm is not None:  # the shard's self-influence is read once for all its batches
+                estimates = normalize_scores(estimates, norm.how, self_influence, norms)
             table = extremes_table(ids, doc_ids, estimates, candidates)
             self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
                                                                                      pa.string())))
@@ -460,16 +463,21 @@ def read_index_basis(index: RunDir, folder: str, layers: tuple[str, ...] | list[
             for layer in layers}
 
 
+def read_self_influence(store: RunDir, key: str, shard_id: str, doc_ids: list[str]) -> torch.Tensor:
+    """The stored self-influence (``layout.self_influence_shard``) of one shard's ``doc_ids``, in that order: [N]."""
+    tensors, metadata = store.load_tensors(self_influence_shard(key, shard_id))
+    row = {d: i for i, d in enumerate(json.loads(metadata["doc_ids"]))}
+    return tensors["self_influence"][[row[d] for d in doc_ids]]
+
+
 def normalized_scores(scores: torch.Tensor, norm: Normalization | None, store: RunDir, shard_id: str,
                       doc_ids: list[str], query_norms: torch.Tensor | None) -> torch.Tensor:
     """``scores`` [N, Q] of one shard's ``doc_ids`` as the run ranks them: divided by the documents'
-    self-influence stored in ``store`` (``layout.self_influence_shard``; and by the queries' whitened
-    norms for ``unit``) under ``norm``, unchanged without."""
+    self-influence stored in ``store`` (and by the queries' whitened norms for ``unit``) under
+    ``norm``, unchanged without."""
     if norm is None:
         return scores
-    tensors, metadata = store.load_tensors(self_influence_shard(norm.key, shard_id))
-    row = {d: i for i, d in enumerate(json.loads(metadata["doc_ids"]))}
-    return normalize_scores(scores, norm.how, tensors["self_influence"][[row[d] for d in doc_ids]], query_norms)
+    return normalize_scores(scores, norm.how, read_self_influence(store, norm.key, shard_id, doc_ids), query_norms)
 
 
 def load_query_vectors(store: RunDir, files: tuple[str, ...] | list[str]) -> QueryVectors:

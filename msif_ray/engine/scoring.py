@@ -94,7 +94,6 @@ def _allocate(v: LayerVectors, num_queries: int, device: torch.device, dtype: to
 # --------------------------------------------------------------------------- normalised scores
 
 Normalize = Literal["none", "self", "unit"]
-NORMALIZE: tuple[str, ...] = ("none", "self", "unit")
 
 
 def normalize_scores(scores: torch.Tensor, how: Normalize, self_influence: torch.Tensor | None = None,

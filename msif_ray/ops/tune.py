@@ -101,8 +101,8 @@ def retrieval_metrics(ranked: dict[str, list[str]], gold: dict[str, set[str]], s
     return sum(reciprocal) / n, interval, sum(recall) / n
 
 
-def trial_settings(config: Config, methods: Sequence[str], damping_pretrain: Sequence[str],
-                   damping_finetune: Sequence[str], normalize: Sequence[str]) -> list[dict[str, object]]:
+def trial_settings(methods: Sequence[str], damping_pretrain: Sequence[str], damping_finetune: Sequence[str],
+                   normalize: Sequence[str]) -> list[dict[str, object]]:
     """Every combination of the swept values that changes something: grad_dot has no dampings,
     single_stage no fine-tuning damping."""
     seen, out = set(), []
@@ -159,8 +159,9 @@ def tune(config: Config, queries: str, gold: dict[str, set[str]], run: Callable[
     return trials
 
 
-def best_trial(trials: list[Trial]) -> Trial:
-    return max(trials, key=lambda t: (t.mrr, t.recall_at_10))
+def ranked_trials(trials: list[Trial]) -> list[Trial]:
+    """Best first: by MRR, then Recall@10."""
+    return sorted(trials, key=lambda t: (-t.mrr, -t.recall_at_10))
 
 
 def write_best(config: Config, best: Trial, path: str) -> None:
@@ -175,7 +176,7 @@ def write_best(config: Config, best: Trial, path: str) -> None:
 def format_trials(trials: list[Trial]) -> str:
     """The trials as a table, best first."""
     rows = [["method", "damping_pretrain", "damping_finetune", "normalize", "MRR", "95% interval", "Recall@10", "seconds"]]
-    for t in sorted(trials, key=lambda t: (-t.mrr, -t.recall_at_10)):
+    for t in ranked_trials(trials):
         s = t.settings
         rows.append([str(s.get("method")), str(s.get("factors.damping_pretrain", "-")),
                      str(s.get("factors.damping_finetune", "-")), str(s.get("scoring.normalize")), f"{t.mrr:.3f}",

@@ -25,11 +25,8 @@ def test_retrieval_metrics_by_hand():
     assert 0 <= lo <= mrr <= hi <= 1
 
 
-def test_trials_skip_settings_a_method_does_not_have(world, tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(world.config(tmp_path / "run")))
-    trials = trial_settings(load_config(path), ["multi_stage", "single_stage", "grad_dot"], ["auto:0.01", "auto"],
-                            ["auto"], ["none", "self"])
+def test_trials_skip_settings_a_method_does_not_have():
+    trials = trial_settings(["multi_stage", "single_stage", "grad_dot"], ["auto:0.01", "auto"], ["auto"], ["none", "self"])
     assert len(trials) == 2 * 2 + 2 * 2 + 2  # grad_dot: normalisation only
     assert {"method": "grad_dot", "scoring.normalize": "self"} in trials
     assert all("factors.damping_finetune" not in t for t in trials if t["method"] != "multi_stage")
