@@ -1,6 +1,6 @@
 """The corpus gradient index (``scoring.mode: index``): designs compared, build cost, scale, end to end.
 
-    python benchmarks/bench_index.py [--smoke] [--sections designs,throughput,scale,kronfluence]
+    python benchmarks/bench_index.py [--smoke] [--sections designs,throughput,scale]
                                      [--worlds demo,facts,20k]
 
 Sections (each selectable; results are merged into ``benchmarks/results/index.json`` so that
@@ -35,9 +35,7 @@ scale        A toy world of >= 20,000 documents and 200 queries (``ToySpec(num_e
              ``factors.max_examples: 2000``, multi_stage, top 10): (1) index mode, A, fresh;
              (2) index mode, B (factors and index reused), default rerank; (2b) index mode, B,
              rerank 0, top_k = N; (3) exact mode, B, top_k = N.
-kronfluence  kronfluence single-stage (``kf.kronfluence_single_stage``: factors on every document,
-             pairwise scores, batch 16) on the scale world's documents and queries A at θ_ft, vs
-             run (1)'s wall time (a fresh multi-stage index run, factor fits included).
+(msif-ray against kronfluence, like for like: ``bench_vs_kronfluence.py``.)
 
 Every timing: 1 torch thread; msif's pipeline on 1 Ray worker with 1 CPU.
 """
@@ -62,7 +60,7 @@ from bench_fact_tracing import FULL as FACTS_SPEC
 from msif_ray.config import DEFAULT_INDEX_TERMS
 from msif_ray.demo.toy import ToySpec
 
-SECTIONS = ("designs", "throughput", "scale", "kronfluence")
+SECTIONS = ("designs", "throughput", "scale")
 WORLDS = ("demo", "facts", "20k")
 TOP = 10
 RANK = 32
@@ -157,7 +155,7 @@ def mapped_estimates(lm, batches, n: int, maps, vectors) -> torch.Tensor:
 
 def weighted_terms(lm, docs, factors, vectors, terms: int, power: float) -> torch.Tensor:
     """The engine's index with the terms chosen by |V_ij| (Λ_ij + λ)^-power instead of power ½."""
-    from msif_ray.engine.index import TermBasis, document_self_influence, document_terms, rotate_queries, scan, term_bases
+    from msif_ray.engine.index import TermBasis, document_terms, rotate_queries, scan, term_bases
 
     bases = {}
     for name, basis in term_bases(list(lm.taps.specs.values()), factors.layer).items():
@@ -506,34 +504,6 @@ def section_scale(args, tmp: Path) -> dict:
     return {"runs": runs, "speed": speed, "quality": quality, "facts": facts, "tables": tables, "timing": TIMING}
 
 
-# --------------------------------------------------------------------------- 4. end to end vs kronfluence
-
-
-def section_kronfluence(args, tmp: Path) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from kf import PaddedTexts, kronfluence_single_stage
-    from msif_ray.engine.api import Examples
-
-    world, corpus, _, queries_a, _ = scale_world(args)
-    model = AutoModelForCausalLM.from_pretrained(world.finetuned_dir).float().eval()
-    tokenizer = AutoTokenizer.from_pretrained(world.finetuned_dir)
-    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("gpt_neox.layers.")]
-    pad = tokenizer.pad_token_id
-    train = PaddedTexts(Examples.documents(corpus.column("text").to_pylist()).encode(tokenizer), pad)
-    qset = PaddedTexts(Examples.pairs([q["prompt"] for q in queries_a], [q["completion"] for q in queries_a]).encode(tokenizer), pad)
-    started = time.perf_counter()
-    _, kf_seconds = kronfluence_single_stage(model, layers, train, qset, [None], tmp / "kf", batch_size=16)
-    total = time.perf_counter() - started
-    out = {"documents": len(train), "queries": len(queries_a), "fit_all_factors": kf_seconds["factors"],
-           "compute_pairwise_scores": kf_seconds["scores0"], "total": total,
-           "note": "kronfluence: single-stage, factors fitted on every document; msif: multi-stage, pre-training "
-                   "factors on a 2,000-document sample (factors.max_examples), index built over every document"}
-    log(f"\nkronfluence single-stage on {len(train)} documents x {len(queries_a)} queries: factors "
-        f"{out['fit_all_factors']:.1f}s, scores {out['compute_pairwise_scores']:.1f}s, total {total:.1f}s (1 torch thread)")
-    return out
-
-
 # --------------------------------------------------------------------------- output
 
 
@@ -547,19 +517,9 @@ def merge(json_path: Path, new: dict, command: str) -> dict:
             new = new | {"designs": sections.get("designs", {}) | new["designs"]}
         sections = sections | new
         commands = old.get("commands", {}) | {name: command for name in new}
-        summary = comparison(sections)
-        write_json(json_path, {"timing": TIMING, "commands": commands, "summary": summary, "sections": sections})
+        write_json(json_path, {"timing": TIMING, "commands": commands, "sections": sections})
     json_path.with_suffix(".lock").unlink(missing_ok=True)
     return sections
-
-
-def comparison(sections: dict) -> dict:
-    """Figures that need two sections: run (1) vs kronfluence."""
-    if "scale" in sections and "kronfluence" in sections and not sections["kronfluence"].get("stale"):
-        msif = sections["scale"]["runs"]["(1) index, queries A, fresh"]["total"]
-        kf = sections["kronfluence"]["total"]
-        return {"msif run (1) wall s": msif, "kronfluence wall s": kf, "kronfluence / msif": kf / msif}
-    return {}
 
 
 def figure(sections: dict, png_path: Path) -> None:
@@ -585,9 +545,6 @@ def figure(sections: dict, png_path: Path) -> None:
         s = sections["scale"]["speed"]
         bars += [("scale: (2) new queries, index", s["(2) new-query work (queries + index + scores)"]),
                  ("scale: (3) exact scores", s["(3) scores stage (exact pass)"])]
-    summary = comparison(sections)
-    if summary:
-        bars += [("e2e: msif run (1)", summary["msif run (1) wall s"]), ("e2e: kronfluence", summary["kronfluence wall s"])]
     if bars:
         ax.barh(range(len(bars)), [b[1] for b in bars])
         ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
@@ -626,16 +583,13 @@ def main(argv: list[str] | None = None) -> dict:
                     sections = merge(json_path, {name: {world: results[name][world]}}, command)
                     figure(sections, png_path)
                 continue
-            if name in ("scale", "kronfluence"):
-                results[name] = globals()[f"section_{name}"](args, Path(tmp) / name)
+            if name == "scale":
+                results[name] = section_scale(args, Path(tmp) / name)
             else:
                 results[name] = globals()[f"section_{name}"](args)
             results[name]["section_wall_s"] = time.perf_counter() - started
             sections = merge(json_path, {name: results[name]}, command)  # each section saved as soon as it is done
             figure(sections, png_path)
-    summary = comparison(sections)
-    if summary:
-        print_table(["end to end", ""], [[k, f"{v:.2f}"] for k, v in summary.items()])
     return sections
 
 

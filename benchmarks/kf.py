@@ -19,23 +19,29 @@ from torch.utils.data import Dataset
 
 
 class PaddedTexts(Dataset):
-    """msif-encoded (token ids, loss mask) pairs, right-padded to one width; labels −100 where no loss."""
+    """msif-encoded (token ids, loss mask) pairs, in the given order; ``collate`` right-pads each batch
+    to its own longest (as msif's batches are), labels −100 where no loss."""
 
     def __init__(self, encoded: Sequence[tuple[list[int], list[bool]]], pad_id: int):
-        width = max(len(ids) for ids, _ in encoded)
-        self.input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-        self.attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        self.labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-        for row, (ids, mask) in enumerate(encoded):
-            self.input_ids[row, : len(ids)] = torch.tensor(ids)
-            self.attention_mask[row, : len(ids)] = 1
-            self.labels[row, : len(ids)] = torch.where(torch.tensor(mask), torch.tensor(ids), -100)
+        self.examples = [(torch.tensor(ids), torch.tensor(mask)) for ids, mask in encoded]
+        self.pad_id = pad_id
 
     def __len__(self) -> int:
-        return len(self.input_ids)
+        return len(self.examples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i], "labels": self.labels[i]}
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.examples[i]
+
+    def collate(self, rows: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(ids) for ids, _ in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        for row, (ids, mask) in enumerate(rows):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            labels[row, : len(ids)] = torch.where(mask, ids, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 def causal_lm_task(tracked: list[str]):
@@ -71,10 +77,14 @@ def causal_lm_task(tracked: list[str]):
 def kronfluence_single_stage(
     model: torch.nn.Module, layers: list[str], train: PaddedTexts, queries: PaddedTexts, dampings: Sequence[float | None],
     workdir: Path, empirical: bool = False, batch_size: int = 16, dtype: torch.dtype = torch.float32,
+    max_examples: int | None = None,
 ) -> tuple[dict[float | None, torch.Tensor], dict[str, float]]:
     """kronfluence EK-FAC pairwise scores [N train, Q] at each damping (None = its heuristic, 0.1 x mean Λ).
 
-    Returns the scores and the seconds of its stages (factor fit; each scoring call).
+    Batches are ``batch_size`` consecutive examples of ``train`` padded to their longest (order
+    ``train`` as msif's batches are, longest first, for the same padding). ``max_examples``: the
+    factors are fitted on the first that many (covariance and Λ alike). Returns the scores and the
+    seconds of its stages (factor fit; each scoring call).
     """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -85,8 +95,9 @@ def kronfluence_single_stage(
     analyzer = Analyzer("bench", kf_model, task, cpu=True, disable_tqdm=True, log_level=logging.WARNING,
                         output_dir=str(workdir))
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical, activation_covariance_dtype=dtype,
-                                  gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
-    loader = DataLoaderKwargs(num_workers=0)
+                                  gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype,
+                                  covariance_max_examples=max_examples, lambda_max_examples=max_examples)
+    loader = DataLoaderKwargs(num_workers=0, collate_fn=train.collate)  # queries are padded alike (same pad id)
     seconds = {}
     t = time.perf_counter()
     analyzer.fit_all_factors("ekfac", train, per_device_batch_size=batch_size, factor_args=factor_args,

@@ -5,7 +5,7 @@ The package, bottom to top (imports flow downwards only; ``tests/test_layers.py`
     config, errors, progress   the typed config, the user-error base class, progress lines
     engine/        the mathematics on one process: no Ray, no storage (the Python API is here)
     store/         the run directory and its layout, content digests, corpus and model readers, the lock
-    distributed/   Ray glue: the worker pool and actors, reduce tasks, the tree merge, the report's pass
+    distributed/   Ray glue: the worker pool and actors, reduce jobs, the tree merge, the report's pass
     pipeline/      the stages of ``msif run``, their keys and reuse rules, the resource plan
     ops/           operating runs: status, the closing summary, nightly
     report/        the HTML report

@@ -13,13 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from msif_ray.config import load_config, redact_text
+from msif_ray.config import cache_root, load_config, redact_text
 from msif_ray.distributed.runtime import init_ray
 from msif_ray.errors import user_error
 from msif_ray.pipeline.locked import run_locked, stages_now
 from msif_ray.store import layout
 from msif_ray.store.lock import LockHeldError
-from msif_ray.store.models import cache_root
 
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3

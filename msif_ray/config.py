@@ -273,6 +273,11 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
 
+def cache_root() -> Path:
+    """``$MSIF_CACHE``, else ``~/.cache/msif-ray``: the digest memo, the model cache, the demo."""
+    return Path(os.environ.get("MSIF_CACHE", Path.home() / ".cache" / "msif-ray"))
+
+
 def load_config(path: str | os.PathLike) -> Config:
     """Read and validate a YAML config file; relative paths in it resolve against its directory."""
     path = Path(path)

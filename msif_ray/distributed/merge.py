@@ -1,49 +1,63 @@
-"""The top-k merge as a tree of bounded merges, run as Ray tasks over the run directory.
+"""The top-k merge as a tree of bounded merges over the run directory.
 
-Every scoring shard writes its own top and bottom k per query. A merge task reads at most
+Every scoring shard writes its own top and bottom k per query. A merge job reads at most
 ``fan_in`` such tables and writes the k best rows per (query, side) of their union: a table of the
 same kind, so merges stack into a tree of depth log_fan_in(shards). No process holds more than
-``fan_in`` partial tables, and the driver holds only file names, whatever the number of shards.
+``fan_in`` partial tables, and the driver holds only file names, whatever the number of shards;
+the pipeline runs each level's jobs on its worker actors (``Passes.reduce``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
-
-import ray
 
 from msif_ray.store.layout import BOTTOMK, TOPK
 from msif_ray.engine.topk import final_table, merge_extremes
 from msif_ray.store.storage import RunDir
-from msif_ray.distributed.reduce import run_bounded
 
 FAN_IN = 16
 
 
-@ray.remote(num_cpus=0)
-def merge_files(run_dir: str, inputs: list[str], output: str | None, k: int,
-                final: tuple[str, str] = (TOPK, BOTTOMK)) -> None:
+@dataclass(frozen=True)
+class Merge:
     """Merge ``inputs`` into ``output``; with ``output`` None, write the final top and bottom tables to ``final``."""
-    store = RunDir(run_dir)
-    merged = merge_extremes([store.read_parquet(name) for name in inputs], k)
-    if output is not None:  # extra columns (the index's shard ids) are kept
-        store.write_parquet(output, merged)
-        return
-    store.write_parquet(final[0], final_table(merged, "top"))
-    store.write_parquet(final[1], final_table(merged, "bottom"))
+
+    inputs: tuple[str, ...]
+    output: str | None
+    k: int
+    final: tuple[str, str] = (TOPK, BOTTOMK)
+
+    @property
+    def job_id(self) -> str:
+        return f"merge into {self.output or self.final[0]}"
+
+    def run(self, store: RunDir, device=None) -> dict:
+        merged = merge_extremes([store.read_parquet(name) for name in self.inputs], self.k)
+        if self.output is not None:  # extra columns (the index's shard ids) are kept
+            store.write_parquet(self.output, merged)
+        else:
+            store.write_parquet(self.final[0], final_table(merged, "top"))
+            store.write_parquet(self.final[1], final_table(merged, "bottom"))
+        return {}
+
+
+Runner = Callable[[list], list]  # runs reduce jobs (anything with ``run(store, device)``), returns their results in order
 
 
 def tree_merge(store: RunDir, partials: Sequence[str], k: int, name: Callable[[int, int], str],
-               fan_in: int = FAN_IN, final: tuple[str, str] = (TOPK, BOTTOMK), output: str | None = None) -> int:
+               fan_in: int = FAN_IN, final: tuple[str, str] = (TOPK, BOTTOMK), output: str | None = None,
+               run: Runner | None = None) -> int:
     """Merge ``partials`` level by level (``name(level, index)`` names the intermediate files) into
     the final top and bottom tables ``final`` (by default ``scores/topk.parquet`` and
     ``scores/bottomk.parquet``), or with ``output`` into one table of the same kind as the
-    partials. Returns the number of levels."""
+    partials. ``run`` runs a level's jobs (default: here, one after another). Returns the number of levels."""
+    run = run or (lambda jobs: [job.run(store) for job in jobs])
     files, level = list(partials), 0
     while len(files) > fan_in:
-        chunks = [files[i : i + fan_in] for i in range(0, len(files), fan_in)]
+        chunks = [tuple(files[i : i + fan_in]) for i in range(0, len(files), fan_in)]
         outputs = [name(level, i) for i in range(len(chunks))]
-        run_bounded([(merge_files, store.url(), chunk, output, k) for chunk, output in zip(chunks, outputs)])
+        run([Merge(chunk, output, k) for chunk, output in zip(chunks, outputs)])
         files, level = outputs, level + 1
-    ray.get(merge_files.remote(store.url(), files, output, k, final))
+    run([Merge(tuple(files), output, k, final)])
     return level + 1

@@ -176,6 +176,15 @@ class ShardWorker:
         """Answers once the actor is up (the pool waits on it after a crash)."""
         return True
 
+    def reduce(self, job) -> dict:
+        """A reduce job between passes (``reduce.py``, ``merge.py``): ``job.run`` on the run directory."""
+        self.commit()
+        self._accumulation = None  # the pass before is complete and committed: its sums are freed for the reduce
+        start = _start()
+        self._maybe_crash("reduce")
+        result = job.run(self.run_dir, self.device)
+        return result | {"seconds": round(time.monotonic() - start, 3), "peak_rss_mb": peak_rss_mb()}
+
     # ----------------------------------------------------------------------- helpers
 
     def _load(self, model_path: str) -> TrackedLM:

@@ -1,17 +1,17 @@
 """Stages ``factors/finetune`` (EK-FAC of θ_ft on the fine-tuning data) and ``factors/pretrain``
 (of θ_pt on the corpus, or a seeded sample of it).
 
-Per layer group: a covariance pass (workers sum a aᵀ and s sᵀ into checkpoints), one reduce task
+Per layer group: a covariance pass (workers sum a aᵀ and s sᵀ into checkpoints), one reduce job
 per (layer, factor) for the float64 eigendecomposition, a Λ pass in those eigenbases, and one
-reduce task per layer that writes ``layers/<layer>.safetensors``. Worker checkpoints are removed
-once the stage is done; the manifest keeps their stats.
+reduce job per layer that writes ``layers/<layer>.safetensors`` (``distributed/reduce.py``).
+Worker checkpoints are removed once the stage is done; the manifest keeps their stats.
 """
 
 from __future__ import annotations
 
 import time
 
-from msif_ray.distributed.reduce import eigendecompose, finish_layer, reduce_memory_bytes, run_bounded
+from msif_ray.distributed.reduce import Eigendecompose, FinishLayer
 from msif_ray.distributed.worker import ShardJob
 from msif_ray.pipeline.context import RunContext
 from msif_ray.pipeline.keys import remember_base_factors
@@ -38,7 +38,6 @@ def fit_factors(run: RunContext, stage: str, named: dict, model: str, shards: li
     groups = run.plan.layer_groups
     if len(groups) > 1:
         run.log(f"[{stage}] {len(groups)} layer groups: each factor pass reads the data {len(groups)} times")
-    shapes = {s.name: (s.out_features, s.in_dim) for s in run.plan.layers}
     stats: dict[str, dict] = {}
     checkpoints: list[str] = []
     reduces: list[dict] = []
@@ -48,23 +47,21 @@ def fit_factors(run: RunContext, stage: str, named: dict, model: str, shards: li
                                                                   tuple(layers), cfg.factors.fisher)
         checkpoints += names
         reduce_started = time.monotonic()
-        reduces += run_bounded([(eigendecompose, store.url(), names, factors, layer, which)
-                                for layer in layers for which in "AS"],
-                               [reduce_memory_bytes(*shapes[layer], which) for layer in layers for which in "AS"])
+        reduces += run.passes.reduce([Eigendecompose(tuple(names), factors, layer, which)
+                                      for layer in layers for which in "AS"])
         reduce_seconds += time.monotonic() - reduce_started
     for g, layers in enumerate(groups):
         stats[f"lambdas/g{g}"], names = run.passes.accumulate(stage, "lambdas", jobs("lambdas", g), g, tuple(layers),
                                                                cfg.factors.fisher, factors)
         checkpoints += names
         reduce_started = time.monotonic()
-        reduces += run_bounded([(finish_layer, store.url(), names, factors, layer) for layer in layers],
-                               [reduce_memory_bytes(*shapes[layer], "lambda") for layer in layers])
+        reduces += run.passes.reduce([FinishLayer(tuple(names), factors, layer) for layer in layers])
         reduce_seconds += time.monotonic() - reduce_started
     store.write_json(layout.factors_index(factors), {
         "layers": [layer for group in groups for layer in group], "model": model, "fisher": cfg.factors.fisher,
         "num_windows": reduces[-1]["num_windows"], "fingerprint": key})
     passes = combine_groups(stats) | {"reduce": {
-        "tasks": len(reduces), "seconds": round(reduce_seconds, 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in reduces),
+        "jobs": len(reduces), "seconds": round(reduce_seconds, 3), "peak_rss_mb": max(r["peak_rss_mb"] for r in reduces),
         "checkpoints": len(checkpoints), "checkpoint_bytes": sum(store.size(n) for n in checkpoints)}}
     run.records.finish(stage, key, started, passes)
     if stage == "factors/pretrain":

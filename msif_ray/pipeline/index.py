@@ -86,7 +86,8 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
         if not run.store.exists(candidates[f]):
             partials = [layout.scan_partial(scan_key, f, s.shard_id) for s in inputs.corpus_shards]
             tree_merge(run.store, partials, num_candidates,
-                       lambda level, i: layout.candidates_merge_step(candidates[f], level, i), output=candidates[f])
+                       lambda level, i: layout.candidates_merge_step(candidates[f], level, i), output=candidates[f],
+                       run=run.passes.reduce)
     final = [candidates[f] for f in query_files]
     if cfg.scoring.rerank:
         final, passes, accounts = rescore_candidates(run, inputs, scan_key, query_files, candidates, norm)

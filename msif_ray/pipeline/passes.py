@@ -95,6 +95,12 @@ class Passes:
             first_round = False
         raise RuntimeError(f"[{name}] shards still missing from the checkpoints after {MAX_ROUNDS} rounds")
 
+    def reduce(self, jobs: list) -> list[dict]:
+        """Run reduce jobs (``reduce.py``, ``merge.py``: anything with ``run(store, device)``) on the pool's
+        actors, one per idle actor; their results in the order of ``jobs``."""
+        results = {job.job_id: result for job, result in self.workers().map("reduce", jobs)}
+        return [results[job.job_id] for job in jobs]
+
     def pending_chunks(self, files: list[str], outputs: dict[str, str], size: int) -> list[tuple[str, ...]]:
         """The query batches whose output is not done yet, in chunks of ``size`` (one job each); when
         none is pending, all of them as one chunk, so that the pass counts the shard as reused."""

@@ -150,7 +150,7 @@ class ResourcePlan:
             f"layer groups {len(self.layer_groups)}, query batches of {self.query_batch_size}, "
             f"query groups of {self.query_group_size}",
         ] + [f"{s.name:<22} worker {_gb(s.worker_bytes):>9}  storage {_gb(s.storage_bytes):>9}  "
-             f"~{_duration(s.seconds)}" + (f"  reduce task {_gb(s.reduce_bytes)}" if s.reduce_bytes else "")
+             f"~{_duration(s.seconds)}" + (f"  reduce job {_gb(s.reduce_bytes)}" if s.reduce_bytes else "")
              + (f"  ({s.note})" if s.note else "") for s in self.stages]
 
     def to_dict(self) -> dict:
@@ -316,7 +316,7 @@ def _stage(plan: ResourcePlan, z: _Sizes, name: str, worker: float, storage: flo
 
 def _factor_stages(plan: ResourcePlan, z: _Sizes, corpus_rows: int, tokens_per_document: float, finetune_rows: int,
                    tokens_per_query: float) -> None:
-    """factors/finetune and factors/pretrain: two passes per layer group, and the reduce tasks."""
+    """factors/finetune and factors/pretrain: two passes per layer group, and the reduce jobs."""
     config, layers, groups = z.config, z.layers, plan.layer_groups
     cov_flops = 2 * sum(s.in_dim**2 + s.out_features**2 for s in layers)
     per_token = len(groups) * (2 * z.pass_flops + 2 * cov_flops + 2 * z.tracked)

@@ -37,7 +37,7 @@ def publish(run: RunContext, key: str) -> None:
 def merge_result(run: RunContext, key: str, partials: list[str], k: int) -> None:
     """The tree merge of per-shard (or per-batch) tables into the key's top and bottom k."""
     tree_merge(run.store, partials, k, lambda level, i: layout.merge_step(key, level, i),
-               final=(layout.scores_result(key, "topk"), layout.scores_result(key, "bottomk")))
+               final=(layout.scores_result(key, "topk"), layout.scores_result(key, "bottomk")), run=run.passes.reduce)
 
 
 def check_documents(stats: dict) -> None:

@@ -9,7 +9,7 @@ corpus shard is named by its file's digest (``store.data.shard_id``), so that
 
 ``file_digest(url)``
     A local file: the sha256 of its bytes, read in 8 MiB chunks. Memoised on disk in
-    ``$MSIF_CACHE/digests.json`` (``store.models.cache_root()``) by (real path, size, mtime_ns), so an
+    ``$MSIF_CACHE/digests.json`` (``config.cache_root()``) by (real path, size, mtime_ns), so an
     unchanged multi-GB file is hashed once, not at every run; a file modified less than
     ``RACY_SECONDS`` before it was hashed is not memoised (a second write within the same clock
     tick could keep its size and mtime). The cache is shared by processes: it is updated under a
@@ -47,6 +47,8 @@ from collections.abc import Iterable
 
 import fsspec
 from filelock import FileLock
+
+from msif_ray.config import cache_root
 
 CHUNK = 8 << 20  # bytes read at a time when hashing
 RACY_SECONDS = 2.0  # a file modified this recently is hashed but not memoised
@@ -139,8 +141,6 @@ def tree_digest(url: str, include: Iterable[str] | None = None) -> str:
 
 
 def _cache_path() -> str:
-    from msif_ray.store.models import cache_root
-
     return str(cache_root() / CACHE_NAME)
 
 

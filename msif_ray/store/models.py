@@ -23,13 +23,13 @@ import json
 import os
 import shutil
 import uuid
-from pathlib import Path
 
 import fsspec
 import torch
 from filelock import FileLock
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from msif_ray.config import cache_root
 from msif_ray.engine.modules import check_finite_weights
 from msif_ray.store.storage import with_retries
 from msif_ray.errors import UserError
@@ -43,10 +43,6 @@ SHAPE_FIELDS = (
 
 class ModelError(UserError, ValueError):
     """A model or tokenizer that cannot be used as configured."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MSIF_CACHE", Path.home() / ".cache" / "msif-ray"))
 
 
 DOWNLOAD_TIMEOUT = 6 * 3600  # seconds a worker waits for another one's download of the same model

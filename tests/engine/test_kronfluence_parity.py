@@ -128,7 +128,7 @@ def parity(tmp_path_factory):
     score_args = ScoreArguments(
         damping_factor=DAMPING, per_sample_gradient_dtype=f64, precondition_dtype=f64, score_dtype=f64,
     )
-    loader_kwargs = DataLoaderKwargs(num_workers=0)
+    loader_kwargs = DataLoaderKwargs(num_workers=0, collate_fn=train_set.collate)
     analyzer.fit_all_factors(
         "ekfac", train_set, per_device_batch_size=BATCH_SIZE, factor_args=factor_args, dataloader_kwargs=loader_kwargs,
     )

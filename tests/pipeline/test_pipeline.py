@@ -84,6 +84,16 @@ def test_worker_killed_mid_pass(pass_name, world, ray_session, reference, tmp_pa
     assert record["tokens"] == reference_record["tokens"] and record["documents"] == reference_record["documents"]
 
 
+@pytest.mark.slow
+def test_worker_killed_in_a_reduce_job(world, ray_session, reference, tmp_path, monkeypatch):
+    """A worker dies in a reduce job (the eigendecompositions run on the pool's actors): the job
+    is handed out again and the run equals the reference."""
+    monkeypatch.setenv(FAULT_ENV, "reduce")
+    topk = run(world, tmp_path, **{"ray.num_workers": 2})
+    assert (tmp_path / "_faults" / "reduce").exists(), "the fault was not injected"
+    assert_same_scores(topk, reference[0])
+
+
 def test_self_influence_of_appended_shards_only(world, ray_session, tmp_path):
     """``scoring.normalize`` on a grown corpus: the self_influence stage computes the appended
     file's shards alone (reusing the others' files), and the result equals a fresh run's."""
