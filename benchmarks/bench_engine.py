@@ -502,8 +502,11 @@ def main(argv: list[str] | None = None) -> dict:
             profiles[name] = profile_pass(p, batches[:1])
             print(f"\n--- torch.profiler, {name}, one batch ---\n{profiles[name]}")
 
+    from common import provenance
+
     result = dict(
-        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), command="python benchmarks/bench_engine.py " + " ".join(sys.argv[1:]),
+        **provenance(),
         machine=dict(platform=platform.platform(), processor=_cpu_model(), cpus=os.cpu_count(),
                      torch=torch.__version__, threads=torch.get_num_threads(), load_before=load_before, load_after=load_after),
         config=dict(model=config, batches=num_batches, batch_size=batch_size, seq_len=seq_len, queries=num_queries,

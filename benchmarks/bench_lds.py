@@ -30,7 +30,7 @@ import torch
 from transformers import GPTNeoXForCausalLM
 
 from bench_fact_tracing import bm25_scores
-from common import (corpus_pass, flat, inverse, load_world, mean_spread, multi_stage_chain, new_figure, print_table,
+from common import (corpus_pass, flat, inverse, load_world, multi_stage_chain, new_figure, print_table,
                     result_paths, save_figure, setup, spearman, write_json)
 from msif_ray.demo import toy
 from msif_ray.engine.api import Examples, TrackedLM

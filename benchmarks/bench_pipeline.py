@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import subprocess
 import sys
@@ -97,7 +96,9 @@ def main() -> None:
     for key in memory["x1"]:
         print(f"{key:<32}{memory['x1'][key]:>18.0f}{memory['x4'][key]:>18.0f}")
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        from common import write_json
+
+        write_json(Path(args.out), {"command": "python benchmarks/bench_pipeline.py " + " ".join(sys.argv[1:])} | results)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         return child(*args.child)
     sys.path.insert(0, str(BENCH))
-    from common import machine, new_figure, print_table, result_paths, save_figure, write_json
+    from common import machine, new_figure, print_table, provenance, result_paths, save_figure, write_json
 
     log = lambda line: print(line, flush=True)  # noqa: E731
     world = "smoke" if args.smoke else args.world
@@ -276,10 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"scores {side} vs kronfluence: {c['pairs']} pairs, per-query Pearson min {c['pearson_min']:.6f}, "
                   f"mean {c['pearson_mean']:.6f}")
     json_path, png_path = result_paths(f"vs_kronfluence_{world}", False, args.out_dir)
-    commit = lambda where: subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,  # noqa: E731
-                                          text=True, cwd=where).stdout.strip()
     payload = {"command": "python benchmarks/bench_vs_kronfluence.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "commit": commit(BENCH), "msif_commit": commit(args.msif_path or BENCH), "machine": machine() | {"threads": args.threads}, "world": world, "sizes": sizes,
+               "msif_commit": provenance(Path(args.msif_path or BENCH))["commit"], "machine": machine() | {"threads": args.threads}, "world": world, "sizes": sizes,
                "summary": summary, "ratios_process_wall": ratios, "agreement": checks,
                "loads": {side: [r["load"] for r in rs] for side, rs in runs.items()}, "table": table}
     write_json(json_path, payload)

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 import warnings
@@ -231,8 +232,16 @@ def result_paths(name: str, smoke: bool, out_dir: Path | None = None) -> tuple[P
     return out_dir / f"{stem}.json", out_dir / f"{stem}.png"
 
 
+def provenance(where: Path = Path(__file__).resolve().parent) -> dict:
+    """The commit a benchmark ran at (``git describe --dirty`` of the checkout holding ``where``) and
+    the machine's load average (1, 5, 15 min) when it wrote its result."""
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=where)
+    return {"commit": commit.stdout.strip(), "load_average": os.getloadavg()}
+
+
 def write_json(path: Path, payload: dict) -> None:
-    payload = {"written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine()} | payload
+    payload = {"written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "machine": machine(),
+               **provenance()} | payload
     path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
     print(f"wrote {path}", flush=True)
 

@@ -32,7 +32,7 @@ class Merge:
     def job_id(self) -> str:
         return f"merge into {self.output or self.final[0]}"
 
-    def run(self, store: RunDir, device=None) -> dict:
+    def run(self, store: RunDir, device: object = None) -> dict:  # device: unused (reading, sorting, writing)
         merged = merge_extremes([store.read_parquet(name) for name in self.inputs], self.k)
         if self.output is not None:  # extra columns (the index's shard ids) are kept
             store.write_parquet(self.output, merged)
