@@ -77,14 +77,12 @@ def causal_lm_task(tracked: list[str]):
 def kronfluence_single_stage(
     model: torch.nn.Module, layers: list[str], train: PaddedTexts, queries: PaddedTexts, dampings: Sequence[float | None],
     workdir: Path, empirical: bool = False, batch_size: int = 16, dtype: torch.dtype = torch.float32,
-    max_examples: int | None = None,
 ) -> tuple[dict[float | None, torch.Tensor], dict[str, float]]:
     """kronfluence EK-FAC pairwise scores [N train, Q] at each damping (None = its heuristic, 0.1 x mean Λ).
 
     Batches are ``batch_size`` consecutive examples of ``train`` padded to their longest (order
-    ``train`` as msif's batches are, longest first, for the same padding). ``max_examples``: the
-    factors are fitted on the first that many (covariance and Λ alike). Returns the scores and the
-    seconds of its stages (factor fit; each scoring call).
+    ``train`` as msif's batches are, longest first, for the same padding); the factors are fitted
+    on every example. Returns the scores and the seconds of its stages (factor fit; each scoring call).
     """
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -95,8 +93,7 @@ def kronfluence_single_stage(
     analyzer = Analyzer("bench", kf_model, task, cpu=True, disable_tqdm=True, log_level=logging.WARNING,
                         output_dir=str(workdir))
     factor_args = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical, activation_covariance_dtype=dtype,
-                                  gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype,
-                                  covariance_max_examples=max_examples, lambda_max_examples=max_examples)
+                                  gradient_covariance_dtype=dtype, per_sample_gradient_dtype=dtype, lambda_dtype=dtype)
     loader = DataLoaderKwargs(num_workers=0, collate_fn=train.collate)  # queries are padded alike (same pad id)
     seconds = {}
     t = time.perf_counter()
