@@ -234,6 +234,7 @@ class RayConfig:
     batch_size: int = 8
     precision: Precision = "auto"
     checkpoint_seconds: float = 600.0
+    task_timeout_s: float | None = None  # None: auto (pool.Deadline), from the plan and the pass's own jobs
 
 
 @dataclass(frozen=True)
@@ -413,6 +414,7 @@ def _ray(s: _Section) -> RayConfig:
         batch_size=s.positive_integer("batch_size", 8),
         precision=s.choice("precision", PRECISIONS, "auto"),
         checkpoint_seconds=s.non_negative_number("checkpoint_seconds", 600.0),
+        task_timeout_s=s.seconds_or_auto("task_timeout_s"),
     )
     s.finish()
     return ray
@@ -523,6 +525,15 @@ class _Section:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{self.dotted(name)}: expected a number >= 0, got {_kind(value)}")
+        return float(value)
+
+    def seconds_or_auto(self, name: str) -> float | None:
+        """A positive number of seconds; ``auto`` (or absent, or null) is None."""
+        value = self.take(name)
+        if value is None or value == "auto":
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ConfigError(f"{self.dotted(name)}: expected auto or a positive number of seconds, got {_kind(value)}")
         return float(value)
 
     def choice(self, name: str, options: tuple[str, ...], default: str) -> Any:

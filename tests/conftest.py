@@ -28,13 +28,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_session(s3_server):
-    """One local Ray instance for the whole test session: 2 CPUs, no dashboard.
+    """One local Ray instance for the whole test session: 2 CPUs, no dashboard; a new one (``address="local"``),
+    never a cluster that another process started on this machine (the fault matrix starts one).
 
     Started after the moto S3 server, so that Ray's workers inherit its endpoint and credentials.
     """
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -216,3 +216,14 @@ def test_config_is_frozen() -> None:
     assert isinstance(config, Config)
     with pytest.raises(AttributeError):
         config.seed = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), ("auto", None), (30, 30.0), (0.5, 0.5)])
+def test_task_timeout_is_auto_or_positive_seconds(value, expected) -> None:
+    assert config_from_dict(with_setting("ray.task_timeout_s", value), "/base").ray.task_timeout_s == expected
+
+
+@pytest.mark.parametrize("value", [0, -5, "soon", True, float("inf")])
+def test_a_bad_task_timeout_is_refused_naming_the_key(value) -> None:
+    with pytest.raises(ConfigError, match=r"ray\.task_timeout_s: expected auto or a positive number of seconds"):
+        config_from_dict(with_setting("ray.task_timeout_s", value), "/base")

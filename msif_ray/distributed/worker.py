@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -59,7 +60,7 @@ class WorkerSettings:
     checkpoint_seconds: float = 600.0
     factor_cache_bytes: int = 1 << 30  # per-layer factors kept in memory by the query pass
     trust_remote_code: bool = False
-    fault: str | None = None  # test hook: "<pass>" kills this worker once in that pass
+    fault: str | None = None  # test hook: "<pass>[:hang],..." kills (or hangs) a worker once per pass named
 
 
 @dataclass(frozen=True)
@@ -208,12 +209,25 @@ class ShardWorker:
         return [d.doc_id for d in docs], document_examples(docs), skipped
 
     def _maybe_crash(self, pass_name: str) -> None:
-        """Fault injection for tests: die (a real process exit) once, on a shard of ``pass_name``."""
-        if self.settings.fault == pass_name:
-            marker = f"_faults/{pass_name.replace('/', '_')}"
-            if not self.run_dir.exists(marker):
-                self.run_dir.write_bytes(marker, b"killed\n")
-                os._exit(1)
+        """Fault injection for tests (``settings.fault``: ``<pass>[:hang]``, comma-separated): once per
+        pass named, on one of its jobs, die (a real process exit) or hang (sleep until killed). The
+        marker ``_faults/<pass>`` records where, so that a test can take the node away."""
+        faults = dict(f.partition(":")[::2] for f in (self.settings.fault or "").split(",") if f)
+        if pass_name not in faults:
+            return
+        marker = f"_faults/{pass_name.replace('/', '_')}"
+        if self.run_dir.exists(marker):
+            return
+        where = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "fault": faults[pass_name] or "exit",
+                 "token": uuid.uuid4().hex}
+        self.run_dir.write_json(marker, where)
+        time.sleep(1.0)  # a worker racing for the same pass wrote the marker too: the last write wins, the other goes on
+        if self.run_dir.read_json(marker)["token"] != where["token"]:
+            return
+        if faults[pass_name] == "hang":
+            while True:
+                time.sleep(60)
+        os._exit(1)
 
     def _stats(self, job, start: float, ids: list[str], skipped: int, tokens: int) -> dict:
         return {"shard": job.job_id, "documents": len(ids), "skipped": skipped, "tokens": tokens,

@@ -14,7 +14,7 @@ from typing import Callable
 
 from msif_ray.config import Config
 from msif_ray.distributed.checkpoints import committed_checkpoints
-from msif_ray.distributed.pool import WorkerCrashError, WorkerPool
+from msif_ray.distributed.pool import Deadline, WorkerCrashError, WorkerPool
 from msif_ray.distributed.worker import ShardJob, ShardWorker, WorkerSettings
 from msif_ray.pipeline.plan import ResourcePlan, WorkerMemoryError
 from msif_ray.progress import Progress
@@ -98,8 +98,14 @@ class Passes:
     def reduce(self, jobs: list) -> list[dict]:
         """Run reduce jobs (``reduce.py``, ``merge.py``: anything with ``run(store, device)``) on the pool's
         actors, one per idle actor; their results in the order of ``jobs``."""
-        results = {job.job_id: result for job, result in self.workers().map("reduce", jobs)}
+        results = {job.job_id: result for job, result in self.workers().map("reduce", jobs,
+                                                                             deadline=self.deadline("reduce", len(jobs)))}
         return [results[job.job_id] for job in jobs]
+
+    def deadline(self, name: str, jobs: int) -> Deadline:
+        """How long one of ``jobs`` jobs of the pass ``name`` may run: ``ray.task_timeout_s``, or auto from
+        the plan's estimate and the pass's finished jobs (``pool.Deadline``)."""
+        return Deadline(self.config.ray.task_timeout_s, self.plan.job_seconds(name, jobs))
 
     def pending_chunks(self, files: list[str], outputs: dict[str, str], size: int) -> list[tuple[str, ...]]:
         """The query batches whose output is not done yet, in chunks of ``size`` (one job each); when
@@ -114,13 +120,14 @@ class Passes:
         done, retries = {}, []
         crashed = lambda job, attempt: retries.append(job.job_id)  # noqa: E731
         try:
-            for job, stats in self.workers().map(method, jobs, *args, on_crash=crashed):
+            for job, stats in self.workers().map(method, jobs, *args, on_crash=crashed,
+                                                 deadline=self.deadline(name, len(jobs))):
                 done[job.job_id] = stats
                 progress.update(stats["tokens"], stats["documents"])
         except WorkerCrashError as err:
             if err.out_of_memory:
                 raise WorkerMemoryError(self.plan.out_of_memory_message(name, str(err))) from err
-            raise
+            raise WorkerCrashError(err.item, err.attempts, err.__cause__ or err, f"[{name}] ") from err
         return done, retries
 
 

@@ -128,6 +128,13 @@ class ResourcePlan:
     problems: list[str] = field(default_factory=list)
     corpus: str = ""  # documents and tokens of the corpus, and where the count comes from
 
+    def job_seconds(self, pass_name: str, jobs: int) -> float:
+        """The estimate of one of ``jobs`` jobs of a pass: its stage's seconds x workers / jobs (the
+        stage named by the pass name's first word; 0 when the plan has none, as for reduce jobs)."""
+        stage = pass_name.split()[0]
+        seconds = sum(s.seconds for s in self.stages if s.name.split()[0] == stage)
+        return seconds * self.num_workers / max(jobs, 1)
+
     @property
     def query_group_size(self) -> int:
         return self.query_batch_size * self.query_group_batches

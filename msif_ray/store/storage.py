@@ -8,11 +8,13 @@ bytes go to a temporary file in the same folder, renamed over the target; on an 
 single PUT is atomic already. Formats are safetensors, Parquet and JSON only, never pickle.
 Credentials come from the environment (fsspec / boto's usual chain) and are never logged.
 
-Object stores fail transiently (timeouts, 5xx, throttling) a few times a night. botocore and s3fs
-retry a request a few times within seconds; on top of that every ``RunDir`` operation is retried
-whole by ``with_retries``: up to RETRY_ATTEMPTS attempts, exponential backoff with full jitter
-(sleep uniform in [0, min(RETRY_CAP, RETRY_BASE · 2^attempt)] seconds), for errors that
-``is_transient`` recognises. Every operation is idempotent (a PUT of whole bytes, a read, a list,
+Object stores fail transiently (timeouts, 5xx, throttling) a few times a night, and are sometimes
+unreachable for a minute or two. botocore and s3fs retry a request a few times within seconds; on
+top of that every ``RunDir`` operation is retried whole by ``with_retries``, for errors that
+``is_transient`` recognises: with exponential backoff and full jitter (sleep uniform in
+[0, min(RETRY_CAP, RETRY_BASE · 2^attempt)] seconds), until both RETRY_ATTEMPTS attempts and
+RETRY_SECONDS have passed, so that an outage shorter than RETRY_SECONDS is waited out whatever
+the jitter drew. Every operation is idempotent (a PUT of whole bytes, a read, a list,
 a delete), so a retry can neither lose nor duplicate an artifact. A missing bucket or a denied
 permission is not transient: ``check_storage`` turns it into a ``StorageError`` naming the path
 before any work starts.
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_ATTEMPTS = int(os.environ.get("MSIF_STORAGE_RETRIES", "8"))  # attempts per operation, first one included
+RETRY_SECONDS = float(os.environ.get("MSIF_STORAGE_RETRY_SECONDS", "300"))  # ... and at least this long
 RETRY_BASE = 0.5  # seconds: the backoff ceiling of the first retry, doubled per attempt
 RETRY_CAP = 30.0  # seconds: the backoff ceiling never grows past this
 # S3 error codes (and HTTP statuses) that mean "try again later".
@@ -229,25 +232,28 @@ def is_transient(err: BaseException) -> bool:
     return False
 
 
-def with_retries(operation: Callable[[], T], what: str, attempts: int | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> T:
-    """``operation()``, retried on transient errors with exponential backoff and full jitter.
+def with_retries(operation: Callable[[], T], what: str, attempts: int | None = None, seconds: float | None = None,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> T:
+    """``operation()``, retried on transient errors with exponential backoff and full jitter, until
+    ``attempts`` (RETRY_ATTEMPTS) attempts have been made and ``seconds`` (RETRY_SECONDS) have passed.
 
     ``what`` names the operation and its path in the log line of each retry. The last error is
-    raised as is when every attempt failed or when it is not transient.
+    raised as is when the retries are spent or when it is not transient.
     """
     attempts = attempts or RETRY_ATTEMPTS
-    for attempt in range(1, attempts + 1):
+    seconds = RETRY_SECONDS if seconds is None else seconds
+    start, attempt = clock(), 0
+    while True:
+        attempt += 1
         try:
             return operation()
         except Exception as err:  # noqa: BLE001 - re-raised unless transient
-            if attempt == attempts or not is_transient(err):
+            if not is_transient(err) or (attempt >= attempts and clock() - start >= seconds):
                 raise
             delay = random.uniform(0, min(RETRY_CAP, RETRY_BASE * 2 ** (attempt - 1)))
-            log.warning("%s: transient error (%s: %s); retry %d/%d in %.1fs", what, type(err).__name__, err,
-                        attempt, attempts - 1, delay)
+            log.warning("%s: transient error (%s: %s); retry %d in %.1fs (%.0f s so far)", what, type(err).__name__,
+                        err, attempt, delay, clock() - start)
             sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def check_storage(url: str, key: str, write: bool = True) -> None:
@@ -267,7 +273,7 @@ def check_storage(url: str, key: str, write: bool = True) -> None:
         return
     bucket = path.split("/", 1)[0]
     try:
-        with_retries(lambda: _head_bucket(fs, bucket), f"check bucket {bucket}")
+        with_retries(lambda: _head_bucket(fs, bucket), f"check bucket {bucket}", seconds=0)  # a wrong endpoint fails fast
     except FileNotFoundError:
         raise StorageError(f"{key}: bucket {bucket!r} of {url} does not exist (or this account cannot see it); "
                            "create it or fix the path") from None

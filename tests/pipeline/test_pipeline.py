@@ -94,6 +94,27 @@ def test_worker_killed_in_a_reduce_job(world, ray_session, reference, tmp_path, 
     assert_same_scores(topk, reference[0])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("pass_name", ["factors/pretrain/covariance", "scores"])
+def test_hung_worker_is_restarted_at_its_deadline(pass_name, world, ray_session, reference, tmp_path, monkeypatch,
+                                                   caplog):
+    """A worker hangs (sleeps, alive) on a shard of ``pass_name``: past ``ray.task_timeout_s`` the pool
+    kills it, Ray restarts it, the shard is handed out again, and the run equals the reference with
+    every shard counted once; the warning names the job."""
+    monkeypatch.setenv(FAULT_ENV, f"{pass_name}:hang")
+    with caplog.at_level("WARNING", logger="msif_ray.distributed.pool"):
+        topk = run(world, tmp_path, **{"ray.num_workers": 2, "ray.task_timeout_s": 15})
+    assert RunDir(str(tmp_path)).read_json(f"_faults/{pass_name.replace('/', '_')}")["fault"] == "hang"
+    assert_same_scores(topk, reference[0])
+    stage, _, name = pass_name.rpartition("/")
+    record = RunDir(str(tmp_path)).read_json(MANIFEST)["stages"][stage or "scores"]["passes"][name or "scores"]
+    reference_record = reference[1]["stages"][stage or "scores"]["passes"][name or "scores"]
+    assert len(record["retried_after_crash"]) == 1
+    assert record["documents"] == reference_record["documents"] and record["tokens"] == reference_record["tokens"]
+    assert any("ran past its deadline of 15 s" in r.getMessage() and record["retried_after_crash"][0] in r.getMessage()
+               for r in caplog.records)
+
+
 def test_self_influence_of_appended_shards_only(world, ray_session, tmp_path):
     """``scoring.normalize`` on a grown corpus: the self_influence stage computes the appended
     file's shards alone (reusing the others' files), and the result equals a fresh run's."""

@@ -130,3 +130,26 @@ def test_remote_model_is_fetched_once_per_node_by_racing_workers(world, s3_bucke
     fs.pipe_file(f"{url}/config.json", (world.pretrained / "config.json").read_bytes() + b"\n")  # a new version
     assert local_dir(url) != str(cached) and weight_gets() == 2
     assert local_dir(url) != str(cached) and weight_gets() == 2  # and only once
+
+
+def test_retries_wait_out_an_outage_longer_than_the_attempts():
+    """Transient errors are retried until both the attempts and the seconds are spent: an outage of 45 s
+    (by a fake clock) is waited out although 3 attempts are spent in well under a second, and an
+    endless one ends once both are spent, with the last error."""
+    now = [0.0]
+    sleep = lambda delay: now.__setitem__(0, now[0] + delay + 0.01)  # noqa: E731
+    clock = lambda: now[0]  # noqa: E731
+
+    def down_until(t: float):
+        def read() -> bytes:
+            if now[0] < t:
+                raise ConnectionResetError("connection reset by peer")
+            return b"ok"
+        return read
+
+    assert with_retries(down_until(45.0), "read x", attempts=3, seconds=60, sleep=sleep, clock=clock) == b"ok"
+    assert 45.0 <= now[0] < 60 + 30 + 1
+    now[0] = 0.0
+    with pytest.raises(ConnectionResetError):
+        with_retries(down_until(float("inf")), "read x", attempts=3, seconds=60, sleep=sleep, clock=clock)
+    assert 60.0 <= now[0] < 60 + 30 + 1  # the last sleep is at most RETRY_CAP

@@ -20,6 +20,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterator
@@ -50,7 +51,8 @@ class FaultProxy:
     ``fail_next(kinds)`` makes the next ``len(kinds)`` requests fail, one kind each (``slowdown``,
     ``internal``, ``reset``: the connection is closed without an answer; ``lost_reply``: the request
     reaches moto, and then the connection is closed, so that the client never learns that its write
-    happened). ``deny(prefix)`` answers 403 AccessDenied to every request whose path starts with
+    happened). ``outage(seconds)`` closes every connection without an answer for that long: the
+    store is unreachable. ``deny(prefix)`` answers 403 AccessDenied to every request whose path starts with
     ``/prefix``. ``failed`` counts the requests failed so far; ``requests`` lists (method, path) of
     every request forwarded to moto.
     """
@@ -59,6 +61,7 @@ class FaultProxy:
         self.upstream = upstream
         self.pending: deque[str] = deque()
         self.denied: set[str] = set()
+        self.down_until = 0.0  # time.monotonic() until which every request is dropped
         self.failed = 0
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
@@ -71,6 +74,10 @@ class FaultProxy:
         with self.lock:
             self.pending.extend(kinds)
 
+    def outage(self, seconds: float) -> None:
+        with self.lock:
+            self.down_until = time.monotonic() + seconds
+
     def deny(self, prefix: str) -> None:
         self.denied.add("/" + prefix.strip("/"))
 
@@ -78,6 +85,7 @@ class FaultProxy:
         with self.lock:
             self.pending.clear()
             self.denied.clear()
+            self.down_until = 0.0
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -86,6 +94,9 @@ class FaultProxy:
         with self.lock:
             if any(path.startswith(prefix) for prefix in self.denied):
                 return "denied"
+            if time.monotonic() < self.down_until:
+                self.failed += 1
+                return "reset"
             if self.pending:
                 self.failed += 1
                 return self.pending.popleft()
