@@ -138,3 +138,12 @@ def test_ray_re_raises_the_error_as_its_class(ray_session, store: RunDir, tmp_pa
     with pytest.raises(DamagedArtifactError) as raised:
         ray_session.get(load.remote(str(tmp_path)))
     assert raised.value.name == NAME and str(tmp_path / NAME) in str(raised.value)
+
+
+def test_local_writes_fsync_the_file_before_the_rename_and_the_folder_after(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[str] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    RunDir(str(tmp_path)).write_bytes("a/b.json", b"{}")
+    assert len(synced) == 2 and synced[0].endswith(".tmp") and synced[1] == str(tmp_path / "a")
