@@ -10,6 +10,12 @@ marker ``… .json`` lists the shards it contains and the worker's previous chec
   out again), and a crash between any two writes leaves a consistent set of markers;
 - storage holds about one checkpoint per worker, whatever the number of shards.
 
+The marker also records the checkpoint's byte size: a checkpoint that is missing or whose size
+differs (truncated, emptied), or whose marker does not parse, is not committed; its marker is
+removed after one warning, and its shards are summed again (an earlier checkpoint it replaced, if
+still there, counts again: it holds a part of the same shards). A flipped byte keeps the size: the reduce job reading it finds it
+(``DamagedArtifactError``) and the pipeline discards it.
+
 A commit happens before a new shard is added, never after, so the shard of a call that crashes
 is never in a checkpoint; the driver re-queues exactly the shards that no committed checkpoint lists.
 A shard that fails with an exception half-way has polluted the running sum: the worker then drops
@@ -20,12 +26,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from msif_ray.store.layout import checkpoint_file, checkpoint_marker, is_checkpoint_marker
-from msif_ray.store.storage import RunDir
+from msif_ray.store.markers import size_problem
+from msif_ray.store.storage import DamagedArtifactError, RunDir
 
 
 class Sums(Protocol):
@@ -61,9 +68,9 @@ class Accumulation:
         if not self.uncommitted:
             return self.committed
         name = checkpoint_file(self.folder, self.worker, self.sequence)
-        self.store.save_tensors(name, self.sums.to_tensors(), {"worker": self.worker})
-        self.store.write_json(checkpoint_marker(name),
-                              {"shards": self.shards, "replaces": [self.committed] if self.committed else []})
+        size = self.store.save_tensors(name, self.sums.to_tensors(), {"worker": self.worker})
+        self.store.write_json(checkpoint_marker(name), {"shards": self.shards, "bytes": size,
+                                                        "replaces": [self.committed] if self.committed else []})
         if self.committed:
             self.store.remove(checkpoint_marker(self.committed))
             self.store.remove(self.committed)
@@ -72,21 +79,46 @@ class Accumulation:
         return name
 
 
-def committed_checkpoints(store: RunDir, folder: str) -> dict[str, dict[str, dict]]:
+def committed_checkpoints(store: RunDir, folder: str, warn: Callable[[str], None] | None = None
+                          ) -> dict[str, dict[str, dict]]:
     """checkpoint name -> {shard id: stats} of the valid checkpoints of ``folder``.
 
-    Valid: its marker exists, no other marker replaces it, its tensors exist, and it shares no
-    shard with a checkpoint accepted before it (a defensive rule: its shards are then recomputed).
+    Valid: its marker parses, its tensors exist with the size the marker recorded
+    (``committed_markers``), no other marker replaces it, and it shares no shard with a checkpoint
+    accepted before it (a defensive rule: its shards are then recomputed). Sizes come from one
+    listing of the folder. With ``warn`` (the pipeline), an invalid marker is reported and removed;
+    without (``msif status``, which only reads), it is left out.
     """
-    markers = {n.removesuffix(checkpoint_marker("")): store.read_json(n) for n in store.list(folder)
-               if is_checkpoint_marker(n)}
+    sizes = store.sizes(folder)
+    markers = committed_markers(store, sizes, warn)
     replaced = {r for m in markers.values() for r in m["replaces"]}
     valid: dict[str, dict[str, dict]] = {}
     seen: set[str] = set()
     for name in sorted(markers):
         shards = markers[name]["shards"]
-        if name in replaced or not store.exists(name) or seen & shards.keys():
+        if name in replaced or seen & shards.keys():
             continue
         valid[name] = shards
         seen |= shards.keys()
     return valid
+
+
+def committed_markers(store: RunDir, sizes: dict[str, int], warn: Callable[[str], None] | None
+                      ) -> dict[str, dict]:
+    """checkpoint name -> its marker, for the markers among ``sizes`` (a folder's listing) that
+    parse and whose checkpoint exists with the recorded size; the others are left out, or with
+    ``warn`` reported and removed."""
+    markers = {}
+    for marker in filter(is_checkpoint_marker, sizes):
+        name = marker.removesuffix(checkpoint_marker(""))
+        try:
+            content = store.read_json(marker)
+            problem = size_problem(sizes.get(name), content.get("bytes"))
+        except DamagedArtifactError as err:
+            problem = f"its marker is damaged ({err.problem})"
+        if problem is None:
+            markers[name] = content
+        elif warn is not None:
+            warn(f"warning: checkpoint {store.url(name)}: {problem}; its shards are summed again")
+            store.remove(marker)
+    return markers

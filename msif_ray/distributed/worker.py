@@ -233,10 +233,11 @@ class ShardWorker:
         return {"shard": job.job_id, "documents": len(ids), "skipped": skipped, "tokens": tokens,
                 "seconds": round(time.monotonic() - start, 3), "worker_peak_rss_mb": peak_rss_mb()}
 
-    def _finish(self, job, output: str, start: float, ids: list[str], skipped: int, tokens: int,
+    def _finish(self, job, output: str, size: int, start: float, ids: list[str], skipped: int, tokens: int,
                 store: RunDir | None = None) -> dict:
-        """Write the job's stats next to its output: the marker that the job is done."""
-        stats = self._stats(job, start, ids, skipped, tokens)
+        """Write the job's stats and the output's ``size`` in bytes next to it: the marker that the job
+        is done (``store/markers.py`` checks the size on reuse)."""
+        stats = self._stats(job, start, ids, skipped, tokens) | {"bytes": size}
         (store or self.run_dir).write_json(done_marker(output), stats)
         return stats
 
@@ -294,8 +295,9 @@ class ShardWorker:
         self._maybe_crash("precondition")
         batches = lm.batches(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries], ids))
         vectors = precondition_queries(lm.model, lm.taps, batches, len(ids), self._factors.chain(spec), spec.rank, ids)
-        self.run_dir.save_tensors(job.output, vectors.to_tensors(), {"query_ids": json.dumps(ids), "method": spec.method})
-        return self._finish(job, job.output, start, ids, 0, sum(b.num_tokens for b in batches))
+        size = self.run_dir.save_tensors(job.output, vectors.to_tensors(), {"query_ids": json.dumps(ids),
+                                                                            "method": spec.method})
+        return self._finish(job, job.output, size, start, ids, 0, sum(b.num_tokens for b in batches))
 
     def self_influence(self, job: ShardJob, pretrain: str | None, damping: Damping,
                        groups: tuple[tuple[str, ...], ...]) -> dict:
@@ -312,8 +314,8 @@ class ShardWorker:
             bases = {layer: TermBasis.of(None if pretrain is None else self._factors.layer(pretrain, layer),
                                          damping).to(self.device) for layer in group}
             total += document_self_influence(lm.model, lm.taps, batches, len(doc_ids), bases, group)
-        self.run_dir.save_tensors(job.output, {"self_influence": total}, {"doc_ids": json.dumps(doc_ids)})
-        return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches))
+        size = self.run_dir.save_tensors(job.output, {"self_influence": total}, {"doc_ids": json.dumps(doc_ids)})
+        return self._finish(job, job.output, size, start, doc_ids, skipped, sum(b.num_tokens for b in batches))
 
     def scores(self, job: ShardJob, query_files: tuple[str, ...], top_k: int, norm: Normalization | None) -> dict:
         """Scoring: every document of the shard against one group of queries; keep the top and bottom k
@@ -322,9 +324,9 @@ class ShardWorker:
         group = self._query_group(query_files)
         doc_ids, totals, skipped, tokens = self._exact_scores(job, group)
         normalized = normalized_scores(totals, norm, self.run_dir, job.shard.shard_id, doc_ids, group.norms)
-        self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, normalized, top_k,
-                                                              raw=None if norm is None else totals))
-        return self._finish(job, job.output, start, doc_ids, skipped, tokens)
+        size = self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, normalized, top_k,
+                                                                     raw=None if norm is None else totals))
+        return self._finish(job, job.output, size, start, doc_ids, skipped, tokens)
 
     def rescore(self, job: RerankJob, norm: Normalization | None) -> dict:
         """Exact scores of each batch's candidate (query, document) pairs in one shard."""
@@ -340,8 +342,8 @@ class ShardWorker:
                        "score": [float(normalized[c]) for c in cells], "side": [side for _, _, side in pairs]}
             if norm is not None:
                 columns["raw_score"] = [float(totals[c]) for c in cells]
-            self.run_dir.write_parquet(output, pa.table(columns, schema=extremes_schema(norm is not None)))
-            stats = self._finish(job, output, start, doc_ids, skipped, tokens)
+            size = self.run_dir.write_parquet(output, pa.table(columns, schema=extremes_schema(norm is not None)))
+            stats = self._finish(job, output, size, start, doc_ids, skipped, tokens)
         return stats
 
     def index(self, job: ShardJob, index_url: str, folder: str, terms: int, groups: tuple[tuple[str, ...], ...]
@@ -359,8 +361,8 @@ class ShardWorker:
         parts = [document_terms(lm.model, lm.taps, batches, len(doc_ids), read_index_basis(store, folder, group, self.device),
                                 terms, group) for group in groups]
         rows = IndexRows.concat(parts)
-        store.save_tensors(job.output, rows.tensors(), {"doc_ids": json.dumps(doc_ids)})
-        return self._finish(job, job.output, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
+        size = store.save_tensors(job.output, rows.tensors(), {"doc_ids": json.dumps(doc_ids)})
+        return self._finish(job, job.output, size, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
 
     def scan(self, job: ScanJob, index_url: str, folder: str, candidates: int, layers: tuple[str, ...],
              norm: Normalization | None) -> dict:
@@ -378,9 +380,9 @@ class ShardWorker:
             if norm is not None:  # the shard's self-influence is read once for all its batches
                 estimates = normalize_scores(estimates, norm.how, self_influence, norms)
             table = extremes_table(ids, doc_ids, estimates, candidates)
-            self.run_dir.write_parquet(output, table.append_column("shard", pa.array([job.shard_id] * table.num_rows,
-                                                                                     pa.string())))
-            stats = self._finish(job, output, start, doc_ids, 0, 0)
+            shards = pa.array([job.shard_id] * table.num_rows, pa.string())
+            size = self.run_dir.write_parquet(output, table.append_column("shard", shards))
+            stats = self._finish(job, output, size, start, doc_ids, 0, 0)
         return stats
 
     def _exact_scores(self, job: ShardJob, group: QueryGroup) -> tuple[list[str], torch.Tensor, int, int]:

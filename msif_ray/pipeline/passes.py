@@ -1,7 +1,8 @@
 """Map passes over the worker pool: hand out the jobs not done yet, resume, count every shard once.
 
 Two kinds of pass. A *map* pass (queries, scores, index, scan, rerank) writes one output per job
-plus a ``.done.json`` once it is complete; a rerun hands out only the jobs without one. An
+plus a ``.done.json`` once it is complete; a rerun hands out only the jobs that are not done: no
+marker, or an output missing or of another size than its marker records (``store/markers.py``). An
 *accumulating* pass (covariance, Λ) has workers sum shards and commit worker-level checkpoints
 that list the shards they hold (``distributed/checkpoints.py``); it runs in rounds until every
 shard is in a committed checkpoint, so a shard lost with a crashed worker is summed again, once.
@@ -18,7 +19,7 @@ from msif_ray.distributed.pool import Deadline, WorkerCrashError, WorkerPool
 from msif_ray.distributed.worker import ShardJob, ShardWorker, WorkerSettings
 from msif_ray.pipeline.plan import ResourcePlan, WorkerMemoryError
 from msif_ray.progress import Progress
-from msif_ray.store.layout import done_marker
+from msif_ray.store.markers import done_outputs
 from msif_ray.store.storage import RunDir
 
 FAULT_ENV = "MSIF_FAULT_INJECT"  # tests: a pass name whose worker is killed once
@@ -53,10 +54,10 @@ class Passes:
             self.pool = None  # its actors are gone: a next run starts a new pool
 
     def map(self, name: str, method: str, jobs: list, *args, store: RunDir | None = None) -> dict:
-        """Run ``method`` on every job without a ``.done.json`` yet (in ``store``, by default the run
-        directory); return the pass's stats."""
-        store = store or self.store
-        done = {j.job_id: store.read_json(done_marker(j.output)) for j in jobs if store.exists(done_marker(j.output))}
+        """Run ``method`` on every job not done yet (in ``store``, by default the run directory);
+        return the pass's stats."""
+        finished = done_outputs(store or self.store, [j.output for j in jobs], self.log)
+        done = {j.job_id: finished[j.output] for j in jobs if j.output in finished}
         pending = [j for j in jobs if j.job_id not in done]
         progress = Progress(name, len(pending), self.log)
         if done:
@@ -74,7 +75,7 @@ class Passes:
         retries: list[str] = []
         first_round, computed, seconds = True, 0, 0.0
         for _ in range(MAX_ROUNDS):
-            checkpoints = committed_checkpoints(self.store, folder)
+            checkpoints = committed_checkpoints(self.store, folder, self.log)
             in_checkpoints = {shard for shards in checkpoints.values() for shard in shards}
             pending = [j for j in jobs if j.job_id not in in_checkpoints]
             if first_round and in_checkpoints:
@@ -110,7 +111,8 @@ class Passes:
     def pending_chunks(self, files: list[str], outputs: dict[str, str], size: int) -> list[tuple[str, ...]]:
         """The query batches whose output is not done yet, in chunks of ``size`` (one job each); when
         none is pending, all of them as one chunk, so that the pass counts the shard as reused."""
-        pending = [f for f in files if not self.store.exists(done_marker(outputs[f]))]
+        finished = done_outputs(self.store, outputs.values(), self.log)
+        pending = [f for f in files if outputs[f] not in finished]
         if not pending:
             return [tuple(files)] if files else []
         return [tuple(pending[i : i + size]) for i in range(0, len(pending), size)]

@@ -1,10 +1,12 @@
 """The manifest and the stages' done records: the one place that decides whether a stage is reused.
 
 A stage is done for a key when its done record ``<stage>/<key>/stage.json`` exists
-(``layout.stage_record``; written after every other output of the stage), whatever the manifest's
-single record per stage says; so going back to earlier inputs (two fine-tuned models in turn on
-one run directory, say) reuses their outputs. The manifest keeps, per stage, the key, the named
-inputs, the outcome (computed | reused | recomputed | resumed) and why, and the passes' stats.
+(``layout.stage_record``; written after every other output of the stage) and every output it
+lists (the query batches, which live outside the key's folder) is done: present, with the size
+its marker records (``store/markers.py``). That holds whatever the manifest's single record per
+stage says, so going back to earlier inputs (two fine-tuned models in turn on one run directory,
+say) reuses their outputs. The manifest keeps, per stage, the key, the named inputs, the outcome
+(computed | reused | recomputed | resumed) and why, and the passes' stats.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from typing import Callable
 
 from msif_ray.store import layout
+from msif_ray.store.markers import done_outputs
 from msif_ray.store.storage import RunDir
 
 
@@ -36,8 +39,9 @@ class StageRecords:
         """
         last = self.manifest["stages"].get(stage)
         record_name = layout.stage_record(stage, key)
-        if self.store.exists(record_name):
-            self.manifest["stages"][stage] = self.store.read_json(record_name) | {"outcome": "reused"}
+        record = self.store.read_json(record_name) if self.store.exists(record_name) else None
+        if record is not None and self.outputs_done(record):
+            self.manifest["stages"][stage] = record | {"outcome": "reused"}
             self.log(f"[{stage}] up to date, skipped: reused (key {key})")
             self.save()
             return True
@@ -48,6 +52,11 @@ class StageRecords:
                                           "outcome": outcome, "reason": reason}
         self.save()
         return False
+
+    def outputs_done(self, record: dict) -> bool:
+        """Whether every output a done record lists is done (one warning per one that is not)."""
+        outputs = record.get("outputs", [])
+        return len(done_outputs(self.store, outputs, self.log)) == len(outputs)
 
     def finish(self, stage: str, key: str, started: float, passes: dict, publish: Callable[[], None] | None = None,
                outputs: list[str] | None = None, done_record: bool = True) -> None:

@@ -15,6 +15,12 @@
 Each stage is keyed by a digest of its named inputs (``keys.py``) and skipped when its done record
 for that key exists (``records.py``); inside a stage, map passes resume where they stopped
 (``passes.py``). The stages share one worker pool, started on first use.
+
+An artifact found damaged on load (``DamagedArtifactError``, raised in the driver or re-raised by
+Ray from a worker) is never used: the run discards it with every marker and record that declares
+it done (``layout.records_covering``) and runs the stages again, up to MAX_REPAIRS times; content
+keys and resume then recompute only what is missing, and outputs computed earlier from the
+undamaged artifact stay.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import time
 from typing import Callable
 
 from msif_ray.config import Config, redact_secrets
+from msif_ray.errors import user_error
 from msif_ray.pipeline import factors, index, queries, scores, self_influence
 from msif_ray.pipeline.context import RunContext
 from msif_ray.pipeline.inputs import Inputs, tokens_per_document, validate
@@ -30,10 +37,11 @@ from msif_ray.pipeline.keys import check_identity, index_identity, index_store, 
 from msif_ray.pipeline.passes import FAULT_ENV, Passes
 from msif_ray.pipeline.plan import ResourcePlan, make_plan
 from msif_ray.pipeline.records import StageRecords
-from msif_ray.store.layout import TOPK
-from msif_ray.store.storage import RunDir
+from msif_ray.store.layout import TOPK, records_covering
+from msif_ray.store.storage import DamagedArtifactError, RunDir
 
 __all__ = ["FAULT_ENV", "Inputs", "Pipeline"]
+MAX_REPAIRS = 5  # damaged artifacts discarded and recomputed in one run before it gives up
 
 
 class Pipeline:
@@ -84,11 +92,36 @@ class Pipeline:
         passes = Passes(cfg, self.store, self.plan, self.log)
         run = RunContext(cfg, self.store, self.plan, self.records, passes, self.log)
         try:
-            self._stages(run, inputs, named)
+            self._repaired_stages(run, inputs, named)
         finally:
             passes.shutdown()
         self.log(f"done in {time.monotonic() - started:.1f}s: {self.store.url(TOPK)}")
         return self.store.url(TOPK)
+
+    def _repaired_stages(self, run: RunContext, inputs: Inputs, named: dict[str, dict]) -> None:
+        """The stages, run again after each damaged artifact found, discarded, up to MAX_REPAIRS times."""
+        for repairs in range(MAX_REPAIRS + 1):
+            try:
+                return self._stages(run, inputs, named)
+            except DamagedArtifactError as err:
+                if repairs == MAX_REPAIRS:
+                    raise
+                self._discard(user_error(err), run.passes)  # Ray's re-raised error wraps the worker's
+
+    def _discard(self, damage: DamagedArtifactError, passes: Passes) -> None:
+        """Remove a damaged artifact of the run directory or the index, and what declares it done.
+
+        The worker pool is restarted: its actors may still run jobs of the interrupted pass, and
+        an accumulating one must not add a shard that the next round hands out again. A damaged
+        file anywhere else (none is read through ``RunDir`` today) is not ours to remove.
+        """
+        store = RunDir(damage.root)
+        if store.url() not in (self.store.url(), index_store(self.config, self.store).url()):
+            raise damage
+        self.log(f"warning: {damage}; discarding it and computing it again")
+        passes.shutdown()
+        for name in [damage.name, *records_covering(damage.name)]:
+            store.remove(name)
 
     @staticmethod
     def _stages(run: RunContext, inputs: Inputs, named: dict[str, dict]) -> None:

@@ -2,7 +2,8 @@
 and backward pass over the corpus per group), top and bottom k per shard, a tree of bounded merges.
 
 ``scores/topk.parquet`` and ``bottomk.parquet`` are copies of the current key's ``scores/<key>/``
-tables, published again when another key wrote them (``publish``).
+tables, published again when another key wrote them or when they are damaged (``published``
+reads and so verifies them: they are small); ``publish`` verifies the key's tables before copying.
 """
 
 from __future__ import annotations
@@ -16,22 +17,39 @@ from msif_ray.pipeline.inputs import Inputs
 from msif_ray.pipeline.passes import combine_groups
 from msif_ray.store import layout
 from msif_ray.store.data import DataError
+from msif_ray.store.storage import DamagedArtifactError
 
 
 def scores_done(run: RunContext, key: str, named: dict) -> bool:
     """Whether the scores of ``key`` are done; they are then (re)published to ``scores/``."""
-    previous = run.records.manifest["stages"].get("scores", {})
-    published = (previous.get("fingerprint") == key and previous.get("state") == "done"
-                 and run.store.exists(layout.TOPK) and run.store.exists(layout.BOTTOMK))
-    if not published and run.store.exists(layout.stage_record("scores", key)):
-        publish(run, key)  # done for this key, but the result in scores/ is another key's
+    if not published(run, key) and run.store.exists(layout.stage_record("scores", key)):
+        publish(run, key)  # done for this key, but the result in scores/ is another key's, or damaged
     return run.records.is_done("scores", key, named)
 
 
+def published(run: RunContext, key: str) -> bool:
+    """Whether ``scores/`` holds the tables of ``key``, intact (a damaged one is reported)."""
+    previous = run.records.manifest["stages"].get("scores", {})
+    if previous.get("fingerprint") != key or previous.get("state") != "done":
+        return False
+    try:
+        for name in (layout.TOPK, layout.BOTTOMK):
+            run.store.read_parquet(name)
+    except FileNotFoundError:
+        return False
+    except DamagedArtifactError as err:
+        run.log(f"warning: {err}; publishing it again")
+        return False
+    return True
+
+
 def publish(run: RunContext, key: str) -> None:
-    """Copy the merged tables of ``key`` to ``scores/topk.parquet`` and ``scores/bottomk.parquet``."""
+    """Copy the merged tables of ``key`` to ``scores/topk.parquet`` and ``scores/bottomk.parquet``,
+    after reading them (``DamagedArtifactError`` when one is damaged: the pipeline merges again)."""
     for side, name in (("topk", layout.TOPK), ("bottomk", layout.BOTTOMK)):
-        run.store.write_bytes(name, run.store.read_bytes(layout.scores_result(key, side)))
+        source = layout.scores_result(key, side)
+        run.store.read_parquet(source)
+        run.store.copy(source, name)
 
 
 def merge_result(run: RunContext, key: str, partials: list[str], k: int) -> None:

@@ -9,7 +9,7 @@
     factors/<pretrain|finetune>/<key>/
         factors.json                                    the fitted factors' index: layers, counts, fisher
         layers/<layer>.safetensors                      Q_A [in, in], Q_S [out, out], lambda [out, in] of one layer
-        covariance/g<group>/<worker>-<seq>.safetensors  a worker's checkpoint of Σ a aᵀ, Σ s sᵀ (+ .json: its shards)
+        covariance/g<group>/<worker>-<seq>.safetensors  a worker's checkpoint of Σ a aᵀ, Σ s sᵀ (+ .json: shards, size)
         eigen/<layer>.<A|S>.safetensors                 eigenvectors and eigenvalues of one factor
         lambdas/g<group>/<worker>-<seq>.safetensors     a worker's checkpoint of Σ (Q_Sᵀ G Q_A)² (+ .json)
     queries/<chain key>/<batch key>.safetensors         Ṽ_q of one batch of queries (+ .done.json): named by the
@@ -17,6 +17,7 @@
     self_influence/<key>/<shard>.safetensors            scoring.normalize: each document's G_mᵀ(H_pt + λI)⁻¹G_m, with
                                                         the doc ids (+ .done.json), reused by every query set
     scores/<key>/g<group>/<shard>.parquet               top and bottom k per query of one shard (+ .done.json)
+    <output>.done.json                                  a map-pass output is done: the job's stats, the output's bytes
     scores/<key>/merge/<level>-<n>.parquet              a step of the tree merge
     scores/scan/<scan key>/<batch>/<shard>.parquet      index mode: one query batch's best candidates in one index
                                                         shard, by estimate, with the shard id (+ .done.json)
@@ -55,7 +56,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from msif_ray.store.storage import RunDir
@@ -158,6 +159,37 @@ def done_marker(output: str) -> str:
 
 def is_done_marker(name: str) -> bool:
     return name.endswith(".done.json")
+
+
+def records_covering(name: str) -> list[str]:
+    """The markers and done records that declare artifact ``name`` done (in the same store): a
+    damaged artifact is removed with them, so that resume computes it again.
+
+    A map pass's output is covered by its ``.done.json``, a worker checkpoint by its marker, a
+    factor stage's eigen and layer files by the stage's done record, a scores key's partials and
+    tables by its scores record, the index's basis by its identity. Query batches are listed by
+    their queries stage record as well, which counts them done only while their markers do
+    (``pipeline/records.py``). Markers, records, merge steps and published copies are covered by
+    nothing but their own existence.
+    """
+    for pattern, covering in COVERING:
+        found = re.fullmatch(pattern, name)
+        if found:
+            return covering(found)
+    return []
+
+
+COVERING: list[tuple[str, Callable[[re.Match], list[str]]]] = [
+    (r"factors/(?:pretrain|finetune)/[^/]+/(?:covariance|lambdas)/g\d+/[^/]+\.safetensors",
+     lambda m: [checkpoint_marker(m[0])]),
+    (r"(factors/(?:pretrain|finetune))/([^/]+)/(?:layers/[^/]+\.safetensors|eigen/[^/]+\.safetensors|factors\.json)",
+     lambda m: [stage_record(m[1], m[2])]),
+    (r"scores/([^/]+)/g\d+/[^/]+\.parquet", lambda m: [done_marker(m[0]), stage_record("scores", m[1])]),
+    (r"scores/([^/]+)/(?:topk|bottomk|candidates)\.parquet", lambda m: [stage_record("scores", m[1])]),
+    (r"(?:queries|self_influence)/[^/]+/[^/]+\.safetensors|scores/(?:scan|rerank)/[^/]+/[^/]+/[^/]+\.parquet"
+     r"|shards/[^/]+\.safetensors", lambda m: [done_marker(m[0])]),
+    (r"basis/[^/]+/[^/]+\.safetensors", lambda m: [INDEX_IDENTITY]),
+]
 
 
 def score_partial_shard(name: str) -> str | None:
