@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 2 bad input (a one-line message naming the culprit, no traceback: only the
 project's own ``errors.UserError`` classes count); 3 the run directory is locked by
-another live run (the message names it); anything else is a bug and shows its traceback.
+another live run (the message names it); 1 anything else, a bug or an outage, with its traceback.
+Everything ``msif`` prints or logs goes through ``config.redact_text``: credentials in URLs are masked.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ import argparse
 import copy
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from msif_ray.config import cache_root, load_config, redact_text
+from msif_ray.config import cache_root, load_config, redact_output
 from msif_ray.distributed.runtime import init_ray
 from msif_ray.errors import user_error
 from msif_ray.pipeline.locked import run_locked, stages_now
 from msif_ray.store import layout
 from msif_ray.store.lock import LockHeldError
 
+EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
 EXIT_LOCKED = 3
 
@@ -234,15 +237,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``msif``: everything it prints or logs, tracebacks included, has credentials in URLs masked."""
     args = build_parser().parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    redact_output()
     try:
         return args.handler(args)
     except Exception as err:  # noqa: BLE001 - turned into a one-line message when it is the user's input
         cause = user_error(err)
-        if cause is None:
-            raise
-        print(f"msif: error: {redact_text(str(cause))}", file=sys.stderr)  # credentials in URLs masked
+        if cause is None:  # a bug or an outage: its traceback, through the redacting stderr
+            traceback.print_exception(err)
+            return EXIT_FAILURE
+        print(f"msif: error: {cause}", file=sys.stderr)
         return EXIT_LOCKED if isinstance(cause, LockHeldError) else EXIT_BAD_INPUT
+    finally:
+        sys.stdout, sys.stderr = streams
 
 
 if __name__ == "__main__":

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import yaml
@@ -593,6 +595,46 @@ def redact_text(text: str) -> str:
         return redact_secrets(core) + url[len(core):]
 
     return re.sub(r"[A-Za-z][\w+.-]*://\S+", redact, text)
+
+
+class _RedactingStream:
+    """A text stream that writes through ``redact_text``; everything else is the wrapped stream's."""
+
+    def __init__(self, stream: TextIO):
+        self.wrapped = stream
+
+    def write(self, text: str) -> int:
+        self.wrapped.write(redact_text(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wrapped, name)
+
+
+class _RedactingFilter(logging.Filter):
+    """Masks credentials in a log record's message and its traceback (handlers keep the stream they
+    were made with, so wrapping ``sys.stderr`` alone would miss them)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + logging.Formatter().formatException(record.exc_info)
+            record.exc_info = record.exc_text = None
+        record.msg, record.args = redact_text(message), None
+        return True
+
+
+def redact_output() -> None:
+    """From now on, mask credentials in URLs in everything this process prints or logs: ``sys.stdout``
+    and ``sys.stderr`` write through ``redact_text``, and so does every handler of the root logger.
+    ``msif`` calls it first thing, each worker when it starts. Idempotent."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if not isinstance(stream, _RedactingStream):
+            setattr(sys, name, _RedactingStream(stream))
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _RedactingFilter) for f in handler.filters):
+            handler.addFilter(_RedactingFilter())
 
 
 def redact_secrets(value: object) -> object:

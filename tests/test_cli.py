@@ -166,3 +166,66 @@ def test_budget_too_small_fails_in_plan_and_run(tmp_path, world, capsys):
     assert "2 layer groups: 2 passes over each shard" in line
     assert main(["plan", "--device", "h200", str(ok)]) == 0
     assert "NVIDIA H200" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.slow
+def test_a_credentialed_endpoint_and_ray_address_are_never_printed(tmp_path, world):
+    """``msif run`` with a password in the S3 endpoint URL (s3fs refuses such URLs: exit 1, an
+    outage's traceback), then with one in ``ray.address`` of a cluster that is not there (exit 2,
+    naming the key and the address): no line of stdout or stderr of either holds the password."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    def msif_run(run_dir: str, env: dict, **overrides) -> subprocess.CompletedProcess:
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(world.config(run_dir, **overrides)))
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env
+        return subprocess.run([sys.executable, "-m", "msif_ray.cli", "run", str(config)], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    endpoint = msif_run("s3://bucket/run", {"AWS_ENDPOINT_URL": f"http://minio:hunter2-secret@127.0.0.1:{port}",
+                                            "AWS_MAX_ATTEMPTS": "1", "MSIF_STORAGE_RETRIES": "2"})
+    output = endpoint.stdout + endpoint.stderr
+    assert endpoint.returncode == 1 and "Traceback" in output, output
+    assert "hunter2-secret" not in output
+    address = msif_run(str(tmp_path / "run"), {}, **{"ray.address": f"ray://admin:hunter2-secret@127.0.0.1:{port}"})
+    output = address.stdout + address.stderr
+    assert address.returncode == 2, output
+    assert f"msif: error: ray.address: cannot reach the Ray cluster at ray://admin:REDACTED@127.0.0.1:{port}" in output
+    assert "hunter2-secret" not in output
+
+
+def test_every_print_and_log_line_is_redacted(capsys):
+    """After ``redact_output``: prints, log records and their tracebacks have URL credentials masked."""
+    import logging
+    import sys
+
+    from msif_ray.config import redact_output
+
+    streams = sys.stdout, sys.stderr
+    handler = logging.StreamHandler(sys.stderr)
+    logging.getLogger().addHandler(handler)
+    try:
+        redact_output()
+        print("reading s3://bucket/key?X-Amz-Signature=abc123secret")
+        try:
+            raise ConnectionError('Could not connect to "http://user:pw-secret@minio:9000/bucket"')
+        except ConnectionError:
+            logging.getLogger("msif_ray.test").warning("ray at %s failed", "ray://admin:pw-secret@head:10001",
+                                                       exc_info=True)
+        out, err = capsys.readouterr()
+    finally:
+        logging.getLogger().removeHandler(handler)
+        sys.stdout, sys.stderr = streams
+    assert "s3://bucket/key?X-Amz-Signature=REDACTED" in out and "abc123secret" not in out
+    assert "ray://admin:REDACTED@head:10001" in err and "http://user:REDACTED@minio:9000/bucket" in err
+    assert "pw-secret" not in err and "Traceback" in err

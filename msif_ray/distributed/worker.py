@@ -25,6 +25,7 @@ import pyarrow as pa
 import ray
 import torch
 
+from msif_ray.config import redact_output
 from msif_ray.engine.curvature import CovarianceSums, Damping, Eigenbasis, LambdaSums, LayerFactors, accumulate_covariances, accumulate_lambdas
 from msif_ray.store.data import Document, Shard, read_documents, read_pair_shard, read_pairs, sample_documents
 from msif_ray.distributed.checkpoints import Accumulation
@@ -60,7 +61,7 @@ class WorkerSettings:
     checkpoint_seconds: float = 600.0
     factor_cache_bytes: int = 1 << 30  # per-layer factors kept in memory by the query pass
     trust_remote_code: bool = False
-    fault: str | None = None  # test hook: "<pass>[:hang],..." kills (or hangs) a worker once per pass named
+    fault: str | None = None  # test hook: "<pass>[:hang|:oom],...": a worker dies, hangs or runs out of memory once
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class Normalization:
 @ray.remote
 class ShardWorker:
     def __init__(self, settings: WorkerSettings):
+        redact_output()  # what the worker prints or logs reaches the driver's output
         torch.set_num_threads(settings.num_threads)
         self.settings = settings
         self.run_dir = RunDir(settings.run_dir)
@@ -209,9 +211,10 @@ class ShardWorker:
         return [d.doc_id for d in docs], document_examples(docs), skipped
 
     def _maybe_crash(self, pass_name: str) -> None:
-        """Fault injection for tests (``settings.fault``: ``<pass>[:hang]``, comma-separated): once per
-        pass named, on one of its jobs, die (a real process exit) or hang (sleep until killed). The
-        marker ``_faults/<pass>`` records where, so that a test can take the node away."""
+        """Fault injection for tests (``settings.fault``: ``<pass>[:hang|:oom]``, comma-separated): once
+        per pass named, on one of its jobs, die (a real process exit), hang (sleep until killed) or
+        run out of GPU memory (torch's own exception, where a real one would come from). The marker
+        ``_faults/<pass>`` records where, so that a test can take the node away."""
         faults = dict(f.partition(":")[::2] for f in (self.settings.fault or "").split(",") if f)
         if pass_name not in faults:
             return
@@ -227,6 +230,8 @@ class ShardWorker:
         if faults[pass_name] == "hang":
             while True:
                 time.sleep(60)
+        if faults[pass_name] == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by a test)")
         os._exit(1)
 
     def _stats(self, job, start: float, ids: list[str], skipped: int, tokens: int) -> dict:

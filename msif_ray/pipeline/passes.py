@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import torch
+
 from msif_ray.config import Config
 from msif_ray.distributed.checkpoints import committed_checkpoints
 from msif_ray.distributed.pool import Deadline, WorkerCrashError, WorkerPool
@@ -130,6 +132,11 @@ class Passes:
             if err.out_of_memory:
                 raise WorkerMemoryError(self.plan.out_of_memory_message(name, str(err))) from err
             raise WorkerCrashError(err.item, err.attempts, err.__cause__ or err, f"[{name}] ") from err
+        except (torch.OutOfMemoryError, MemoryError) as err:  # raised in a worker: CUDA's, or the host's allocator
+            if isinstance(err, WorkerMemoryError):
+                raise
+            detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise WorkerMemoryError(self.plan.out_of_memory_message(name, f"a worker ran out of memory ({detail})")) from err
         return done, retries
 
 

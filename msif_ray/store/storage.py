@@ -43,6 +43,7 @@ import logging
 import os
 import posixpath
 import random
+import shutil
 import socket
 import struct
 import time
@@ -74,6 +75,10 @@ TRANSIENT_CODES = frozenset({
 
 class StorageError(UserError, OSError):
     """A run directory or input location that cannot be used (missing bucket, no permission)."""
+
+
+class StorageFullError(StorageError):
+    """The disk (or quota) under a local run directory or index is full: what was finished is kept."""
 
 
 class DamagedArtifactError(UserError, ValueError):
@@ -428,18 +433,33 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+def disk_full(path: str, size: int) -> StorageFullError:
+    """The error for a local write of ``size`` bytes to ``path`` that found its disk or quota full."""
+    folder = os.path.dirname(path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    usage = shutil.disk_usage(folder)
+    return StorageFullError(f"no space left on the device holding {folder} (writing {size:,} bytes to {path}; "
+                            f"{usage.free:,} of {usage.total:,} bytes free): free space there or move the run "
+                            "directory (or index.path) to a larger volume, then run again: what is finished is kept")
+
+
 def _write_local_atomically(path: str, data: bytes) -> None:
     """Write to a temporary name in the target's folder, fsync it, rename it over the target, then
     fsync the folder, so that the rename itself survives a power cut."""
     folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
     temporary = f"{path}.{uuid.uuid4().hex}.tmp"
     try:
+        os.makedirs(folder, exist_ok=True)
         with open(temporary, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, len(data)) from err
+        raise
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from msif_ray.config import ConfigError, config_from_dict
 from msif_ray.store.data import DataError, check_unique_ids, plan_shards, read_documents
 from msif_ray.store.layout import MANIFEST, TOPK
 from msif_ray.pipeline.run import Pipeline
-from msif_ray.store.storage import StorageError, check_run_dir_shared
+from msif_ray.store.storage import RunDir, StorageError, check_run_dir_shared
 
 
 def run_cli(tmp_path: Path, world, capsys, **overrides) -> tuple[int, str]:
@@ -123,3 +124,60 @@ def test_second_run_in_one_process_and_no_credentials_in_the_manifest(world, ray
     second.join(timeout=120)  # with the first run's dead actors it waited on them for minutes
     assert outcome, "the second run() of one Pipeline did not finish within 120 s"
     assert pq.read_table(tmp_path / "run" / TOPK).equals(first)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small filesystem (a 320 KiB tmpfs; a run of the tiny world writes ~720 KiB), unmounted after."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=320k", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"needs a small real filesystem, and this machine refuses to mount one: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_named_and_the_rerun_resumes(world, ray_session, small_disk, tmp_path, capsys):
+    """The run directory's disk fills up mid-run: exit 2 with one line naming the device's folder and
+    what to do, no temporary file left; with room again, the rerun reuses what was finished and
+    ends with the scores of a run that never ran out of room."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(world.config(small_disk / "run")))
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 2
+    message = capsys.readouterr().err
+    assert message.startswith(f"msif: error: no space left on the device holding {small_disk}"), message
+    assert "move the run directory (or index.path) to a larger volume" in message
+    assert not list(small_disk.rglob("*.tmp"))
+    subprocess.run(["mount", "-o", "remount,size=16m", str(small_disk)], check=True)
+    assert main(["run", str(config)]) == 0
+    outcomes = {stage: record["outcome"] for stage, record in RunDir(str(small_disk / "run")).read_json(MANIFEST)["stages"].items()}
+    assert {"reused", "resumed"} & set(outcomes.values()), outcomes  # what the full disk's run finished was kept
+    (tmp_path / "roomy").mkdir()
+    code, _ = run_cli(tmp_path / "roomy", world, capsys)
+    assert code == 0
+    assert pq.read_table(small_disk / "run" / TOPK).drop(["score"]) == pq.read_table(tmp_path / "roomy" / "run" / TOPK).drop(["score"])
+
+
+@pytest.mark.slow
+def test_a_worker_out_of_gpu_memory_stops_the_run_with_the_plans_advice(world, ray_session, tmp_path, capsys,
+                                                                        monkeypatch):
+    """torch's CUDA out-of-memory error, raised in a worker's scoring job, is recognised by its type: exit 2
+    naming the pass and the knobs; the rerun keeps the finished stages."""
+    from msif_ray.pipeline.run import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "scores:oom")
+    code, message = run_cli(tmp_path, world, capsys)
+    assert code == 2, message
+    assert message.startswith("msif: error: [scores] a worker ran out of memory (")
+    assert "CUDA out of memory" in message and "ray.batch_size" in message and "budget.worker_memory_gb" in message
+    monkeypatch.delenv(FAULT_ENV)
+    code, message = run_cli(tmp_path, world, capsys)
+    assert code == 0, message
+    stages = RunDir(str(tmp_path / "run")).read_json(MANIFEST)["stages"]
+    assert stages["factors/pretrain"]["outcome"] == "reused" and stages["queries"]["outcome"] == "reused"
