@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterator, Sequence
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError
 
+from msif_ray.errors import UserError
+
 log = logging.getLogger(__name__)
 MAX_ATTEMPTS_PER_ITEM = 4
 RESTART_WAIT_SECONDS = 1800.0  # a lost node's actors wait this long for room (an autoscaler starting a node)
@@ -46,6 +48,18 @@ class Deadline:
         return max(self.floor, self.factor * self.estimate, self.factor * max(finished, default=0.0))
 
 
+class WorkerStartError(UserError, RuntimeError):
+    """A worker's start raised (its model would not load, its node cannot see the run directory): it
+    would on every restart, so the run stops at once, with the error's last line."""
+
+
+def raise_if_start_failed(err: RayActorError) -> None:
+    """Raise ``WorkerStartError`` when ``err`` says the actor's ``__init__`` raised (Ray then keeps it dead)."""
+    if getattr(err, "actor_init_failed", False):
+        lines = str(err).strip().splitlines()
+        raise WorkerStartError(f"a worker could not start: {lines[-1] if lines else err!r}") from err
+
+
 def wait_until_alive(actor, timeout: float = RESTART_WAIT_SECONDS) -> None:
     """Block until a restarted actor answers ``ready()``: its __init__ has run again (on a new node, if
     its node was lost and one had to start)."""
@@ -55,6 +69,8 @@ def wait_until_alive(actor, timeout: float = RESTART_WAIT_SECONDS) -> None:
             ray.get(actor.ready.remote(), timeout=30)
             return
         except (RayActorError, ActorUnavailableError, GetTimeoutError) as err:
+            if isinstance(err, RayActorError):
+                raise_if_start_failed(err)
             now = time.monotonic()
             if now - start > timeout:
                 raise RuntimeError(f"a worker did not come back within {timeout:.0f} s of its crash: no node with room "
@@ -126,6 +142,7 @@ class WorkerPool:
             try:
                 result = ray.get(ready)
             except (RayActorError, ActorDiedError, ActorUnavailableError) as err:
+                raise_if_start_failed(err)
                 attempts[id(item)] = attempts.get(id(item), 0) + 1
                 if attempts[id(item)] >= MAX_ATTEMPTS_PER_ITEM:
                     raise WorkerCrashError(item, attempts[id(item)], err) from err

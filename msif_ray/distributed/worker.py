@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -39,7 +40,7 @@ from msif_ray.store.models import load_model, load_tokenizer, pick_device, weigh
 from msif_ray.engine.index import IndexRows, TermBasis, document_self_influence, document_terms, scan
 from msif_ray.engine.topk import extremes_schema, extremes_table
 from msif_ray.engine.scoring import QueryGroup, normalize_scores, score_windows
-from msif_ray.store.storage import RunDir
+from msif_ray.store.storage import RunDir, StorageError
 
 
 ROTATED_BATCHES_KEPT = 64  # query batches, rotated into the index basis, a worker keeps between index shards
@@ -61,6 +62,7 @@ class WorkerSettings:
     checkpoint_seconds: float = 600.0
     factor_cache_bytes: int = 1 << 30  # per-layer factors kept in memory by the query pass
     trust_remote_code: bool = False
+    probe: str = ""  # a file of the run directory this worker must see when it starts (layout.worker_probe)
     fault: str | None = None  # test hook: "<pass>[:hang|:oom],...": a worker dies, hangs or runs out of memory once
 
 
@@ -165,6 +167,10 @@ class ShardWorker:
         torch.set_num_threads(settings.num_threads)
         self.settings = settings
         self.run_dir = RunDir(settings.run_dir)
+        if settings.probe and not self.run_dir.exists(settings.probe):
+            raise StorageError(f"run_dir: {self.run_dir.url()} on this worker's node ({socket.gethostname()}) is not the "
+                               "driver's: a local path on a multi-node cluster. Use shared storage (s3://bucket/prefix) "
+                               "or a filesystem mounted at the same path on every node")
         self.device = pick_device(settings.num_gpus)
         self.dtype = weight_dtype(settings.precision, self.device)
         self.tokenizer = load_tokenizer(settings.tokenizer, trust_remote_code=settings.trust_remote_code)

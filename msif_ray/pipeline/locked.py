@@ -28,8 +28,9 @@ def run_locked(config: Config, command: str, work: Callable[["Pipeline", "Inputs
     Order: the run directory is reachable and writable; the lock is taken (a second run stops
     here); Ray starts while, beside it, the engine is imported, the inputs are validated and the
     plan is checked against the memory budget (seconds each on a laptop; a bad input or plan stops
-    the run before any pass, and a Ray started for it is stopped); a local run directory is
-    refused on a multi-node cluster.
+    the run before any pass, and a Ray started for it is stopped); a local run directory (or index)
+    is refused on a multi-node cluster. A node that joins later (an autoscaler's) is caught by its
+    workers: each checks on start that it sees the driver's run directory (``Passes.workers``).
     """
     check_storage(config.run_dir, "run_dir")
     with RunDirLock(RunDir(config.run_dir), command):
@@ -40,7 +41,12 @@ def run_locked(config: Config, command: str, work: Callable[["Pipeline", "Inputs
         if checked.exception() is not None and not ray_was_up:
             ray.shutdown()
         pipeline, inputs = checked.result()
-        check_run_dir_shared(config.run_dir, "run_dir", alive_nodes())
+        nodes = alive_nodes()
+        check_run_dir_shared(config.run_dir, "run_dir", nodes)
+        if config.scoring.mode == "index":
+            from msif_ray.pipeline.keys import index_store  # imported by validated() by now
+
+            check_run_dir_shared(index_store(config, RunDir(config.run_dir)).url(), "index.path", nodes)
         work(pipeline, inputs)
 
 

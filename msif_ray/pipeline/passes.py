@@ -11,6 +11,8 @@ shard is in a committed checkpoint, so a shard lost with a crashed worker is sum
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from typing import Callable
 
 import torch
@@ -21,6 +23,7 @@ from msif_ray.distributed.pool import Deadline, WorkerCrashError, WorkerPool
 from msif_ray.distributed.worker import ShardJob, ShardWorker, WorkerSettings
 from msif_ray.pipeline.plan import ResourcePlan, WorkerMemoryError
 from msif_ray.progress import Progress
+from msif_ray.store.layout import worker_probe
 from msif_ray.store.markers import done_outputs
 from msif_ray.store.storage import RunDir
 
@@ -34,17 +37,22 @@ class Passes:
     def __init__(self, config: Config, store: RunDir, plan: ResourcePlan, log: Callable[[str], None]):
         self.config, self.store, self.plan, self.log = config, store, plan, log
         self.pool: WorkerPool | None = None
+        self.probe = ""
 
     def workers(self) -> WorkerPool:
+        """The pool, started on first use; each worker checks on start that it sees ``self.probe``, a file
+        written here, so that a worker on a node with a run directory of its own stops the run."""
         if self.pool is None:
             cfg = self.config
+            self.probe = worker_probe(uuid.uuid4().hex[:12])
+            self.store.write_json(self.probe, {"host": socket.gethostname(), "pid": os.getpid()})
             settings = WorkerSettings(
                 run_dir=self.store.url(), tokenizer=cfg.tokenizer,
                 include=cfg.modules.include, exclude=cfg.modules.exclude, max_length=cfg.data.max_length,
                 batch_size=cfg.ray.batch_size, num_threads=cfg.ray.num_cpus_per_worker, num_gpus=cfg.ray.num_gpus_per_worker,
                 precision=cfg.ray.precision, checkpoint_seconds=cfg.ray.checkpoint_seconds,
                 factor_cache_bytes=self.plan.factor_cache_bytes,
-                trust_remote_code=cfg.models.trust_remote_code, fault=os.environ.get(FAULT_ENV),
+                trust_remote_code=cfg.models.trust_remote_code, fault=os.environ.get(FAULT_ENV), probe=self.probe,
             )
             self.pool = WorkerPool(ShardWorker, cfg.ray.num_workers, cfg.ray.num_cpus_per_worker,
                                    cfg.ray.num_gpus_per_worker, settings)
@@ -54,6 +62,7 @@ class Passes:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None  # its actors are gone: a next run starts a new pool
+            self.store.remove(self.probe)
 
     def map(self, name: str, method: str, jobs: list, *args, store: RunDir | None = None) -> dict:
         """Run ``method`` on every job not done yet (in ``store``, by default the run directory);

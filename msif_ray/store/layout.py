@@ -34,6 +34,8 @@
     nights/<date>/night.json                            that night: times, per stage recomputed or reused, fingerprints
     nights/history/<start>-<date>-<id>.json             one record per night attempt, good or failed (never rewritten)
     nights/latest.json                                  the pointer to the last good night (written after its files)
+    _workers/<token>.json                               while a run's worker pool is up: the file each worker looks for
+                                                        when it starts, proving that it sees the driver's run directory
 
 The corpus gradient index (``index.path``, default ``<run_dir>/index``) is a store of its own,
 shared by the runs of one base model:
@@ -234,6 +236,11 @@ def candidates_merge_step(candidates: str, level: int, index: int) -> str:
 
 def rerank_partial(scan_key: str, batch_file: str, shard_id: str, pairs_key: str) -> str:
     return f"scores/rerank/{scan_key}/{batch_id(batch_file)}/{shard_id}-{pairs_key}.parquet"
+
+
+def worker_probe(token: str) -> str:
+    """The file a worker must see when it starts (``Passes.workers``): else its node has another run directory."""
+    return f"_workers/{token}.json"
 
 
 NIGHTS = "nights"

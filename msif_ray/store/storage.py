@@ -124,6 +124,12 @@ class RunDir:
 
     # ----------------------------------------------------------------------- bytes
 
+    def _fresh(self, name: str) -> fsspec.AbstractFileSystem:
+        """The file system, with no cached listing of ``name``'s folders: s3fs answers a size (which a
+        whole read asks first) from a listing cached before ``name`` was written with "not found"."""
+        self.fs.invalidate_cache(self.path(name))
+        return self.fs
+
     def exists(self, name: str) -> bool:
         def exists() -> bool:
             self.fs.invalidate_cache()  # another process may have written since this one last listed
@@ -132,7 +138,7 @@ class RunDir:
 
     def read_bytes(self, name: str) -> bytes:
         try:
-            return with_retries(lambda: self.fs.cat_file(self.path(name)), f"read {self.url(name)}")
+            return with_retries(lambda: self._fresh(name).cat_file(self.path(name)), f"read {self.url(name)}")
         except FileNotFoundError:
             raise FileNotFoundError(f"no artifact {name!r} in run directory {self.url()}") from None
 
@@ -156,7 +162,7 @@ class RunDir:
 
     def size(self, name: str) -> int:
         """Bytes of an artifact."""
-        return int(with_retries(lambda: self.fs.size(self.path(name)), f"size {self.url(name)}"))
+        return int(with_retries(lambda: self._fresh(name).size(self.path(name)), f"size {self.url(name)}"))
 
     def sizes(self, prefix: str = "") -> dict[str, int]:
         """name -> bytes of every artifact under ``prefix`` (recursively): one listing, where
@@ -285,7 +291,7 @@ class RunDir:
 
     def _read_range(self, name: str, start: int, end: int) -> bytes:
         try:
-            return with_retries(lambda: self.fs.cat_file(self.path(name), start=start, end=end),
+            return with_retries(lambda: self._fresh(name).cat_file(self.path(name), start=start, end=end),
                                 f"read {self.url(name)}[{start}:{end}]")
         except FileNotFoundError:
             raise FileNotFoundError(f"no artifact {name!r} in run directory {self.url()}") from None

@@ -115,3 +115,18 @@ def test_run_dir_and_data_readers_on_s3(s3_bucket: str) -> None:
         [str(i) for i in range(11) if i != 4] + [f"j{i}" for i in range(5)])
     assert sum(skipped for _, skipped in read) == 1
     assert [q.id for q in read_pairs([f"{s3_bucket}/queries.jsonl"], "prompt", "completion", "id")] == ["q1"]
+
+
+def test_a_file_written_elsewhere_after_a_listing_is_read(s3_bucket: str) -> None:
+    """s3fs answers a file's size from a listing of its folder cached before another process (a
+    worker) wrote the file: "not found". A whole read asks for the size first, so the driver failed
+    to read a rerank output that existed. RunDir drops the cached listing of a name it reads."""
+    import s3fs
+
+    store = RunDir(f"{s3_bucket}/run")
+    store.write_bytes("out/a.bin", b"a")
+    assert set(store.sizes("out")) == {"out/a.bin"}  # the folder's listing, now cached
+    worker = s3fs.S3FileSystem(skip_instance_cache=True)  # another process's client
+    worker.pipe_file(f"{s3_bucket.removeprefix('s3://')}/run/out/b.bin", b"b" * 10)
+    assert store.size("out/b.bin") == 10
+    assert store.read_bytes("out/b.bin") == b"b" * 10
