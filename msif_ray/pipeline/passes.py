@@ -27,7 +27,7 @@ from msif_ray.store.layout import worker_probe
 from msif_ray.store.markers import done_outputs
 from msif_ray.store.storage import RunDir
 
-FAULT_ENV = "MSIF_FAULT_INJECT"  # tests: a pass name whose worker is killed once
+FAULT_ENV = "MSIF_FAULT_INJECT"  # tests: "<pass>[:hang|:oom],...", see ShardWorker._maybe_crash
 MAX_ROUNDS = 5  # rounds of an accumulating pass (a round re-runs shards lost with a crashed worker)
 
 
