@@ -176,11 +176,7 @@ class RunDir:
 
     def list(self, prefix: str = "") -> list[str]:
         """The names of all artifacts under ``prefix`` (recursively), sorted; empty when there is none."""
-        def find() -> list[str]:
-            self.fs.invalidate_cache()
-            start = self.path(prefix)
-            return list(self.fs.find(start)) if self.fs.exists(start) else []
-        return sorted(posixpath.relpath(p, self.root) for p in with_retries(find, f"list {self.url(prefix)}"))
+        return sorted(self.sizes(prefix))
 
     def remove(self, name: str) -> None:
         """Delete an artifact (or a folder of them); nothing happens when it does not exist."""
@@ -230,9 +226,10 @@ class RunDir:
             read = lambda lo, hi: self._read_range(name, lo, hi) if hi > lo else b""  # noqa: E731
         metadata = dict(header.get("__metadata__", {}))
         digests = json.loads(metadata.pop(DIGESTS_KEY, "{}"))
+        names = set(tensor_names(header))
         tensors = {}
         for key in keys:
-            if key not in tensor_names(header):
+            if key not in names:
                 raise KeyError(f"no tensor {key!r} in {self.url(name)}")
             info = header[key]
             lo, hi = (header["__start__"] + offset for offset in info["data_offsets"])
