@@ -130,6 +130,7 @@ class Data:
     finetune: Finetune
     queries: Queries
     rows_per_shard: int = 1000
+    on_bad_document: str = "skip"
 
 
 # λ = 0.01 x each layer's mean eigenvalue: chosen on held-out queries of two fact-tracing worlds, 3 seeds
@@ -166,6 +167,9 @@ class Modules:
 
 DEFAULT_QUERY_RANK = 32  # chosen from benchmarks/bench_scale.py's rank table (benchmarks/README.md)
 TOKEN_DTYPES = ("uint16", "int32", "uint32", "int64")
+# data.on_bad_document: a document that cannot be decoded, sits in a corrupt data page, or whose loss
+# or gradient is non-finite is left out of every sum and listed (skip), or stops the run (fail).
+ON_BAD_DOCUMENT = ("skip", "fail")
 DEFAULT_RERANK = 100  # chosen from benchmarks/bench_index.py's table (benchmarks/README.md)
 DEFAULT_RERANK_MAX = 400  # 2% of the 20,000-document benchmark world (benchmarks/README.md)
 DEFAULT_INDEX_TERMS = 512  # chosen from benchmarks/bench_index.py's designs table (benchmarks/README.md)
@@ -346,6 +350,7 @@ def _data(s: _Section) -> Data:
         queries=Queries(queries.paths("paths"), queries.text("id_column", "id"), queries.text("prompt_column", "prompt"),
                         queries.text("completion_column", "completion")),
         rows_per_shard=s.positive_integer("rows_per_shard", 1000),
+        on_bad_document=s.choice("on_bad_document", ON_BAD_DOCUMENT, "skip"),
     )
     for section in (corpus, finetune, queries, s):
         section.finish()

@@ -34,6 +34,8 @@
     nights/<date>/night.json                            that night: times, per stage recomputed or reused, fingerprints
     nights/history/<start>-<date>-<id>.json             one record per night attempt, good or failed (never rewritten)
     nights/latest.json                                  the pointer to the last good night (written after its files)
+    quarantine/<shard>.json                             data.on_bad_document: skip: the shard's documents left out
+                                                        of every sum (doc id, file, row, reason); kept across runs
     _workers/<token>.json                               while a run's worker pool is up: the file each worker looks for
                                                         when it starts, proving that it sees the driver's run directory
 
@@ -267,3 +269,11 @@ def night_record(date: str) -> str:
 def history_record(start: str, date: str, attempt: str) -> str:
     """One night attempt's record; ``start`` (YYYYMMDDTHHMMSS.mmmZ) first, so that names sort by start."""
     return f"{NIGHTS_HISTORY}/{start}-{date}-{attempt}.json"
+
+
+QUARANTINE = "quarantine"
+
+
+def quarantine_record(shard_id: str) -> str:
+    """The documents of one shard left out of the run (``store/quarantine.py``)."""
+    return f"{QUARANTINE}/{shard_id}.json"

@@ -1,0 +1,76 @@
+"""Documents left out of a run (``data.on_bad_document: skip``): which, where, and why.
+
+A document is quarantined when its row cannot be decoded (not text, not valid UTF-8, token ids
+that are not integers), when it sits in a data page that fails its checksum or cannot be read, or
+when its loss or gradient is non-finite under the model of a pass. It is then left out of every
+sum and every result of the run: the factor passes, self-influence, scores, the index.
+
+One record per shard, ``quarantine/<shard>.json`` (``layout.quarantine_record``): shard ids follow
+the file's content, so a resumed run, and every later run on the same run directory, leaves out
+the same documents, in every pass, whichever pass found them. ``msif status``, the manifest and
+the report list them. With ``data.on_bad_document: fail`` the first one found stops the run
+with ``BadDocumentsError`` listing them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+from msif_ray.errors import UserError
+from msif_ray.store.layout import QUARANTINE, quarantine_record
+from msif_ray.store.storage import RunDir
+
+
+@dataclass(frozen=True)
+class BadDocument:
+    """One row left out: ``doc_id`` is None where the row could not be decoded far enough to read it."""
+
+    doc_id: str | None
+    path: str
+    row: int
+    reason: str
+
+    def describe(self) -> str:
+        who = f"document {self.doc_id!r}" if self.doc_id is not None else "a document"
+        return f"{who} ({self.path}, row {self.row}): {self.reason}"
+
+
+class BadDocumentsError(UserError, ValueError):
+    """``data.on_bad_document: fail`` and bad documents were found; the message lists them."""
+
+    def __init__(self, bad: Iterable[BadDocument], where: str = ""):
+        self.bad = list(bad)
+        listed = "\n  - ".join(b.describe() for b in self.bad[:20])
+        more = f"\n  ... and {len(self.bad) - 20} more" if len(self.bad) > 20 else ""
+        super().__init__(f"{where}{len(self.bad)} bad document(s) (data.on_bad_document: fail):\n  - {listed}{more}\n"
+                         "fix or remove them, or set data.on_bad_document: skip to leave them out and list them")
+
+
+def read_quarantine(store: RunDir, shard_id: str) -> list[BadDocument]:
+    """The documents of shard ``shard_id`` left out so far (none: an empty list)."""
+    name = quarantine_record(shard_id)
+    if not store.exists(name):
+        return []
+    return [BadDocument(**entry) for entry in store.read_json(name)]
+
+
+def add_to_quarantine(store: RunDir, shard_id: str, bad: Iterable[BadDocument]) -> list[BadDocument]:
+    """Add ``bad`` to the shard's record (one entry per row; the first reason found stays); returns the record.
+
+    One pass works on a shard at a time, so the read-modify-write has no concurrent writer.
+    """
+    known = read_quarantine(store, shard_id)
+    rows = {(b.path, b.row) for b in known}
+    new = [b for b in bad if (b.path, b.row) not in rows and not rows.add((b.path, b.row))]
+    if new:
+        known = sorted(known + new, key=lambda b: (b.path, b.row))
+        store.write_json(quarantine_record(shard_id), [asdict(b) for b in known])
+    return known
+
+
+def quarantined(store: RunDir, shard_ids: Iterable[str] | None = None) -> list[BadDocument]:
+    """Every document left out in the run directory (of ``shard_ids`` only, when given), by file and row."""
+    wanted = None if shard_ids is None else {quarantine_record(s) for s in shard_ids}
+    names = [n for n in store.list(QUARANTINE) if n.endswith(".json") and (wanted is None or n in wanted)]
+    return sorted((BadDocument(**e) for n in names for e in store.read_json(n)), key=lambda b: (b.path, b.row))
