@@ -77,6 +77,7 @@ class Document:
     text: str | None = None
     input_ids: tuple[int, ...] | None = None
     starts: tuple[int, ...] | None = None  # a packed sequence: where each source document in it starts
+    row: int = -1  # its row in its file (what quarantine records name)
 
 
 @dataclass(frozen=True)
@@ -269,12 +270,12 @@ def _read_documents(shard: Shard, id_column: str, text_column: str, token_column
                 skipped += 1
                 continue
             starts = _starts(shard.path, row, boundary_column, record[boundary_column], len(ids)) if boundary_column else None
-            documents.append(Document(doc_id, input_ids=ids, starts=starts))
+            documents.append(Document(doc_id, input_ids=ids, starts=starts, row=row))
             continue
         if value is None or (isinstance(value, str) and not value.strip()):
             skipped += 1
             continue
-        documents.append(Document(doc_id, _text(shard.path, row, column, value)))
+        documents.append(Document(doc_id, _text(shard.path, row, column, value), row=row))
     return documents, skipped
 
 
