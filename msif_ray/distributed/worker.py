@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, TypeVar
 
 import pyarrow as pa
 import ray
@@ -31,7 +31,7 @@ from msif_ray.engine.curvature import CovarianceSums, Damping, Eigenbasis, Lambd
 from msif_ray.store.data import Document, Shard, read_documents, read_pair_shard, read_pairs, sample_documents
 from msif_ray.distributed.checkpoints import Accumulation
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
-from msif_ray.engine.gradients import Fisher
+from msif_ray.engine.gradients import Fisher, InputError, NonFiniteWindows, poisoned_examples
 from msif_ray.engine.influence import Chain, Method, cross_rotations, precondition_queries
 from msif_ray.engine.api import Examples, TrackedLM
 from msif_ray.engine.vectors import LayerVectors, QueryVectors
@@ -40,9 +40,11 @@ from msif_ray.store.models import load_model, load_tokenizer, pick_device, weigh
 from msif_ray.engine.index import IndexRows, TermBasis, document_self_influence, document_terms, scan
 from msif_ray.engine.topk import extremes_schema, extremes_table
 from msif_ray.engine.scoring import QueryGroup, normalize_scores, score_windows
+from msif_ray.store.quarantine import BadDocument, BadDocumentsError, add_to_quarantine, read_quarantine
 from msif_ray.store.storage import RunDir, StorageError
 
 
+T = TypeVar("T")
 ROTATED_BATCHES_KEPT = 64  # query batches, rotated into the index basis, a worker keeps between index shards
 
 
@@ -64,6 +66,7 @@ class WorkerSettings:
     trust_remote_code: bool = False
     probe: str = ""  # a file of the run directory this worker must see when it starts (layout.worker_probe)
     fault: str | None = None  # test hook: "<pass>[:hang|:oom],...": a worker dies, hangs or runs out of memory once
+    on_bad_document: str = "skip"  # data.on_bad_document: a poisoned document is quarantined (skip) or stops the run
 
 
 @dataclass(frozen=True)
@@ -210,11 +213,49 @@ class ShardWorker:
         if job.kind == "pairs":
             pairs = read_pair_shard(job.shard, *job.columns)
             return [p.id for p in pairs], Examples.pairs([p.prompt for p in pairs], [p.completion for p in pairs]), 0
+        docs, skipped = self._documents(job)
+        return [d.doc_id for d in docs], document_examples(docs), skipped
+
+    def _documents(self, job: ShardJob) -> tuple[list[Document], int]:
+        """The documents of the job (its sample, its ``doc_ids``) less those quarantined, and how many
+        empty rows were skipped. The sample is drawn before: it does not change when one is left out."""
         docs, skipped = read_documents(job.shard, *job.columns)
         docs = sample_documents(docs, job.sample, job.seed, job.shard)
         if job.doc_ids is not None:
             docs = [d for d in docs if d.doc_id in job.doc_ids]
-        return [d.doc_id for d in docs], document_examples(docs), skipped
+        left_out = {b.row for b in read_quarantine(self.run_dir, job.shard.shard_id)}
+        return [d for d in docs if d.row not in left_out], skipped
+
+    def _leaving_out_poisoned(self, job: ShardJob, compute: Callable[[], T]) -> T:
+        """``compute()`` the job; when a document's loss turns out non-finite (``NonFiniteWindows``),
+        every such document of the shard is found and quarantined (``_quarantine_poisoned``) and the
+        job computed again without them. Each round leaves out at least one more document."""
+        while True:
+            try:
+                return compute()
+            except NonFiniteWindows as err:
+                self._quarantine_poisoned(job, err)
+
+    def _quarantine_poisoned(self, job: ShardJob, err: NonFiniteWindows) -> None:
+        """Find the job's documents whose loss is non-finite (one forward pass) and add them to the
+        shard's quarantine record; with ``data.on_bad_document: fail``, raise ``BadDocumentsError``
+        listing them. A fine-tuning example or a query cannot be left out: ``InputError`` names it."""
+        if job.kind == "pairs":
+            ids, _, _ = self._examples(job)
+            raise InputError(f"{job.shard.path}: fine-tuning example(s) {[ids[i] for i in err.examples]}: {err}; "
+                             "fix or remove them") from None
+        lm = self._load(job.model)
+        docs, _ = self._documents(job)
+        found = poisoned_examples(lm.model, lm.batches(document_examples(docs)))
+        if not found:
+            raise err  # not reproduced by a forward pass alone: not a poisoned input
+        bad = [BadDocument(docs[i].doc_id, job.shard.path, docs[i].row,
+                           f"non-finite loss in the {job.pass_name} pass, on finite weights") for i in found]
+        if self.settings.on_bad_document == "fail":
+            raise BadDocumentsError(bad, f"{job.pass_name} of shard {job.shard.shard_id}: ") from None
+        add_to_quarantine(self.run_dir, job.shard.shard_id, bad)
+        print(f"warning: [{job.pass_name}] left out {len(bad)} document(s) of {job.shard.path} (data.on_bad_document: "
+              f"skip): " + "; ".join(b.describe() for b in bad[:5]))
 
     def _maybe_crash(self, pass_name: str) -> None:
         """Fault injection for tests (``settings.fault``: ``<pass>[:hang|:oom]``, comma-separated): once
@@ -262,7 +303,12 @@ class ShardWorker:
 
     def _accumulate(self, job: ShardJob, new_sums: Callable[[], object], add: Callable[[TrackedLM, list, object], None]
                     ) -> dict:
-        """Add one shard into the running sum of its pass; on an error the uncommitted part is dropped."""
+        """Add one shard into the running sum of its pass; on an error the uncommitted part is dropped
+        (the driver sums its shards again). A poisoned document drops it too: part of the shard is in."""
+        return self._leaving_out_poisoned(job, lambda: self._accumulate_shard(job, new_sums, add))
+
+    def _accumulate_shard(self, job: ShardJob, new_sums: Callable[[], object],
+                          add: Callable[[TrackedLM, list, object], None]) -> dict:
         start = _start()
         accumulation = self._accumulate_into(job.output, new_sums)
         lm = self._load(job.model)
@@ -305,7 +351,10 @@ class ShardWorker:
         ids = [q.id for q in queries]
         self._maybe_crash("precondition")
         batches = lm.batches(Examples.pairs([q.prompt for q in queries], [q.completion for q in queries], ids))
-        vectors = precondition_queries(lm.model, lm.taps, batches, len(ids), self._factors.chain(spec), spec.rank, ids)
+        try:
+            vectors = precondition_queries(lm.model, lm.taps, batches, len(ids), self._factors.chain(spec), spec.rank, ids)
+        except NonFiniteWindows as err:
+            raise InputError(f"query(ies) {[ids[i] for i in err.examples]}: {err}; fix or remove them") from None
         size = self.run_dir.save_tensors(job.output, vectors.to_tensors(), {"query_ids": json.dumps(ids),
                                                                             "method": spec.method})
         return self._finish(job, job.output, size, start, ids, 0, sum(b.num_tokens for b in batches))
@@ -317,23 +366,28 @@ class ShardWorker:
         each, its bases in memory together, as for the Λ pass); saved with the doc ids."""
         start = _start()
         lm = self._load(job.model)
-        doc_ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
-        batches = lm.batches(examples, by_document=True)
-        total = torch.zeros(len(doc_ids), dtype=torch.float64)
-        for group in groups:
-            bases = {layer: TermBasis.of(None if pretrain is None else self._factors.layer(pretrain, layer),
-                                         damping).to(self.device) for layer in group}
-            total += document_self_influence(lm.model, lm.taps, batches, len(doc_ids), bases, group)
+
+        def compute() -> tuple[list[str], torch.Tensor, int, int]:
+            doc_ids, examples, skipped = self._examples(job)
+            batches = lm.batches(examples, by_document=True)
+            total = torch.zeros(len(doc_ids), dtype=torch.float64)
+            for group in groups:
+                bases = {layer: TermBasis.of(None if pretrain is None else self._factors.layer(pretrain, layer),
+                                             damping).to(self.device) for layer in group}
+                total += document_self_influence(lm.model, lm.taps, batches, len(doc_ids), bases, group)
+            return doc_ids, total, skipped, sum(b.num_tokens for b in batches)
+
+        doc_ids, total, skipped, tokens = self._leaving_out_poisoned(job, compute)
         size = self.run_dir.save_tensors(job.output, {"self_influence": total}, {"doc_ids": json.dumps(doc_ids)})
-        return self._finish(job, job.output, size, start, doc_ids, skipped, sum(b.num_tokens for b in batches))
+        return self._finish(job, job.output, size, start, doc_ids, skipped, tokens)
 
     def scores(self, job: ShardJob, query_files: tuple[str, ...], top_k: int, norm: Normalization | None) -> dict:
         """Scoring: every document of the shard against one group of queries; keep the top and bottom k
         (by the normalised score, with the raw one beside it, under ``norm``)."""
         start = _start()
         group = self._query_group(query_files)
-        doc_ids, totals, skipped, tokens = self._exact_scores(job, group)
+        doc_ids, totals, skipped, tokens = self._leaving_out_poisoned(job, lambda: self._exact_scores(job, group))
         normalized = normalized_scores(totals, norm, self.run_dir, job.shard.shard_id, doc_ids, group.norms)
         size = self.run_dir.write_parquet(job.output, extremes_table(group.ids, doc_ids, normalized, top_k,
                                                                      raw=None if norm is None else totals))
@@ -343,7 +397,7 @@ class ShardWorker:
         """Exact scores of each batch's candidate (query, document) pairs in one shard."""
         start = _start()
         group = self._query_group(job.batches)
-        doc_ids, totals, skipped, tokens = self._exact_scores(job.read, group)
+        doc_ids, totals, skipped, tokens = self._leaving_out_poisoned(job.read, lambda: self._exact_scores(job.read, group))
         normalized = normalized_scores(totals, norm, self.run_dir, job.read.shard.shard_id, doc_ids, group.norms)
         row, column = {d: i for i, d in enumerate(doc_ids)}, {q: i for i, q in enumerate(group.ids)}
         for pairs, output in zip(job.pairs, job.outputs):
@@ -364,16 +418,20 @@ class ShardWorker:
         whose bases are in memory together (the plan's groups, as for the Λ pass)."""
         start = _start()
         lm = self._load(job.model)
-        doc_ids, examples, skipped = self._examples(job)
         self._maybe_crash(job.pass_name)
-        batches = lm.batches(examples, by_document=True)
         store = RunDir(index_url)
         self._cached.clear()
-        parts = [document_terms(lm.model, lm.taps, batches, len(doc_ids), read_index_basis(store, folder, group, self.device),
-                                terms, group) for group in groups]
-        rows = IndexRows.concat(parts)
+
+        def compute() -> tuple[list[str], IndexRows, int, int]:
+            doc_ids, examples, skipped = self._examples(job)
+            batches = lm.batches(examples, by_document=True)
+            parts = [document_terms(lm.model, lm.taps, batches, len(doc_ids),
+                                    read_index_basis(store, folder, group, self.device), terms, group) for group in groups]
+            return doc_ids, IndexRows.concat(parts), skipped, sum(b.num_tokens for b in batches)
+
+        doc_ids, rows, skipped, tokens = self._leaving_out_poisoned(job, compute)
         size = store.save_tensors(job.output, rows.tensors(), {"doc_ids": json.dumps(doc_ids)})
-        return self._finish(job, job.output, size, start, doc_ids, skipped, sum(b.num_tokens for b in batches), store)
+        return self._finish(job, job.output, size, start, doc_ids, skipped, tokens, store)
 
     def scan(self, job: ScanJob, index_url: str, folder: str, candidates: int, layers: tuple[str, ...],
              norm: Normalization | None) -> dict:

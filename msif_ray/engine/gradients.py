@@ -32,6 +32,16 @@ class InputError(UserError, ValueError):
     """An example that cannot be used (e.g. a completion that produces no token)."""
 
 
+class NonFiniteWindows(FloatingPointError):
+    """Windows whose logits are NaN or inf although the model's weights are finite: a poisoned input
+    (an overflow on these tokens), not a corrupt model. ``examples``: their example indices."""
+
+    def __init__(self, examples: Sequence[int]):
+        self.examples = sorted(set(examples))
+        super().__init__(f"non-finite loss on example(s) {self.examples[:10]} of the batch, on finite weights "
+                         "(an overflow on their tokens: try float32)")
+
+
 @dataclass(frozen=True)
 class Window:
     """At most ``max_length`` tokens of one example; ``loss_mask[i]`` = token i carries loss."""
@@ -205,12 +215,39 @@ def backward_through_layers(
     with activation_gradients_only(model), taps.tapping(batch.attention_mask, callback, layers):
         with autocast_for(device):
             logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        if not torch.isfinite(logits.detach().sum()):  # one reduction; NaN or inf anywhere makes it non-finite
-            check_finite_weights(model)
-            raise FloatingPointError("the model produced non-finite logits on finite weights (try float32)")
+        check_finite_logits(model, logits, batch)
         objective = log_prob_objective(logits, batch, fisher, generator)
         objective.sum().backward()
     return objective.detach()
+
+
+def non_finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: the windows whose logits [B, T, V] hold NaN or inf (one reduction per window: NaN or
+    inf anywhere makes its sum non-finite)."""
+    return ~torch.isfinite(logits.detach().sum(dim=(1, 2)))
+
+
+def check_finite_logits(model: nn.Module, logits: torch.Tensor, batch: Batch) -> None:
+    """Raise ``NonFiniteWeightsError`` for a corrupt model, ``NonFiniteWindows`` naming the examples of
+    the windows whose logits are non-finite on finite weights; nothing when all are finite."""
+    bad = non_finite_rows(logits)
+    if bad.any():
+        check_finite_weights(model)
+        raise NonFiniteWindows(batch.examples[bad.cpu()].tolist())
+
+
+def poisoned_examples(model: nn.Module, batches: Iterable[Batch]) -> list[int]:
+    """The examples with a window whose logits are non-finite: one forward per batch, no backward
+    (a third of a pass), to find every poisoned example of a shard at once after the first."""
+    device = model_device(model)
+    found: set[int] = set()
+    with torch.no_grad():
+        for batch in batches:
+            on_device = batch.to(device)
+            with autocast_for(device):
+                logits = model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask).logits
+            found.update(batch.examples[non_finite_rows(logits).cpu()].tolist())
+    return sorted(found)
 
 
 def per_example_gradient(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

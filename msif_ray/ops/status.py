@@ -6,6 +6,7 @@ from __future__ import annotations
 from msif_ray.store import layout
 from msif_ray.store.layout import MANIFEST
 from msif_ray.store.lock import LOCK_NAME, Holder
+from msif_ray.store.quarantine import BadDocument, quarantined
 from msif_ray.ops.nightly import status_lines
 from msif_ray.progress import format_duration
 from msif_ray.store.storage import RunDir
@@ -34,11 +35,21 @@ def describe(run_dir: str) -> str:
                     f"    {name:<12} shards {p['shards_total']}/{p['shards_total']} (computed {p['computed']}, "
                     f"reused {p['reused']})  docs {p['documents']}  tokens {p['tokens']}  {format_duration(p['seconds'])}"
                 )
+    lines += _left_out_lines(quarantined(store))
     if store.exists(LOCK_NAME):
         holder = Holder.parse(store.read_bytes(LOCK_NAME))
         lines.append(f"  locked by {holder.describe() if holder else 'an unreadable lock'} "
                      "(or left by a run that died; the next run takes it over)")
     return "\n".join(lines + locations(store) + status_lines(store))
+
+
+def _left_out_lines(bad: list[BadDocument], shown: int = 10) -> list[str]:
+    """The documents left out of the run directory's runs (``store/quarantine.py``), the first ``shown``."""
+    if not bad:
+        return []
+    more = [f"    ... and {len(bad) - shown} more (quarantine/ in the run directory)"] if len(bad) > shown else []
+    return ([f"  left out  {len(bad)} bad document(s) (data.on_bad_document: skip):"]
+            + [f"    {b.describe()}" for b in bad[:shown]] + more)
 
 
 def _running_passes(store: RunDir, stage: str, key: str) -> list[str]:

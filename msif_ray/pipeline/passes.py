@@ -53,6 +53,7 @@ class Passes:
                 precision=cfg.ray.precision, checkpoint_seconds=cfg.ray.checkpoint_seconds,
                 factor_cache_bytes=self.plan.factor_cache_bytes,
                 trust_remote_code=cfg.models.trust_remote_code, fault=os.environ.get(FAULT_ENV), probe=self.probe,
+                on_bad_document=cfg.data.on_bad_document,
             )
             self.pool = WorkerPool(ShardWorker, cfg.ray.num_workers, cfg.ray.num_cpus_per_worker,
                                    cfg.ray.num_gpus_per_worker, settings)
@@ -98,7 +99,8 @@ class Passes:
             if first_round:
                 computed = len(pending)
             else:
-                self.log(f"[{name}] {len(pending)} shards were lost with a crashed worker; computing them again")
+                self.log(f"[{name}] {len(pending)} shards were lost with a worker's running sum (it crashed, or left out a "
+                         "poisoned document); summing them again")
             progress = Progress(name, len(pending), self.log)
             _, crashed = self._run_jobs(name, pass_name, pending, progress, *args)
             self.workers().call_all("commit")

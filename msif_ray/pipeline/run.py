@@ -26,6 +26,7 @@ undamaged artifact stay.
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Callable
 
 from msif_ray.config import Config, redact_secrets
@@ -38,6 +39,7 @@ from msif_ray.pipeline.passes import FAULT_ENV, Passes
 from msif_ray.pipeline.plan import ResourcePlan, make_plan
 from msif_ray.pipeline.records import StageRecords
 from msif_ray.store.layout import TOPK, records_covering
+from msif_ray.store.quarantine import quarantined
 from msif_ray.store.storage import DamagedArtifactError, RunDir
 
 __all__ = ["FAULT_ENV", "Inputs", "Pipeline"]
@@ -95,6 +97,11 @@ class Pipeline:
             self._repaired_stages(run, inputs, named)
         finally:
             passes.shutdown()
+        left_out = quarantined(self.store, [s.shard_id for s in inputs.corpus_shards])
+        self.records.save(quarantine=[asdict(b) for b in left_out])
+        if left_out:
+            self.log(f"warning: {len(left_out)} bad document(s) left out of every sum (data.on_bad_document: skip); "
+                     "msif status and the report list them")
         self.log(f"done in {time.monotonic() - started:.1f}s: {self.store.url(TOPK)}")
         return self.store.url(TOPK)
 

@@ -90,7 +90,7 @@ def build_report(run_dir: str, show: int = 5, log: Callable[[str], None] = print
     run = RunView(store.url(), manifest["config"], stage_rows(manifest), layers,
                   f"This report: {len(explained)} shown documents re-scored per token and per layer "
                   f"({tokens:,} tokens) in {format_duration(seconds)}.",
-                  f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", views)
+                  f"generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC", views, manifest.get("quarantine", []))
     store.remove(layout.REPORT_DIR)  # pages of queries that are gone must not linger
     for number, view in enumerate(views):
         previous = views[number - 1] if number > 0 else None

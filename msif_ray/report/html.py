@@ -70,6 +70,7 @@ class RunView:
     report_note: str
     generated: str
     queries: list[QueryView] = field(default_factory=list)
+    left_out: list[dict] = field(default_factory=list)  # the manifest's quarantine: {doc_id, path, row, reason}
 
 
 # --------------------------------------------------------------------------- token highlights
@@ -309,6 +310,7 @@ def index_page(run: RunView) -> str:
 <table><thead><tr><th>stage</th><th>state</th><th class="num">time</th><th>work (last run)</th><th>reused</th></tr></thead>
 <tbody>{stage_rows}</tbody></table>
 <p class="muted">{esc(run.report_note)}</p>
+{_left_out(run.left_out)}
 <h2>Queries</h2>
 <div class="bar"><input id="search" type="search" placeholder="Search queries by id, prompt or completion" autocomplete="off">
 <span id="count" class="muted">{len(run.queries)} queries</span></div>
@@ -316,6 +318,18 @@ def index_page(run: RunView) -> str:
 <tbody>{query_rows}</tbody></table>
 """
     return page("msif-ray report", body, SEARCH_JS)
+
+
+def _left_out(bad: list[dict]) -> str:
+    """The documents the run left out (data.on_bad_document: skip), or nothing when there are none."""
+    if not bad:
+        return ""
+    rows = "".join(f'<tr><td class="id">{esc(b["doc_id"] if b["doc_id"] is not None else "(unreadable)")}</td>'
+                   f'<td>{esc(b["path"])}</td><td class="num">{b["row"]}</td><td>{esc(b["reason"])}</td></tr>' for b in bad)
+    return (f'<h2 id="left-out">Left out: {len(bad)} bad document{"s" if len(bad) != 1 else ""}</h2>'
+            '<p class="muted">Not in any sum or result of this run (data.on_bad_document: skip).</p>'
+            f'<table><thead><tr><th>document</th><th>file</th><th class="num">row</th><th>reason</th></tr></thead>'
+            f'<tbody>{rows}</tbody></table>')
 
 
 def _index_row(q: QueryView) -> str:

@@ -40,11 +40,14 @@ class BadDocumentsError(UserError, ValueError):
     """``data.on_bad_document: fail`` and bad documents were found; the message lists them."""
 
     def __init__(self, bad: Iterable[BadDocument], where: str = ""):
-        self.bad = list(bad)
+        self.bad, self.where = list(bad), where
         listed = "\n  - ".join(b.describe() for b in self.bad[:20])
         more = f"\n  ... and {len(self.bad) - 20} more" if len(self.bad) > 20 else ""
         super().__init__(f"{where}{len(self.bad)} bad document(s) (data.on_bad_document: fail):\n  - {listed}{more}\n"
                          "fix or remove them, or set data.on_bad_document: skip to leave them out and list them")
+
+    def __reduce__(self):  # a worker's error crosses to the driver pickled: rebuild it from its fields
+        return type(self), (self.bad, self.where)
 
 
 def read_quarantine(store: RunDir, shard_id: str) -> list[BadDocument]:
