@@ -162,3 +162,17 @@ def test_skip_keeps_them_on_the_inputs_and_the_run_quarantines_them_by_shard(wor
     for shard in inputs.corpus_shards:  # world.config: 4 rows per shard
         rows = [b.row for b in read_quarantine(store, shard.shard_id)]
         assert rows == [r for r in range(GROUP, 2 * GROUP) if shard.row_start <= r < shard.row_stop]
+
+
+def test_an_arrow_batch_that_fails_validation_is_listed_and_the_others_read(tmp_path):
+    path = tmp_path / "data-00000-of-00001.arrow"
+    table = pa.table({"id": [f"d{i}" for i in range(15)], "text": [f"document d{i}" for i in range(15)]})
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.to_batches(max_chunksize=5):
+            writer.write_batch(batch)
+    data = path.read_bytes()
+    at = data.index(b"document d7")
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1:])  # not UTF-8 any more, in the second batch
+    ids, bad = read_all(str(path), rows_per_shard=4)
+    assert ids == [f"d{i}" for i in [*range(5), *range(10, 15)]]
+    assert [b.row for b in bad] == list(range(5, 10)) and all("Arrow batch" in b.reason for b in bad)

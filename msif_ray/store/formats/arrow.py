@@ -52,9 +52,9 @@ class ArrowStream:
             lo, hi = max(start - row, 0), batch.num_rows if stop is None else min(stop - row, batch.num_rows)
             if hi > lo:
                 try:
-                    part = batch.select(list(columns)).slice(lo, hi - lo)
-                    part.validate(full=True)
-                    records = part.to_pylist()
+                    part = batch.select(list(columns))
+                    part.validate(full=True)  # the whole batch: its rows fail together, however it is sliced
+                    records = part.slice(lo, hi - lo).to_pylist()
                 except Exception as err:  # noqa: BLE001 - re-raised unless the file's bytes are at fault
                     if not is_corrupt(err):
                         raise
