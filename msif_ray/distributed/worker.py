@@ -218,8 +218,13 @@ class ShardWorker:
 
     def _documents(self, job: ShardJob) -> tuple[list[Document], int]:
         """The documents of the job (its sample, its ``doc_ids``) less those quarantined, and how many
-        empty rows were skipped. The sample is drawn before: it does not change when one is left out."""
-        docs, skipped = read_documents(job.shard, *job.columns)
+        empty rows were skipped. The sample is drawn before: it does not change when one is left out.
+        A row that cannot be read or decoded is left out too (validation's scan found it already,
+        unless the file changed since)."""
+        unreadable: list[BadDocument] = []
+        docs, skipped = read_documents(job.shard, *job.columns, bad=unreadable)
+        if unreadable:
+            self._leave_out(job, unreadable)
         docs = sample_documents(docs, job.sample, job.seed, job.shard)
         if job.doc_ids is not None:
             docs = [d for d in docs if d.doc_id in job.doc_ids]
@@ -249,13 +254,21 @@ class ShardWorker:
         found = poisoned_examples(lm.model, lm.batches(document_examples(docs)))
         if not found:
             raise err  # not reproduced by a forward pass alone: not a poisoned input
-        bad = [BadDocument(docs[i].doc_id, job.shard.path, docs[i].row,
-                           f"non-finite loss in the {job.pass_name} pass, on finite weights") for i in found]
+        self._leave_out(job, [BadDocument(docs[i].doc_id, job.shard.path, docs[i].row,
+                                          f"non-finite loss in the {job.pass_name} pass, on finite weights")
+                              for i in found])
+
+    def _leave_out(self, job: ShardJob, bad: list[BadDocument]) -> None:
+        """Quarantine ``bad`` (documents of the job's shard), or raise ``BadDocumentsError`` under
+        ``data.on_bad_document: fail``."""
         if self.settings.on_bad_document == "fail":
-            raise BadDocumentsError(bad, f"{job.pass_name} of shard {job.shard.shard_id}: ") from None
-        add_to_quarantine(self.run_dir, job.shard.shard_id, bad)
-        print(f"warning: [{job.pass_name}] left out {len(bad)} document(s) of {job.shard.path} (data.on_bad_document: "
-              f"skip): " + "; ".join(b.describe() for b in bad[:5]))
+            raise BadDocumentsError(bad, f"{job.pass_name} of shard {job.shard.shard_id}: ")
+        known = {(b.path, b.row) for b in read_quarantine(self.run_dir, job.shard.shard_id)}
+        new = [b for b in bad if (b.path, b.row) not in known]
+        if new:
+            add_to_quarantine(self.run_dir, job.shard.shard_id, new)
+            print(f"warning: [{job.pass_name}] left out {len(new)} document(s) of {job.shard.path} "
+                  "(data.on_bad_document: skip): " + "; ".join(b.describe() for b in new[:5]))
 
     def _maybe_crash(self, pass_name: str) -> None:
         """Fault injection for tests (``settings.fault``: ``<pass>[:hang|:oom]``, comma-separated): once

@@ -1,6 +1,6 @@
 """What a run maps over, found by ``validate``: every check that needs no heavy compute, so that bad
-input fails in seconds (configs, columns, ids, tokenizer/model fit), and the content digests of the
-named inputs that the stages' keys are made of (``keys.py``)."""
+input fails in seconds (configs, columns, data pages, ids, tokenizer/model fit), and the content
+digests of the named inputs that the stages' keys are made of (``keys.py``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from msif_ray.store.data import (
     Shard, check_columns, check_corpus_columns, check_token_ids, check_unique_ids, expand_paths, plan_shards,
     read_documents, read_pairs,
 )
-from msif_ray.store.formats.jsonl import JsonLines
 from msif_ray.store.digests import TOKENIZER_FILES, digest, file_digests, tree_digest
 from msif_ray.store.models import check_same_shapes, check_tokenizer_fits, load_config, load_tokenizer, model_skeleton
+from msif_ray.store.quarantine import BadDocument, BadDocumentsError
+from msif_ray.store.scan import scan_corpus
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Inputs:
     # "models.finetuned" (when given), "tokenizer" (its files only), "data.corpus" and
     # "data.finetune" (of their content shard ids), "data.queries" (of the query files).
     digests: dict[str, str] = field(default_factory=dict)
+    # Corpus rows the validation scan could not read or decode (data.on_bad_document: skip); the
+    # run quarantines them (quarantine.quarantine_rows) before its first pass.
+    bad_documents: list[BadDocument] = field(default_factory=list)
 
 
 def validate(cfg: Config, log: Callable[[str], None]) -> Inputs:
@@ -53,16 +57,20 @@ def validate(cfg: Config, log: Callable[[str], None]) -> Inputs:
     corpus_paths = expand_paths(corpus.paths)
     check_corpus_columns(corpus_paths, *corpus.columns, corpus.layout)
     shards = plan_shards(corpus_paths, cfg.data.rows_per_shard, corpus.layout)
-    for shard in shards:  # JSON Lines is decoded (and so checked) only by reading it
-        if isinstance(shard.format, JsonLines):
-            read_documents(shard, *corpus.columns)
-    check_token_ids(shards, *corpus.columns, pretrained.vocab_size)
-    check_unique_ids(shards, corpus.id_column)
+    bad = scan_corpus(shards, *corpus.columns, log=log)
+    if bad and cfg.data.on_bad_document == "fail":
+        raise BadDocumentsError(bad, "data.corpus: ")
+    if bad:
+        log(f"warning: {len(bad)} corpus document(s) cannot be read or decoded; they are left out of every pass "
+            "and listed in the run's quarantine (data.on_bad_document: skip)")
+    check_token_ids(shards, *corpus.columns, pretrained.vocab_size, left_out=bad)
+    check_unique_ids(shards, corpus.id_column, left_out=bad)
     q = cfg.data.queries
     query_paths = expand_paths(q.paths)
     num_queries, query_tokens = _check_pairs(tokenizer, query_paths, q.prompt_column, q.completion_column, q.id_column)
     inputs = Inputs(shards, [layer_spec(n, m) for n, m in modules.items()], pretrained,
-                    sum(p.numel() for p in skeleton.parameters()), tokenizer, num_queries, query_tokens)
+                    sum(p.numel() for p in skeleton.parameters()), tokenizer, num_queries, query_tokens,
+                    bad_documents=bad)
     digests = inputs.digests
     digests["models.pretrained"] = tree_digest(cfg.models.pretrained)
     if cfg.models.finetuned:
@@ -99,7 +107,7 @@ def tokens_per_document(config: Config, inputs: Inputs, sample: int = 200) -> fl
     first = inputs.corpus_shards[0]
     if first.num_tokens is not None:
         return first.num_tokens / max(first.num_rows, 1)
-    docs, _ = read_documents(first, *corpus.columns)
+    docs, _ = read_documents(first, *corpus.columns, bad=[])  # bad rows: quarantined, not counted
     docs = docs[:sample]
     if not docs:
         return float(config.data.max_length)

@@ -39,7 +39,7 @@ from msif_ray.pipeline.passes import FAULT_ENV, Passes
 from msif_ray.pipeline.plan import ResourcePlan, make_plan
 from msif_ray.pipeline.records import StageRecords
 from msif_ray.store.layout import TOPK, records_covering
-from msif_ray.store.quarantine import quarantined
+from msif_ray.store.quarantine import quarantine_rows, quarantined
 from msif_ray.store.storage import DamagedArtifactError, RunDir
 
 __all__ = ["FAULT_ENV", "Inputs", "Pipeline"]
@@ -90,6 +90,7 @@ class Pipeline:
             self.log(f"[plan] {line}")
         self.records.save(config=redact_secrets(cfg.to_dict()), digests=inputs.digests,
                           shards={"corpus": [s.shard_id for s in inputs.corpus_shards]}, plan=self.plan.to_dict())
+        quarantine_rows(self.store, inputs.corpus_shards, inputs.bad_documents)
         named = stage_inputs(cfg, inputs, self.plan, self.store, self.log)
         passes = Passes(cfg, self.store, self.plan, self.log)
         run = RunContext(cfg, self.store, self.plan, self.records, passes, self.log)

@@ -8,7 +8,9 @@ the token ids it was trained on (a token column, a Megatron dataset, an array of
 as they are. Fine-tuning data and queries are small and read whole with ``read_pairs`` (or per
 shard with ``read_pair_shard``).
 
-Errors in the input raise ``DataError`` naming the file, the row and the column. Transient
+Errors in the input raise ``DataError`` naming the file, the row and the column; given a ``bad``
+list, ``read_documents`` instead lists the rows it cannot decode or read (``quarantine.BadDocument``:
+a row that is not text or token ids, a row of a corrupt data page) and reads on. Transient
 object-store errors are retried (``storage.with_retries``) around whole operations: a listing, a
 footer, a whole shard or file of pairs, which are re-read from their start.
 """
@@ -19,7 +21,7 @@ import hashlib
 import os
 import random
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -28,11 +30,12 @@ from fsspec.implementations.local import LocalFileSystem
 
 from msif_ray.store.digests import digest, file_digests
 from msif_ray.store.formats import (
-    TOKENS, DataError, Format, format_of, is_token_format, require_columns, save_to_disk_files,
+    TOKENS, BadRow, DataError, Format, format_of, is_token_format, require_columns, save_to_disk_files,
 )
 from msif_ray.store.formats.megatron import Megatron
 from msif_ray.store.formats.megatron import prefix as megatron_prefix
 from msif_ray.store.formats.memmap import TokenMemmap
+from msif_ray.store.quarantine import BadDocument
 from msif_ray.store.storage import with_retries
 
 __all__ = ["DataError", "Document", "PromptCompletion", "Shard", "check_columns", "check_unique_ids", "expand_paths",
@@ -189,25 +192,40 @@ def shard_id(content: str, row_start: int, row_stop: int) -> str:
 # --------------------------------------------------------------------------- rows
 
 
-def _rows(shard: Shard, columns: Sequence[str]) -> Iterator[tuple[int, dict]]:
-    """``(row, record)`` for the rows of a shard, streamed; records hold ``columns``."""
-    return shard.format.records(shard.path, columns, shard.row_start, shard.row_stop, shard.byte_offset)
+def _rows(shard: Shard, columns: Sequence[str], bad: list[BadDocument] | None = None) -> Iterator[tuple[int, dict]]:
+    """``(row, record)`` for the rows of a shard, streamed; records hold ``columns``.
+
+    ``bad``: the rows of a part that cannot be read are appended to it (doc id None) and left out;
+    without it, such a part raises.
+    """
+    def unreadable(first: int, stop: int, reason: str) -> None:
+        bad.extend(BadDocument(None, shard.path, row, reason) for row in range(first, stop))
+
+    return shard.format.records(shard.path, columns, shard.row_start, shard.row_stop, shard.byte_offset,
+                                None if bad is None else unreadable)
+
+
+def _bad_row(err: BadRow, doc_id: str | None, bad: list[BadDocument] | None) -> None:
+    """Append the row of ``err`` to ``bad``; without a list, raise it."""
+    if bad is None:
+        raise err
+    bad.append(BadDocument(doc_id, err.path, err.row, err.reason))
 
 
 def _text(path: str, row: int, column: str, value: object) -> str:
-    """``value`` if it is a string that encodes as UTF-8, else a ``DataError``."""
+    """``value`` if it is a string that encodes as UTF-8, else ``BadRow``."""
     if not isinstance(value, str):
-        raise DataError(f"{path}, row {row}: column {column!r} holds {type(value).__name__}, not text")
+        raise BadRow(path, row, f"column {column!r} holds {type(value).__name__}, not text")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as err:
-        raise DataError(f"{path}, row {row}: column {column!r} is not valid UTF-8 ({err.reason})") from None
+        raise BadRow(path, row, f"column {column!r} is not valid UTF-8 ({err.reason})") from None
     return value
 
 
 def _identifier(path: str, row: int, column: str, value: object) -> str:
     if value is None:
-        raise DataError(f"{path}, row {row}: column {column!r} is empty; every row needs an id")
+        raise BadRow(path, row, f"column {column!r} is empty; every row needs an id")
     return str(value)
 
 
@@ -215,7 +233,8 @@ def _identifier(path: str, row: int, column: str, value: object) -> str:
 
 
 def read_documents(shard: Shard, id_column: str, text_column: str, token_column: str | None = None,
-                   boundary_column: str | None = None) -> tuple[list[Document], int]:
+                   boundary_column: str | None = None,
+                   bad: list[BadDocument] | None = None) -> tuple[list[Document], int]:
     """The documents of one shard, and how many rows were skipped as empty.
 
     Text: a text that is null, empty or only whitespace is skipped (and counted); one that is not a
@@ -224,9 +243,19 @@ def read_documents(shard: Shard, id_column: str, text_column: str, token_column:
     or null list is skipped. ``boundary_column``: a packed sequence's document starts, increasing
     token offsets inside it (``Document.starts``). Ids are returned as strings and must be unique within the shard after
     that conversion (``1`` and ``"1"`` collide); ``check_unique_ids`` compares them across shards.
+
+    ``bad`` (a list): a row that cannot be decoded (a null id, bad text, token ids or starts), and
+    each row of a part of the file that cannot be read (``formats.Unreadable``), is appended to it
+    as a ``BadDocument`` and left out, instead of raising ``DataError``. Duplicate ids still raise.
     """
-    return with_retries(lambda: _read_documents(shard, id_column, text_column, token_column, boundary_column),
-                        f"read {shard.path}")
+    def read() -> tuple[list[Document], int, list[BadDocument] | None]:
+        found = None if bad is None else []  # per attempt: a retried read lists its rows once
+        return *_read_documents(shard, id_column, text_column, token_column, boundary_column, found), found
+
+    documents, skipped, found = with_retries(read, f"read {shard.path}")
+    if bad is not None:
+        bad.extend(found)
+    return documents, skipped
 
 
 def token_column_of(shard: Shard, token_column: str | None) -> str | None:
@@ -250,7 +279,7 @@ def check_corpus_columns(paths: Sequence[str], id_column: str, text_column: str,
 
 
 def _read_documents(shard: Shard, id_column: str, text_column: str, token_column: str | None,
-                    boundary_column: str | None) -> tuple[list[Document], int]:
+                    boundary_column: str | None, bad: list[BadDocument] | None) -> tuple[list[Document], int]:
     documents, skipped = [], 0
     seen: dict[str, tuple[int, object]] = {}
     tokens = token_column_of(shard, token_column)
@@ -258,37 +287,51 @@ def _read_documents(shard: Shard, id_column: str, text_column: str, token_column
     if boundary_column and not tokens:
         raise DataError(f"{shard.path}: data.corpus.boundary_column needs token documents (a token_column or a token "
                         "format): document starts are token offsets")
-    for row, record in _rows(shard, [id_column, column] + ([boundary_column] if boundary_column else [])):
-        doc_id = _identifier(shard.path, row, id_column, record[id_column])
+    for row, record in _rows(shard, [id_column, column] + ([boundary_column] if boundary_column else []), bad):
+        try:
+            doc_id = _identifier(shard.path, row, id_column, record[id_column])
+        except BadRow as err:
+            _bad_row(err, None, bad)
+            continue
         if doc_id in seen:
             raise _duplicate(doc_id, id_column, (shard.path, *seen[doc_id]), (shard.path, row, record[id_column]))
         seen[doc_id] = (row, record[id_column])
-        value = record[column]
-        if tokens:
-            ids = _token_ids(shard.path, row, column, value)
-            if not ids:
-                skipped += 1
-                continue
-            starts = _starts(shard.path, row, boundary_column, record[boundary_column], len(ids)) if boundary_column else None
-            documents.append(Document(doc_id, input_ids=ids, starts=starts, row=row))
+        try:
+            document = _document(shard.path, row, doc_id, record, column, bool(tokens), boundary_column)
+        except BadRow as err:
+            _bad_row(err, doc_id, bad)
             continue
-        if value is None or (isinstance(value, str) and not value.strip()):
+        if document is None:
             skipped += 1
-            continue
-        documents.append(Document(doc_id, _text(shard.path, row, column, value), row=row))
+        else:
+            documents.append(document)
     return documents, skipped
 
 
+def _document(path: str, row: int, doc_id: str, record: dict, column: str, tokens: bool,
+              boundary_column: str | None) -> Document | None:
+    """One row as a ``Document`` (None: empty, skipped), else ``BadRow``."""
+    value = record[column]
+    if tokens:
+        ids = _token_ids(path, row, column, value)
+        if not ids:
+            return None
+        starts = _starts(path, row, boundary_column, record[boundary_column], len(ids)) if boundary_column else None
+        return Document(doc_id, input_ids=ids, starts=starts, row=row)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return Document(doc_id, _text(path, row, column, value), row=row)
+
+
 def _token_ids(path: str, row: int, column: str, value: object) -> tuple[int, ...]:
-    """``value`` as token ids: a list of non-negative integers (null: none), else a ``DataError``."""
+    """``value`` as token ids: a list of non-negative integers (null: none), else ``BadRow``."""
     if value is None:
         return ()
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         kind = type(value).__name__ if not isinstance(value, (list, tuple)) else "a list that is not all integers"
-        raise DataError(f"{path}, row {row}: column {column!r} holds {kind}; a token column needs lists of token "
-                        "ids (integers)")
+        raise BadRow(path, row, f"column {column!r} holds {kind}; a token column needs lists of token ids (integers)")
     if value and min(value) < 0:
-        raise DataError(f"{path}, row {row}: column {column!r} holds a negative token id ({min(value)})")
+        raise BadRow(path, row, f"column {column!r} holds a negative token id ({min(value)})")
     return tuple(value)
 
 
@@ -296,20 +339,25 @@ def _starts(path: str, row: int, column: str, value: object, length: int) -> tup
     """Document starts of a packed sequence: increasing integer offsets in ``[0, length)``."""
     starts = _token_ids(path, row, column, value)
     if any(b <= a for a, b in zip(starts, starts[1:])) or (starts and starts[-1] >= length):
-        raise DataError(f"{path}, row {row}: column {column!r} must hold increasing token offsets below the "
-                        f"sequence's length {length}, got {list(starts)}")
+        raise BadRow(path, row, f"column {column!r} must hold increasing token offsets below the sequence's length "
+                     f"{length}, got {list(starts)}")
     return starts
 
 
 def check_token_ids(shards: Sequence[Shard], id_column: str, text_column: str, token_column: str | None,
-                    boundary_column: str | None, vocab_size: int) -> None:
+                    boundary_column: str | None, vocab_size: int, left_out: Collection[BadDocument] = ()) -> None:
     """Raise ``DataError`` naming the file and row of the first token id at or above ``vocab_size``
-    (a corpus tokenized for another model). Reads every token shard once; text shards are skipped."""
+    (a corpus tokenized for another model). Reads every token shard once; text shards are skipped,
+    and so are the rows of ``left_out`` (bad documents, quarantined)."""
+    skip = _places(left_out)
     for shard in shards:
         column = token_column_of(shard, token_column)
         if column is None:
             continue
-        for row, record in _rows(shard, [id_column, column] + ([boundary_column] if boundary_column else [])):
+        for row, record in _rows(shard, [id_column, column] + ([boundary_column] if boundary_column else []),
+                                 [] if skip else None):
+            if (shard.path, row) in skip:
+                continue
             ids = _token_ids(shard.path, row, column, record[column])
             if boundary_column:
                 _starts(shard.path, row, boundary_column, record[boundary_column], len(ids))
@@ -318,8 +366,10 @@ def check_token_ids(shards: Sequence[Shard], id_column: str, text_column: str, t
                                 f"model's vocabulary size {vocab_size}; was the corpus tokenized for another model?")
 
 
-def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int = 4_000_000) -> None:
-    """Raise ``DataError`` naming both rows when two rows of the shards share an id (after ``str()``).
+def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int = 4_000_000,
+                     left_out: Collection[BadDocument] = ()) -> None:
+    """Raise ``DataError`` naming both rows when two rows of the shards share an id (after ``str()``);
+    the rows of ``left_out`` (bad documents, quarantined) are not compared.
 
     Memory stays bounded whatever the corpus size: each id is hashed to 64 bits, and the hashes are
     spilled to ``P`` temporary files by ``hash mod P`` (P chosen so that one file holds at most
@@ -329,6 +379,7 @@ def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int
     hash is suspect, and raises for a true duplicate. Reads only the id column (Parquet: that
     column alone; JSON Lines: every line is parsed). Disk: 8 bytes per row, in the temp folder.
     """
+    skip = _places(left_out)
     total = sum(s.num_rows for s in shards)
     partitions = max(1, -(-total // ids_in_memory))
     suspects: set[int] = set()
@@ -337,7 +388,8 @@ def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int
         files = [open(name, "wb") for name in names]
         try:
             for shard in shards:
-                hashes = np.fromiter((_id_hash(doc_id) for doc_id, _ in _shard_ids(shard, id_column)), dtype=np.uint64)
+                hashes = np.fromiter((_id_hash(doc_id) for doc_id, _ in _shard_ids(shard, id_column, skip)),
+                                     dtype=np.uint64)
                 which = hashes % np.uint64(partitions)
                 for p in range(partitions):
                     files[p].write(hashes[which == p].tobytes())
@@ -351,17 +403,23 @@ def check_unique_ids(shards: Sequence[Shard], id_column: str, ids_in_memory: int
         return
     first: dict[str, tuple[str, int, object]] = {}
     for shard in shards:
-        for doc_id, (row, value) in _shard_ids(shard, id_column):
+        for doc_id, (row, value) in _shard_ids(shard, id_column, skip):
             if _id_hash(doc_id) in suspects:
                 if doc_id in first:
                     raise _duplicate(doc_id, id_column, first[doc_id], (shard.path, row, value))
                 first[doc_id] = (shard.path, row, value)
 
 
-def _shard_ids(shard: Shard, id_column: str) -> Iterator[tuple[str, tuple[int, object]]]:
-    """``(id as a string, (row, id as stored))`` for every row of a shard."""
-    for row, record in _rows(shard, [id_column]):
-        yield _identifier(shard.path, row, id_column, record[id_column]), (row, record[id_column])
+def _shard_ids(shard: Shard, id_column: str, skip: set[tuple[str, int]]) -> Iterator[tuple[str, tuple[int, object]]]:
+    """``(id as a string, (row, id as stored))`` for every row of a shard but those of ``skip``."""
+    for row, record in _rows(shard, [id_column], [] if skip else None):
+        if (shard.path, row) not in skip:
+            yield _identifier(shard.path, row, id_column, record[id_column]), (row, record[id_column])
+
+
+def _places(bad: Collection[BadDocument]) -> set[tuple[str, int]]:
+    """``(path, row)`` of each bad document."""
+    return {(b.path, b.row) for b in bad}
 
 
 def _id_hash(doc_id: str) -> int:

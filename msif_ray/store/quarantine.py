@@ -14,12 +14,16 @@ with ``BadDocumentsError`` listing them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from msif_ray.errors import UserError
 from msif_ray.store.layout import QUARANTINE, quarantine_record
 from msif_ray.store.storage import RunDir
+
+if TYPE_CHECKING:
+    from msif_ray.store.data import Shard  # data.py imports this module
 
 
 @dataclass(frozen=True)
@@ -77,3 +81,19 @@ def quarantined(store: RunDir, shard_ids: Iterable[str] | None = None) -> list[B
     wanted = None if shard_ids is None else {quarantine_record(s) for s in shard_ids}
     names = [n for n in store.list(QUARANTINE) if n.endswith(".json") and (wanted is None or n in wanted)]
     return sorted((BadDocument(**e) for n in names for e in store.read_json(n)), key=lambda b: (b.path, b.row))
+
+
+def quarantine_rows(store: RunDir, shards: Sequence[Shard], bad: Iterable[BadDocument]) -> int:
+    """Add each bad row to the record of the shard holding it (same path, row in ``[row_start,
+    row_stop)``); returns how many rows fell in one of ``shards``."""
+    by_path: dict[str, list[Shard]] = {}
+    for shard in shards:
+        by_path.setdefault(shard.path, []).append(shard)
+    placed: dict[str, list[BadDocument]] = {}
+    for b in bad:
+        shard = next((s for s in by_path.get(b.path, ()) if s.row_start <= b.row < s.row_stop), None)
+        if shard is not None:
+            placed.setdefault(shard.shard_id, []).append(b)
+    for shard_id, rows in placed.items():
+        add_to_quarantine(store, shard_id, rows)
+    return sum(len(rows) for rows in placed.values())

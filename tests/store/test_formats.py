@@ -33,6 +33,7 @@ from msif_ray.store.data import DataError, expand_paths, plan_shards, read_docum
 from msif_ray.store.formats.megatron import MAGIC
 from msif_ray.store.layout import TOPK
 from msif_ray.store.models import load_tokenizer
+from msif_ray.store.quarantine import BadDocumentsError
 from world import corpus_documents
 
 SEQUENCE = 8  # tokens per packed training sequence
@@ -167,8 +168,8 @@ def test_every_other_form_gives_the_same_top_k(world, ray_session, forms, tmp_pa
 # --------------------------------------------------------------------------- bad input, named early
 
 
-def validate(world, tmp_path: Path, corpus: Path, **corpus_keys) -> None:
-    config = world.config(tmp_path / "run", **{"data.corpus.paths": [str(corpus)],
+def validate(world, tmp_path: Path, corpus: Path, on_bad_document: str = "skip", **corpus_keys) -> None:
+    config = world.config(tmp_path / "run", **{"data.corpus.paths": [str(corpus)], "data.on_bad_document": on_bad_document,
                                                **{f"data.corpus.{k}": v for k, v in corpus_keys.items()}})
     Pipeline(config_from_dict(config, base_dir=world.root), log=lambda line: None).validate()
 
@@ -184,7 +185,9 @@ def test_a_token_column_that_is_not_a_list_is_named(world, tmp_path):
     path = tmp_path / "text.parquet"
     pq.write_table(pa.table({"id": ["a"], "input_ids": ["not tokens"]}), path)
     with pytest.raises(DataError, match=r"text.parquet, row 0: column 'input_ids' holds str"):
-        validate(world, tmp_path, path, token_column="input_ids")
+        read_documents(plan_shards([str(path)], 10)[0], "id", "text", "input_ids")
+    with pytest.raises(BadDocumentsError, match=r"document 'a' \(.*text.parquet, row 0\): column 'input_ids' holds str"):
+        validate(world, tmp_path, path, token_column="input_ids", on_bad_document="fail")
 
 
 def test_truncated_compressed_files_are_named(world, forms, tmp_path):

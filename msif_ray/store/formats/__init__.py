@@ -2,7 +2,10 @@
 
 Every reader answers three questions about one file, streaming, through fsspec (local or ``s3://``):
 its columns, its row count (with the byte offsets where shards begin, where it can seek), and the
-records of rows ``[start, stop)``. A *row* is one record, numbered from 0 within its file.
+records of rows ``[start, stop)``. A *row* is one record, numbered from 0 within its file. Given an
+``unreadable`` callback (``common.Unreadable``), a reader reports the rows of a part it cannot read
+(a corrupt Parquet page, a line that is not JSON, an Arrow batch that fails validation) and reads
+on; without one, it raises.
 
     .parquet                        Parquet (``parquet.py``)
     .jsonl .json (.gz, .zst)        JSON Lines, plain or compressed (``jsonl.py``)
@@ -19,13 +22,13 @@ from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from msif_ray.store.formats.arrow import ArrowStream, save_to_disk_files
-from msif_ray.store.formats.common import DataError, open_binary, require_columns
+from msif_ray.store.formats.common import BadRow, DataError, Unreadable, open_binary, require_columns
 from msif_ray.store.formats.jsonl import JsonLines
 from msif_ray.store.formats.megatron import Megatron, is_megatron
 from msif_ray.store.formats.memmap import TokenMemmap
 from msif_ray.store.formats.parquet import Parquet
 
-__all__ = ["TOKENS", "DataError", "Format", "format_of", "is_token_format", "open_binary", "require_columns",
+__all__ = ["TOKENS", "BadRow", "DataError", "Format", "Unreadable", "format_of", "is_token_format", "open_binary", "require_columns",
            "save_to_disk_files"]
 COMPRESSION = {".gz": "gzip", ".zst": "zstd"}
 TOKENS = "input_ids"  # the token column of the token formats
@@ -42,9 +45,10 @@ class Format(Protocol):
     def count(self, path: str, rows_per_shard: int) -> tuple[int, dict[int, int]]:
         """The file's row count, and the byte offsets of the rows where shards begin (where it can seek)."""
 
-    def records(self, path: str, columns: Sequence[str], start: int, stop: int | None,
-                byte_offset: int) -> Iterator[tuple[int, dict]]:
-        """``(row, record)`` for rows ``[start, stop)``; records hold at least ``columns``."""
+    def records(self, path: str, columns: Sequence[str], start: int, stop: int | None, byte_offset: int,
+                unreadable: Unreadable | None = None) -> Iterator[tuple[int, dict]]:
+        """``(row, record)`` for rows ``[start, stop)``; records hold at least ``columns``. Rows of a part
+        that cannot be read are told to ``unreadable`` and left out (without it: raised)."""
 
 
 def format_of(path: str, layout: str | None = None) -> Format:

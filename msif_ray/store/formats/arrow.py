@@ -3,6 +3,10 @@
 A ``paths`` entry may name the save_to_disk folder itself: its ``state.json`` lists the files in
 order (``save_to_disk_files``). Local files are memory-mapped, so a shard touches only its pages;
 remote ones are streamed. Each file is its own content key, as a Parquet file is.
+
+Arrow IPC has no checksums: each batch read is validated in full (offsets in bounds, strings valid
+UTF-8), so that flipped bytes fail there, naming the batch's rows, rather than decode to garbage. A
+stream whose framing is broken cannot be counted, and is refused when the shards are planned.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import fsspec
 import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
-from msif_ray.store.formats.common import require_columns
+from msif_ray.store.formats.common import Unreadable, is_corrupt, require_columns, unreadable_rows
 
 
 class ArrowStream:
@@ -40,14 +44,23 @@ class ArrowStream:
         return sum(batch.num_rows for batch in self._batches(path)), {}
 
     def records(self, path: str, columns: Sequence[str], start: int, stop: int | None,
-                byte_offset: int) -> Iterator[tuple[int, dict]]:
+                byte_offset: int, unreadable: Unreadable | None = None) -> Iterator[tuple[int, dict]]:
         row = 0
         for batch in self._batches(path):
             if row == 0:
                 require_columns(path, batch.schema.names, columns)
             lo, hi = max(start - row, 0), batch.num_rows if stop is None else min(stop - row, batch.num_rows)
             if hi > lo:
-                for offset, record in enumerate(batch.select(list(columns)).slice(lo, hi - lo).to_pylist()):
+                try:
+                    part = batch.select(list(columns))
+                    part.validate(full=True)  # the whole batch: its rows fail together, however it is sliced
+                    records = part.slice(lo, hi - lo).to_pylist()
+                except Exception as err:  # noqa: BLE001 - re-raised unless the file's bytes are at fault
+                    if not is_corrupt(err):
+                        raise
+                    unreadable_rows(path, unreadable, row + lo, row + hi, f"unreadable Arrow batch ({err})")
+                    records = []
+                for offset, record in enumerate(records):
                     yield row + lo + offset, record
             row += batch.num_rows
             if stop is not None and row >= stop:

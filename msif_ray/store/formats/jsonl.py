@@ -18,7 +18,7 @@ from typing import BinaryIO
 import fsspec
 import zstandard
 
-from msif_ray.store.formats.common import DataError, require_columns
+from msif_ray.store.formats.common import BadRow, DataError, Unreadable, require_columns
 
 READ_BUFFER = 1 << 20  # bytes of decompressed text read at a time
 
@@ -52,7 +52,8 @@ class JsonLines:
         return num_rows, ({} if self.whole_file else offsets)
 
     def records(self, path: str, columns: Sequence[str], start: int, stop: int | None,
-                byte_offset: int) -> Iterator[tuple[int, dict]]:
+                byte_offset: int, unreadable: Unreadable | None = None) -> Iterator[tuple[int, dict]]:
+        """A line that is not a JSON object in UTF-8, or lacks one of ``columns``, is one unreadable row."""
         with self._decoding(path):
             with self._open(path) as f:
                 if not self.whole_file:
@@ -64,9 +65,15 @@ class JsonLines:
                     if not line.strip():
                         continue
                     if row >= start:
-                        record = parse_line(path, row, line)
-                        require_columns(path, list(record), columns, row)
-                        yield row, record
+                        try:
+                            record = parse_line(path, row, line)
+                            require_columns(path, list(record), columns, row)
+                        except BadRow as err:
+                            if unreadable is None:
+                                raise
+                            unreadable(row, row + 1, err.reason)
+                        else:
+                            yield row, record
                     row += 1
 
     def _decoding(self, path: str):
@@ -124,12 +131,13 @@ class ZstdFrames(io.RawIOBase):
 
 
 def parse_line(path: str, row: int, line: bytes) -> dict:
+    """The JSON object on one line, else ``BadRow`` (a ``DataError``) naming the file and row."""
     try:
         record = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}, row {row}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+        raise BadRow(path, row, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}, row {row}: not valid JSON ({err.msg}); JSON Lines needs one object per line") from None
+        raise BadRow(path, row, f"not valid JSON ({err.msg}); JSON Lines needs one object per line") from None
     if not isinstance(record, dict):
-        raise DataError(f"{path}, row {row}: expected a JSON object, got {type(record).__name__}")
+        raise BadRow(path, row, f"expected a JSON object, got {type(record).__name__}")
     return record

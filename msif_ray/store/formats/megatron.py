@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from msif_ray.store.formats.common import DataError, open_binary, require_columns
+from msif_ray.store.formats.common import DataError, Unreadable, open_binary, require_columns
 
 MAGIC = b"MMIDIDX\x00\x00"
 DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16}
@@ -86,7 +86,8 @@ class Megatron:
         return int(Index(path).sizes.sum())
 
     def records(self, path: str, columns: Sequence[str], start: int, stop: int | None,
-                byte_offset: int) -> Iterator[tuple[int, dict]]:
+                byte_offset: int, unreadable: Unreadable | None = None) -> Iterator[tuple[int, dict]]:
+        """Token ids have no pages to fail: ``unreadable`` is never told anything."""
         require_columns(path, COLUMNS, columns)
         index = Index(path)
         stop = len(index.sizes) if stop is None else stop

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from numpy.lib import format as npy
 
-from msif_ray.store.formats.common import DataError, open_binary, require_columns
+from msif_ray.store.formats.common import DataError, Unreadable, open_binary, require_columns
 
 COLUMNS = ("id", "input_ids")
 NPY_MAGIC = b"\x93NUMPY"
@@ -72,7 +72,8 @@ class TokenMemmap:
         return length * rows
 
     def records(self, path: str, columns: Sequence[str], start: int, stop: int | None,
-                byte_offset: int) -> Iterator[tuple[int, dict]]:
+                byte_offset: int, unreadable: Unreadable | None = None) -> Iterator[tuple[int, dict]]:
+        """Token ids have no pages to fail: ``unreadable`` is never told anything."""
         require_columns(path, COLUMNS, columns)
         dtype, length, rows, offset = layout_of(path, self.layout)
         stop = rows if stop is None else min(stop, rows)
