@@ -69,6 +69,8 @@ class Examples:
         return len(self.texts) or len(self.prompts) or len(self.token_ids)
 
     def encode(self, tokenizer) -> list[tuple[list[int], list[bool]]]:
+        if not len(self):  # a shard whose documents are all empty or left out
+            return []
         if self.token_ids:
             return [(list(ids), [False] + [True] * (len(ids) - 1)) for ids in self.token_ids]
         if self.texts:

@@ -29,6 +29,7 @@ from msif_ray.pipeline.run import Pipeline
 from msif_ray.report.build import build_report
 from msif_ray.store.layout import MANIFEST, REPORT_INDEX, TOPK
 from msif_ray.store.storage import RunDir
+from corrupt import GROUP, ROWS, corrupt_parquet
 from tiny import load_tokenizer
 from world import corpus_documents
 
@@ -130,3 +131,19 @@ def test_on_bad_document_fail_stops_the_run_with_the_list(world, poisoned, ray_s
     assert "bad document(s) (data.on_bad_document: fail)" in err and "non-finite loss" in err
     assert "poison-short" in err or "poison-long" in err
     assert not RunDir(str(tmp_path / "run")).list("quarantine")
+
+
+def test_a_corrupt_data_page_is_left_out_of_a_whole_run(world, ray_session, tmp_path, monkeypatch):
+    """A Parquet corpus with one corrupt data page: validation's scan finds its row group, the run
+    (multi_stage, the world's models) leaves those rows out of every pass and lists them."""
+    monkeypatch.setenv("MSIF_CACHE", str(tmp_path / "cache"))
+    corpus = corrupt_parquet(tmp_path / "corpus.parquet")
+    run_dir = tmp_path / "run"
+    Pipeline(config_from_dict(world.config(run_dir, **{"data.corpus.paths": [corpus]}), world.root),
+             log=lambda _: None).run()
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    assert [(b["path"], b["row"]) for b in manifest["quarantine"]] == [(corpus, r) for r in range(GROUP, 2 * GROUP)]
+    for stage, pass_name in [("factors/pretrain", "covariance"), ("scores", "scores")]:
+        assert manifest["stages"][stage]["passes"][pass_name]["documents"] == ROWS - GROUP
+    returned = set(pq.read_table(run_dir / TOPK)["doc_id"].to_pylist())
+    assert returned and not returned & {f"d{i}" for i in range(GROUP, 2 * GROUP)}
