@@ -1,7 +1,8 @@
 """Where every artifact lives in a run directory: the one place that names them.
 
     manifest.json                                       config, shards, per stage: key, named inputs, state,
-                                                        outcome (computed | reused | ...), timings, stats
+                                                        outcome (computed | reused | ...), timings, stats; the documents
+                                                        left out (quarantine)
     <stage>/<key>/stage.json                            the stage's done record (its manifest record), written
                                                         last: the stage is done for that key when it exists
     factors/pretrain/base-<base key>.json               the pre-training factors last fitted for a base model and

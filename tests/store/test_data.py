@@ -134,7 +134,7 @@ def test_empty_texts_are_skipped_and_counted_and_ids_become_strings(tmp_path: Pa
             {"id": 5, "text": "five"}]
     path = write_parquet(tmp_path / "c.parquet", rows)
     documents, skipped = read_documents(plan_shards([path], 10)[0], "id", "text")
-    assert documents == [Document("1", "one"), Document("5", "five")] and skipped == 3
+    assert documents == [Document("1", "one", row=0), Document("5", "five", row=4)] and skipped == 3
 
 
 @pytest.mark.parametrize("bad_row, message", [
