@@ -1,12 +1,14 @@
 """The run-directory lock: two runs at once (separate processes, local and on moto S3), a stale lock
 left by a killed run taken over, the S3 lease kept alive by its heartbeat, and `msif run` refused
 while another run holds the lock. Re-entrant within one thread, not across threads; a lease lost
-by a run in a non-main thread stops that thread."""
+by a run in a non-main thread stops that thread. ``Pipeline.run()`` (the Python API) takes the
+same lock and makes the same early checks as ``msif run``."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +20,7 @@ import yaml
 from lock_holder import held_by_another_thread
 
 from msif_ray.cli import EXIT_LOCKED, main
+from msif_ray.config import config_from_dict
 from msif_ray.store.lock import API, LOCK_NAME, Holder, LockHeldError, LockLostError, RunDirLock
 from msif_ray.store.layout import MANIFEST
 from msif_ray.store.storage import RunDir
@@ -183,3 +186,54 @@ def test_a_lease_lost_by_a_run_in_another_thread_stops_that_thread(s3_bucket):
     assert isinstance(error.__cause__, LockLostError)  # what the heartbeat raised in the thread
     assert RunDir(url).exists(LOCK_NAME)  # the other run's lease is left alone
 
+
+# --------------------------------------------------------------------------- the Python API
+
+
+def test_pipeline_run_is_refused_while_another_process_holds_the_lock(world, tmp_path):
+    from msif_ray.pipeline.run import Pipeline
+
+    run_dir = tmp_path / "run"
+    go = tmp_path / "go"
+    go.touch()
+    [holder] = start_holders(str(run_dir), 1, go, hold=60)
+    try:
+        wait_acquired(holder)
+        config = config_from_dict(world.config(run_dir), world.root)
+        with pytest.raises(LockHeldError, match=f"locked by `msif run` on host .*, pid {holder.pid}"):
+            Pipeline(config, log=lambda line: None).run()
+        assert sorted(os.listdir(run_dir)) == [LOCK_NAME, LOCK_NAME + ".lock"]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+UNREACHABLE = """
+import sys
+from msif_ray.config import load_config
+from msif_ray.distributed.runtime import ClusterUnreachableError
+from msif_ray.pipeline.run import Pipeline
+try:
+    Pipeline(load_config(sys.argv[1]), log=lambda line: None).run()
+except ClusterUnreachableError as err:
+    print(err, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_pipeline_run_joins_ray_address_and_names_an_unreachable_one(world, tmp_path):
+    """As ``msif run`` (test_cli's secrets test), in a fresh process: this one's Ray is up already.
+    Ray's client gives up on the address after 3 tries of 1 s."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(world.config(tmp_path / "run", **{"ray.address": f"ray://127.0.0.1:{port}"})))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {
+        "PYTHONPATH": str(REPO), "RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1",
+        "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "1"}
+    done = subprocess.run([sys.executable, "-c", UNREACHABLE, str(config)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"ray.address: cannot reach the Ray cluster at ray://127.0.0.1:{port}" in done.stderr
+    assert os.listdir(tmp_path / "run") == []  # lock released, nothing written
