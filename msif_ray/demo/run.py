@@ -50,15 +50,13 @@ def retrieval_metrics(topk_path: str, gold: dict[str, list[str]], cutoff: int = 
 
 def run_demo(workdir: Path, num_workers: int = 2, show: int = 3, spec: ToySpec = ToySpec()) -> tuple[float, float]:
     """Build (or reuse) the toy world, run the pipeline and its report, print examples; returns (MRR, Recall@10)."""
-    from msif_ray.distributed.runtime import init_ray
     from msif_ray.report.build import build_report
 
     world = build_toy_world(workdir / "world", spec)
     config_path = workdir / "config.yaml"
     config_path.write_text(yaml.safe_dump(demo_config(world, demo_run_dir(workdir), num_workers), sort_keys=False))
     config = load_config(config_path)
-    init_ray(config)
-    topk = Pipeline(config).run()
+    topk = Pipeline(config).run()  # starts Ray (or joins ray.address) under the lock, as msif run does
 
     texts = {row["id"]: row["text"] for row in pq.read_table(world.corpus_path, columns=["id", "text"]).to_pylist()}
     queries = {q["id"]: q for q in _read_jsonl(world.queries_path)}

@@ -1,17 +1,13 @@
-"""A run under its run directory's lock, after every early check (``msif run`` and ``msif nightly``)."""
+"""A run under its run directory's lock, after every early check (``msif run``, ``nightly``, ``tune``)."""
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
-import ray
-
 from msif_ray.config import Config
-from msif_ray.distributed.runtime import alive_nodes, init_ray
+from msif_ray.pipeline.guard import guarded
 from msif_ray.store.layout import read_manifest
-from msif_ray.store.lock import RunDirLock
-from msif_ray.store.storage import RunDir, check_run_dir_shared, check_storage
+from msif_ray.store.storage import RunDir
 
 if TYPE_CHECKING:
     from msif_ray.pipeline.run import Inputs, Pipeline
@@ -23,31 +19,13 @@ def stages_now(run_dir: str) -> dict:
 
 
 def run_locked(config: Config, command: str, work: Callable[["Pipeline", "Inputs"], None]) -> None:
-    """``work(pipeline, inputs)`` under the run directory's lock, after every early check.
+    """``work(pipeline, inputs)`` under the run directory's lock, after every early check (``guard.guarded``).
 
-    Order: the run directory is reachable and writable; the lock is taken (a second run stops
-    here); Ray starts while, beside it, the engine is imported, the inputs are validated and the
-    plan is checked against the memory budget (seconds each on a laptop; a bad input or plan stops
-    the run before any pass, and a Ray started for it is stopped); a local run directory (or index)
-    is refused on a multi-node cluster. A node that joins later (an autoscaler's) is caught by its
-    workers: each checks on start that it sees the driver's run directory (``Passes.workers``).
+    The pipeline is made and validated beside Ray's start, so that importing it (torch and
+    transformers: seconds) overlaps too. ``Pipeline.run()`` called from ``work`` runs in the lock
+    this thread holds (it only counts) without checking again.
     """
-    check_storage(config.run_dir, "run_dir")
-    with RunDirLock(RunDir(config.run_dir), command):
-        ray_was_up = ray.is_initialized()
-        with ThreadPoolExecutor(1, thread_name_prefix="validate") as beside:
-            checked = beside.submit(validated, config)
-            init_ray(config)  # in this thread: Ray's processes die with the thread that started them
-        if checked.exception() is not None and not ray_was_up:
-            ray.shutdown()
-        pipeline, inputs = checked.result()
-        nodes = alive_nodes()
-        check_run_dir_shared(config.run_dir, "run_dir", nodes)
-        if config.scoring.mode == "index":
-            from msif_ray.pipeline.keys import index_store  # imported by validated() by now
-
-            check_run_dir_shared(index_store(config, RunDir(config.run_dir)).url(), "index.path", nodes)
-        work(pipeline, inputs)
+    guarded(config, command, lambda: validated(config), work)
 
 
 def validated(config: Config) -> tuple["Pipeline", "Inputs"]:
@@ -55,7 +33,4 @@ def validated(config: Config) -> tuple["Pipeline", "Inputs"]:
     from msif_ray.pipeline.run import Pipeline  # torch and transformers: seconds, spent while Ray starts
 
     pipeline = Pipeline(config)
-    inputs = pipeline.validate()
-    pipeline.plan = pipeline.resource_plan(inputs)
-    pipeline.plan.check()
-    return pipeline, inputs
+    return pipeline, pipeline.checked()

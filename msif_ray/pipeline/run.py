@@ -12,6 +12,11 @@
                       a tree of bounded merges (``scores.py``); index: the corpus gradient index, a
                       scan, exact re-scoring of the candidates (``index.py``)
 
+``run()`` is the same run as ``msif run``'s: it takes the run directory's lock and makes the same
+early checks first (``guard.guarded``: storage, lock, Ray started or ``ray.address`` joined beside
+validation, the cluster's shape), unless the calling thread holds that lock already (``msif run``
+and ``msif tune`` call it inside their own); then it only counts on the lock.
+
 Each stage is keyed by a digest of its named inputs (``keys.py``) and skipped when its done record
 for that key exists (``records.py``); inside a stage, map passes resume where they stopped
 (``passes.py``). The stages share one worker pool, started on first use.
@@ -33,12 +38,14 @@ from msif_ray.config import Config, redact_secrets
 from msif_ray.errors import user_error
 from msif_ray.pipeline import factors, index, queries, scores, self_influence
 from msif_ray.pipeline.context import RunContext
+from msif_ray.pipeline.guard import guarded
 from msif_ray.pipeline.inputs import Inputs, tokens_per_document, validate
 from msif_ray.pipeline.keys import check_identity, index_identity, index_store, stage_inputs
 from msif_ray.pipeline.passes import FAULT_ENV, Passes
 from msif_ray.pipeline.plan import ResourcePlan, make_plan
 from msif_ray.pipeline.records import StageRecords
 from msif_ray.store.layout import TOPK, records_covering
+from msif_ray.store.lock import API, RunDirLock, held_by_this_thread
 from msif_ray.store.quarantine import quarantine_rows, quarantined
 from msif_ray.store.storage import DamagedArtifactError, RunDir
 
@@ -67,6 +74,13 @@ class Pipeline:
             check_identity(index_store(self.config, self.store), index_identity(self.config, inputs), "index.path")
         return inputs
 
+    def checked(self, inputs: Inputs | None = None) -> Inputs:
+        """The inputs validated (unless given) and the plan made and checked against the memory budget."""
+        inputs = inputs or self.validate()
+        self.plan = self.plan or self.resource_plan(inputs)
+        self.plan.check()
+        return inputs
+
     def resource_plan(self, inputs: Inputs, profile=None) -> ResourcePlan:
         """The memory / storage / time plan of this run (``profile``: a named device instead of this machine's)."""
         shards = inputs.corpus_shards
@@ -79,13 +93,20 @@ class Pipeline:
     def run(self, inputs: Inputs | None = None) -> str:
         """Run (or resume) every stage; returns the path of ``scores/topk.parquet``.
 
-        ``inputs`` is what ``validate()`` returned, when the caller validated first.
+        ``inputs`` is what ``validate()`` returned, when the caller validated first. The run holds
+        the run directory's lock (``LockHeldError`` while another run does) and makes ``msif run``'s
+        early checks before any stage (``guard.guarded``); in a thread that holds the lock already,
+        it only counts on it.
         """
+        if not held_by_this_thread(self.store):
+            return guarded(self.config, API, lambda: (self, self.checked(inputs)), lambda p, i: p.run(i), self.log)
+        with RunDirLock(self.store, API, log=self.log):  # held by this thread: it only counts
+            return self._run(inputs)
+
+    def _run(self, inputs: Inputs | None) -> str:
         started = time.monotonic()
         cfg = self.config
-        inputs = inputs or self.validate()
-        self.plan = self.plan or self.resource_plan(inputs)
-        self.plan.check()
+        inputs = self.checked(inputs)
         for line in self.plan.summary_lines():
             self.log(f"[plan] {line}")
         self.records.save(config=redact_secrets(cfg.to_dict()), digests=inputs.digests,

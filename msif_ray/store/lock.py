@@ -1,11 +1,16 @@
 """One run at a time per run directory: ``RunDirLock``.
 
 Two runs on one run directory would race on the manifest, and one's cleanup would delete the
-other's partial results. ``msif run`` (and ``msif nightly``) therefore hold a lock on the run
-directory for their whole length::
+other's partial results. ``msif run`` (``nightly``, ``tune``) and ``Pipeline.run()`` therefore hold
+a lock on the run directory for their whole length::
 
     with RunDirLock(RunDir(url)):
         ...                           # a second run now fails at once with LockHeldError
+
+The lock is re-entrant within one thread of one process: taken again by the thread that holds it
+(``msif tune``'s trials, ``Pipeline.run()`` inside ``msif run``), it only counts, and is released
+when the outermost holder lets go. Another process, or another thread of this one, gets
+``LockHeldError``.
 
 Local run directory: an OS file lock (``filelock``: ``flock`` on ``<run_dir>/lock.json.lock``),
 released by the kernel when its process dies, so a dead holder can never block a later run.
@@ -20,13 +25,14 @@ from a heartbeat thread every ``ttl / 3`` seconds with a PUT conditional on the 
 network); the next run takes it over, again with an ``If-Match`` PUT, so that of two runs taking
 over at once only one wins. Age is measured on the object store's clock (its ``Date`` header
 minus the lease's ``Last-Modified``), so clocks of different machines never need to agree. A
-holder whose renewal finds the lease taken over has lost it: the heartbeat interrupts the main
-thread and the run stops with ``LockLostError`` rather than keep writing beside another run.
+holder whose renewal finds the lease taken over has lost it: the heartbeat stops the thread that
+holds the lock, and the run stops with ``LockLostError`` rather than keep writing beside another run.
 """
 
 from __future__ import annotations
 
 import _thread
+import ctypes
 import json
 import os
 import socket
@@ -45,6 +51,7 @@ from msif_ray.errors import UserError
 
 LOCK_NAME = "lock.json"
 LEASE_TTL = float(os.environ.get("MSIF_LOCK_TTL", "300"))  # seconds an S3 lease lives without renewal
+API = "api"  # the holder's command when the run was started from Python (``Pipeline.run()``)
 
 
 class LockHeldError(UserError, RuntimeError):
@@ -79,14 +86,29 @@ class Holder:
             return None
 
     def describe(self) -> str:
-        return f"`msif {self.command}` on host {self.host}, pid {self.pid}, started {self.started}"
+        what = "the Python API (`Pipeline.run()`)" if self.command == API else f"`msif {self.command}`"
+        return f"{what} on host {self.host}, pid {self.pid}, started {self.started}"
 
     def to_bytes(self) -> bytes:
         return (json.dumps(asdict(self), indent=2) + "\n").encode()
 
 
+# (run directory URL, thread id) -> the outermost RunDirLock this thread holds on it
+_held: dict[tuple[str, int], RunDirLock] = {}
+_held_guard = threading.Lock()
+
+
+def held_by_this_thread(store: RunDir) -> bool:
+    """Whether the calling thread holds the lock of ``store`` (a nested acquisition would only count)."""
+    with _held_guard:
+        return (store.url(), threading.get_ident()) in _held
+
+
 class RunDirLock:
-    """An exclusive lock on a run directory; a context manager. ``command`` names the holder's subcommand."""
+    """An exclusive lock on a run directory, re-entrant within one thread; a context manager.
+
+    ``command`` names the holder's subcommand (``API`` for ``Pipeline.run()``).
+    """
 
     def __init__(self, store: RunDir, command: str = "run", ttl: float = LEASE_TTL,
                  log: Callable[[str], None] = print):
@@ -99,6 +121,9 @@ class RunDirLock:
         self._etag: str | None = None
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
+        self._key = (store.url(), 0)  # and the holding thread's id, set by acquire()
+        self._depth = 0  # acquisitions of this thread now held (on the outermost lock)
+        self._outer: RunDirLock | None = None  # set while this one is a nested acquisition
 
     def __enter__(self) -> RunDirLock:
         self.acquire()
@@ -106,7 +131,7 @@ class RunDirLock:
 
     def __exit__(self, kind, error, traceback) -> None:
         self.release()
-        if self.lost:
+        if self.lost:  # set on the outermost lock only: a nested one lets the error through to it
             raise LockLostError(f"{self.store.url(LOCK_NAME)}: this run's lease was taken over by another run while "
                                 "it ran (the heartbeat could not renew it in time); its results may be incomplete: "
                                 "rerun when the other run has finished") from error
@@ -114,16 +139,45 @@ class RunDirLock:
     # ----------------------------------------------------------------------- acquire / release
 
     def acquire(self) -> None:
-        """Take the lock, or raise ``LockHeldError`` naming the live holder. A stale lock is taken over."""
+        """Take the lock, or raise ``LockHeldError`` naming the live holder. A stale lock is taken over.
+
+        Already held by this thread: the acquisition only counts (the holder recorded stays the outermost's).
+        """
+        key = (self.store.url(), threading.get_ident())
+        with _held_guard:
+            outer = _held.get(key)
+            if outer is not None:
+                outer._depth += 1
+                self._outer = outer
+                return
         if self.store.is_local:
             self._acquire_local()
         else:
             self._acquire_lease()
+        self._key, self._depth = key, 1
+        with _held_guard:
+            _held[key] = self
+        if not self.store.is_local:
             self._heartbeat = threading.Thread(target=self._renew_forever, name="msif-lock-heartbeat", daemon=True)
             self._heartbeat.start()
 
     def release(self) -> None:
-        """Give the lock up (the lease object or holder file is deleted); safe to call twice."""
+        """Give the lock up (the lease object or holder file is deleted); safe to call twice.
+
+        A nested acquisition only counts down; the lock is given up when the count reaches zero.
+        """
+        with _held_guard:
+            holder = self._outer or self
+            self._outer = None
+            if holder._depth == 0:
+                return
+            holder._depth -= 1
+            if holder._depth > 0:
+                return
+            _held.pop(holder._key, None)
+        holder._give_up()
+
+    def _give_up(self) -> None:
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
@@ -245,9 +299,26 @@ class RunDirLock:
             if etag is None:
                 self.lost = True
                 self.log(f"[lock] lost the lock on {self.store.url()}: another run took it over; stopping this run")
-                _thread.interrupt_main()
+                if not self._stop.is_set():  # the run has not let go of the lock yet
+                    self._stop_holder()
                 return
             self._etag, last_renewed = etag, time.monotonic()
+
+    def _stop_holder(self) -> None:
+        """Stop the thread that holds the lock: ``__exit__`` turns what it raises into ``LockLostError``.
+
+        The main thread gets a KeyboardInterrupt (``interrupt_main``: a signal, so it also wakes a
+        ``sleep`` or ``wait``). Any other thread (a notebook's background run, a service's worker
+        thread) has ``LockLostError`` raised in it asynchronously with ``PyThreadState_SetAsyncExc``,
+        CPython's one way to stop another thread: interrupting the main thread would stop the wrong
+        code and leave the run going. The exception arrives when the thread next runs Python code,
+        so a thread blocked in a long C call (a ``ray.get``) stops once that call returns.
+        """
+        thread = self._key[1]
+        if thread == threading.main_thread().ident:
+            _thread.interrupt_main()
+        else:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread), ctypes.py_object(LockLostError))
 
 
 def _precondition_failed(err: BaseException) -> bool:

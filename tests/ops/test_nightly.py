@@ -23,11 +23,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from lock_holder import held_by_another_thread
 
 from msif_ray.store import layout
 from msif_ray.cli import EXIT_BAD_INPUT, EXIT_LOCKED, main
 from msif_ray.config import config_from_dict
-from msif_ray.store.lock import RunDirLock
 from msif_ray.ops.nightly import history, latest
 from msif_ray.store.layout import MANIFEST
 from msif_ray.pipeline.run import Pipeline
@@ -135,7 +135,7 @@ def test_status_lists_the_nights(nights, capsys):
 
 def test_a_night_refused_by_the_lock_exits_3_naming_the_holder(nights, capsys):
     run_dir = nights["run_dir"]
-    with RunDirLock(RunDir(run_dir), "nightly", log=lambda line: None):
+    with held_by_another_thread(str(run_dir), "nightly"):
         code, _, err = night(nights["config"], "2026-11-27", capsys)
     assert code == EXIT_LOCKED
     assert "locked by `msif nightly` on host" in err and f"pid {os.getpid()}" in err, err
