@@ -18,9 +18,11 @@ settings), then a faulted run on a fresh run directory:
 - S3 unreachable (every connection closed unanswered by the proxy) for some seconds from the start
   of a stage: storage operations are retried until it is back.
 
-Per fault it records what it cost (the pass's seconds against the uninterrupted run's, the jobs
+Every run also builds its report, as ``msif run`` does (the report pass, ``report``, on actors of
+its own). Per fault it records what it cost (the pass's seconds against the uninterrupted run's, the jobs
 handed out again); per run whether the top k equals the uninterrupted run's (same documents and
-ranks, scores within rtol 1e-4: which worker sums which shard changes float32 summation order) and
+ranks, scores within rtol 1e-4: which worker sums which shard changes float32 summation order), whether
+the report shows the same documents with the same per-layer and per-token scores (rtol 1e-4), and
 whether every pass counted every document and token exactly once (the manifest's counts against
 the uninterrupted run's). ``tests/benchmarks/test_fault_matrix.py`` runs it and asserts all of
 that; ``--doc`` rewrites the matrix in docs/reliability.md from the JSON.
@@ -59,7 +61,7 @@ class Scenario:
 
 SCENARIOS = {
     "multi_stage exact": Scenario(EXACT, ("factors/finetune/covariance", "reduce", "factors/pretrain/lambdas",
-                                          "precondition", "scores")),
+                                          "precondition", "scores", "report")),
     "grad_dot index": Scenario(INDEX, ("index", "scan", "rerank")),
     "multi_stage exact + S3 down": Scenario(EXACT, s3_outage=("scores", 30.0)),
 }
@@ -95,12 +97,14 @@ def start_s3():
     return server, proxy, f"s3://{bucket}"
 
 
-def run_pipeline(world, run_dir: str, settings: dict) -> tuple[dict, dict, float]:
-    """One ``Pipeline.run``: (topk as columns, manifest, seconds). Its jobs' deadline (``SAFETY_DEADLINE``)
-    ends a hang that no node loss ended (the node watcher failed), so that the script cannot hang."""
+def run_pipeline(world, run_dir: str, settings: dict) -> tuple[dict, dict, float, dict]:
+    """One ``Pipeline.run`` and its report, as ``msif run`` does: (topk as columns, manifest, seconds, the
+    report's breakdowns as columns). Its jobs' deadline (``SAFETY_DEADLINE``) ends a hang that no node
+    loss ended (the node watcher failed), so that the script cannot hang."""
     from msif_ray.config import config_from_dict
     from msif_ray.pipeline.run import Pipeline
-    from msif_ray.store.layout import MANIFEST, TOPK
+    from msif_ray.report.build import build_report
+    from msif_ray.store.layout import BREAKDOWNS, MANIFEST, TOPK
     from msif_ray.store.storage import RunDir
 
     config = config_from_dict(world.config(run_dir, **settings, **{"ray.num_workers": 2,
@@ -108,9 +112,10 @@ def run_pipeline(world, run_dir: str, settings: dict) -> tuple[dict, dict, float
                               base_dir=world.root)
     start = time.monotonic()
     Pipeline(config, log=lambda line: None).run()
+    build_report(run_dir, log=lambda line: None)
     seconds = time.monotonic() - start
     store = RunDir(run_dir)
-    return store.read_parquet(TOPK).to_pydict(), store.read_json(MANIFEST), seconds
+    return store.read_parquet(TOPK).to_pydict(), store.read_json(MANIFEST), seconds, store.read_parquet(BREAKDOWNS).to_pydict()
 
 
 def pass_records(manifest: dict) -> dict[str, dict]:
@@ -147,9 +152,9 @@ def watch(cluster, proxy, store, scenario: Scenario, finished: threading.Event) 
     return events
 
 
-def faulted_run(cluster, proxy, world, run_dir: str, scenario: Scenario) -> tuple[dict, dict, float, list[dict]]:
+def faulted_run(cluster, proxy, world, run_dir: str, scenario: Scenario) -> tuple[dict, dict, float, dict, list[dict]]:
     """A run with the faults of ``scenario``: one job of each of its passes hangs until its node is lost."""
-    from msif_ray.pipeline.run import FAULT_ENV
+    from msif_ray.distributed.faults import FAULT_ENV
     from msif_ray.store.storage import RunDir
 
     os.environ[FAULT_ENV] = ",".join(f"{p}:hang" for p in scenario.lose_node_in)
@@ -175,9 +180,20 @@ def faulted_run(cluster, proxy, world, run_dir: str, scenario: Scenario) -> tupl
     return (*result["run"], events)
 
 
-def same_topk(a: dict, b: dict, rtol: float = 1e-4) -> bool:
-    return (a["query_id"], a["rank"], a["doc_id"]) == (b["query_id"], b["rank"], b["doc_id"]) and all(
-        abs(x - y) <= rtol * abs(y) + 1e-6 for x, y in zip(a["score"], b["score"]))
+def close(xs: list[float], ys: list[float], rtol: float = 1e-4, atol: float = 1e-6) -> bool:
+    return len(xs) == len(ys) and all(abs(x - y) <= rtol * abs(y) + atol for x, y in zip(xs, ys))
+
+
+def same_topk(a: dict, b: dict) -> bool:
+    return (a["query_id"], a["rank"], a["doc_id"]) == (b["query_id"], b["rank"], b["doc_id"]) and close(a["score"], b["score"])
+
+
+def same_report(a: dict, b: dict) -> bool:
+    """The same shown documents, and each one's per-layer and per-token scores within 1e-4 of its largest
+    (the parts of one score: their float32 noise follows the score's size, not each part's)."""
+    return ((a["query_id"], a["side"], a["doc_id"]) == (b["query_id"], b["side"], b["doc_id"])
+            and all(close(x, y, 0.0, 1e-4 * max(map(abs, y), default=0.0) + 1e-9)
+                    for key in ("layer_scores", "token_scores") for x, y in zip(a[key], b[key])))
 
 
 def run_scenario(cluster, proxy, world, bucket: str, name: str, scenario: Scenario, references: dict) -> dict:
@@ -186,10 +202,10 @@ def run_scenario(cluster, proxy, world, bucket: str, name: str, scenario: Scenar
     if key not in references:
         log(f"[{name}] uninterrupted run")
         references[key] = run_pipeline(world, f"{bucket}/{uuid.uuid4().hex[:8]}", scenario.settings)
-    reference, reference_manifest, reference_seconds = references[key]
+    reference, reference_manifest, reference_seconds, reference_report = references[key]
     log(f"[{name}] uninterrupted: {reference_seconds:.1f} s; now with faults")
     dropped = proxy.failed
-    topk, manifest, seconds, events = faulted_run(cluster, proxy, world, f"{bucket}/{uuid.uuid4().hex[:8]}", scenario)
+    topk, manifest, seconds, report, events = faulted_run(cluster, proxy, world, f"{bucket}/{uuid.uuid4().hex[:8]}", scenario)
     dropped = proxy.failed - dropped
     log(f"[{name}] {seconds:.1f} s" + (f"; {dropped} S3 requests dropped" if dropped else ""))
     expected, got = pass_records(reference_manifest), pass_records(manifest)
@@ -201,6 +217,7 @@ def run_scenario(cluster, proxy, world, bucket: str, name: str, scenario: Scenar
     return {"settings": scenario.settings, "lose_node_in": list(scenario.lose_node_in), "s3_outage": scenario.s3_outage,
             "events": events, "s3_requests_dropped": dropped, "seconds": [round(seconds, 2), round(reference_seconds, 2)],
             "identical_topk": same_topk(topk, reference), "topk": topk, "reference_topk": reference, "passes": counts,
+            "identical_report": same_report(report, reference_report), "report": report, "reference_report": reference_report,
             "exactly_once": all(c["documents"][0] == c["documents"][1] and c["tokens"][0] == c["tokens"][1] and c["shards"][0]
                                 for c in counts.values())}
 
@@ -221,7 +238,8 @@ def matrix_rows(results: dict) -> list[list[object]]:
                               else ("-", "-"))
             rows.append([name, event["pass"], event["fault"], again, seconds,
                          f"{event['replaced_in_s']:.1f}" if "replaced_in_s" in event else ""])
-        outcome = "identical top-k, every document once" if r["identical_topk"] and r["exactly_once"] else "DIFFERENT"
+        same = r["identical_topk"] and r["identical_report"] and r["exactly_once"]
+        outcome = "identical top-k and report, every document once" if same else "DIFFERENT"
         rows.append([name, f"whole run: {outcome}", f"{len(r['events'])} fault(s)", "",
                      "{:.0f} vs {:.0f}".format(*r["seconds"]), ""])
     return rows

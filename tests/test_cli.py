@@ -69,9 +69,12 @@ def test_empty_corpus(tmp_path, world, capsys):
 
 
 def test_non_utf8_text(tmp_path, world, capsys):
+    """Refused before any pass under ``data.on_bad_document: fail`` (``skip``, the default, leaves it out:
+    tests/store/test_bad_rows.py)."""
     path = tmp_path / "corpus.jsonl"
     path.write_bytes(b'{"id": "a", "text": "fine"}\n{"id": "b", "text": "caf\xe9 au lait"}\n')
-    fails_early(write_config(tmp_path, world, **{"data.corpus.paths": [str(path)]}), capsys, str(path), "row 1")
+    config = write_config(tmp_path, world, **{"data.corpus.paths": [str(path)], "data.on_bad_document": "fail"})
+    fails_early(config, capsys, str(path), "row 1", "not valid UTF-8")
 
 
 def test_tokenizer_larger_than_the_embedding(tmp_path, world, capsys):

@@ -25,6 +25,7 @@ from typing import Sequence
 import ray
 import torch
 
+from msif_ray.distributed.faults import maybe_fault
 from msif_ray.store.data import Shard, read_documents
 from msif_ray.distributed.worker import document_examples
 from msif_ray.distributed.worker import load_query_vectors as load_batch_files
@@ -64,6 +65,7 @@ class ReportSettings:
     num_threads: int
     num_gpus: float
     trust_remote_code: bool = False
+    fault: str | None = None  # test hook: see faults.py ("report[:hang|:oom]")
 
 
 @dataclass(frozen=True)
@@ -126,8 +128,9 @@ class ReportWorker:
         """
         start = time.monotonic()
         lm = self._load()
+        maybe_fault(RunDir(self.settings.run_dir), self.settings.fault, "report")
         wanted = dict(job.wanted)
-        documents = [d for d in read_documents(job.shard, *job.columns)[0] if d.doc_id in wanted]
+        documents = [d for d in read_documents(job.shard, *job.columns, bad=[])[0] if d.doc_id in wanted]
         missing = sorted(set(wanted) - {d.doc_id for d in documents})
         if missing:
             raise ReportError(f"{job.shard.path} rows {job.shard.row_start}-{job.shard.row_stop}: documents "

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import socket
 import time
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Literal, TypeVar
@@ -30,6 +28,7 @@ from msif_ray.config import redact_output
 from msif_ray.engine.curvature import CovarianceSums, Damping, Eigenbasis, LambdaSums, LayerFactors, accumulate_covariances, accumulate_lambdas
 from msif_ray.store.data import Document, Shard, read_documents, read_pair_shard, read_pairs, sample_documents
 from msif_ray.distributed.checkpoints import Accumulation
+from msif_ray.distributed.faults import maybe_fault
 from msif_ray.distributed.memory import peak_rss_mb, reset_peak_rss
 from msif_ray.engine.gradients import Fisher, InputError, NonFiniteWindows, poisoned_examples
 from msif_ray.engine.influence import Chain, Method, cross_rotations, precondition_queries
@@ -271,28 +270,8 @@ class ShardWorker:
                   "(data.on_bad_document: skip): " + "; ".join(b.describe() for b in new[:5]))
 
     def _maybe_crash(self, pass_name: str) -> None:
-        """Fault injection for tests (``settings.fault``: ``<pass>[:hang|:oom]``, comma-separated): once
-        per pass named, on one of its jobs, die (a real process exit), hang (sleep until killed) or
-        run out of GPU memory (torch's own exception, where a real one would come from). The marker
-        ``_faults/<pass>`` records where, so that a test can take the node away."""
-        faults = dict(f.partition(":")[::2] for f in (self.settings.fault or "").split(",") if f)
-        if pass_name not in faults:
-            return
-        marker = f"_faults/{pass_name.replace('/', '_')}"
-        if self.run_dir.exists(marker):
-            return
-        where = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "fault": faults[pass_name] or "exit",
-                 "token": uuid.uuid4().hex}
-        self.run_dir.write_json(marker, where)
-        time.sleep(1.0)  # a worker racing for the same pass wrote the marker too: the last write wins, the other goes on
-        if self.run_dir.read_json(marker)["token"] != where["token"]:
-            return
-        if faults[pass_name] == "hang":
-            while True:
-                time.sleep(60)
-        if faults[pass_name] == "oom":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by a test)")
-        os._exit(1)
+        """The test hook of ``faults.py``: a fault in ``pass_name`` when ``settings.fault`` names it."""
+        maybe_fault(self.run_dir, self.settings.fault, pass_name)
 
     def _stats(self, job, start: float, ids: list[str], skipped: int, tokens: int) -> dict:
         return {"shard": job.job_id, "documents": len(ids), "skipped": skipped, "tokens": tokens,

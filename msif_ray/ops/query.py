@@ -173,7 +173,7 @@ def _rescore(config: Config, lm: TrackedLM, vectors: QueryVectors, candidates: l
     documents: dict[str, Document] = {}
     totals: dict[str, torch.Tensor] = {}
     for shard_id, wanted in by_shard.items():
-        docs = [d for d in read_documents(shards[shard_id], *corpus.columns)[0] if d.doc_id in wanted]
+        docs = [d for d in read_documents(shards[shard_id], *corpus.columns, bad=[])[0] if d.doc_id in wanted]
         scores = normalized_scores(lm.score(document_examples(docs), vectors).total, norm, store, shard_id,
                                    [d.doc_id for d in docs], vectors.whitened_norms())  # [N, Q]
         for k, doc in enumerate(docs):

@@ -19,6 +19,7 @@ import torch
 
 from msif_ray.config import Config
 from msif_ray.distributed.checkpoints import committed_checkpoints
+from msif_ray.distributed.faults import FAULT_ENV
 from msif_ray.distributed.pool import Deadline, WorkerCrashError, WorkerPool
 from msif_ray.distributed.worker import ShardJob, ShardWorker, WorkerSettings
 from msif_ray.pipeline.plan import ResourcePlan, WorkerMemoryError
@@ -27,7 +28,6 @@ from msif_ray.store.layout import worker_probe
 from msif_ray.store.markers import done_outputs
 from msif_ray.store.storage import RunDir
 
-FAULT_ENV = "MSIF_FAULT_INJECT"  # tests: "<pass>[:hang|:oom],...", see ShardWorker._maybe_crash
 MAX_ROUNDS = 5  # rounds of an accumulating pass (a round re-runs shards lost with a crashed worker)
 
 

@@ -23,6 +23,7 @@ the top and bottom k (the page says which).
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import time
 from collections import defaultdict
@@ -33,7 +34,8 @@ import pyarrow as pa
 
 from msif_ray.config import Config, config_from_dict
 from msif_ray.store.data import expand_paths, plan_shards, read_documents, read_pairs
-from msif_ray.distributed.pool import WorkerPool
+from msif_ray.distributed.faults import FAULT_ENV
+from msif_ray.distributed.pool import Deadline, WorkerPool
 from msif_ray.distributed.report_pass import ExplainJob, ReportError, ReportSettings, ReportWorker
 from msif_ray.store.digests import digest
 from msif_ray.store import layout
@@ -222,13 +224,13 @@ def _explain(store: RunDir, config: Config, manifest: dict, wanted: dict[str, se
     cfg = config.ray
     settings = ReportSettings(store.url(), config.corpus_model, config.tokenizer, config.modules.include,
                               config.modules.exclude, config.data.max_length, cfg.batch_size, cfg.num_cpus_per_worker,
-                              cfg.num_gpus_per_worker, config.models.trust_remote_code)
+                              cfg.num_gpus_per_worker, config.models.trust_remote_code, os.environ.get(FAULT_ENV))
     pool = WorkerPool(ReportWorker, max(1, min(cfg.num_workers, len(jobs))), cfg.num_cpus_per_worker,
                       cfg.num_gpus_per_worker, settings)
     progress = Progress("report", len(jobs), log)
     layers, explained, tokens, seconds = [], {}, 0, 0.0
     try:
-        for _, result in pool.map("explain", jobs):
+        for _, result in pool.map("explain", jobs, deadline=Deadline(cfg.task_timeout_s)):
             layers = result["layers"]
             explained.update({d["doc_id"]: d for d in result["documents"]})
             tokens += result["tokens"]
@@ -243,4 +245,4 @@ def _doc_ids(store: RunDir, partials: list[str], shard, columns: tuple[str | Non
     """The ids a shard may hold among the scored ones: from its partial top/bottom k when stored, else its rows."""
     if partials:
         return {d for name in partials for d in store.read_parquet(name).column("doc_id").to_pylist()}
-    return {d.doc_id for d in read_documents(shard, *columns)[0]}
+    return {d.doc_id for d in read_documents(shard, *columns, bad=[])[0]}  # bad rows: quarantined, never scored

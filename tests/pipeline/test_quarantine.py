@@ -147,3 +147,5 @@ def test_a_corrupt_data_page_is_left_out_of_a_whole_run(world, ray_session, tmp_
         assert manifest["stages"][stage]["passes"][pass_name]["documents"] == ROWS - GROUP
     returned = set(pq.read_table(run_dir / TOPK)["doc_id"].to_pylist())
     assert returned and not returned & {f"d{i}" for i in range(GROUP, 2 * GROUP)}
+    build_report(str(run_dir), log=lambda _: None)  # reads the shards around the corrupt page again
+    assert "Left out: 10 bad documents" in (run_dir / REPORT_INDEX).read_text()
