@@ -63,7 +63,8 @@ class WorkerSettings:
     checkpoint_seconds: float = 600.0
     factor_cache_bytes: int = 1 << 30  # per-layer factors kept in memory by the query pass
     trust_remote_code: bool = False
-    probe: str = ""  # a file of the run directory this worker must see when it starts (layout.worker_probe)
+    probe: str = ""  # a file of the run directory (and index store) this worker must see when it starts (layout.worker_probe)
+    index_path: str = ""  # index mode: the index store's URL (the probe is there too)
     fault: str | None = None  # test hook: "<pass>[:hang|:oom],...": a worker dies, hangs or runs out of memory once
     on_bad_document: str = "skip"  # data.on_bad_document: a poisoned document is quarantined (skip) or stops the run
 
@@ -169,10 +170,7 @@ class ShardWorker:
         torch.set_num_threads(settings.num_threads)
         self.settings = settings
         self.run_dir = RunDir(settings.run_dir)
-        if settings.probe and not self.run_dir.exists(settings.probe):
-            raise StorageError(f"run_dir: {self.run_dir.url()} on this worker's node ({socket.gethostname()}) is not the "
-                               "driver's: a local path on a multi-node cluster. Use shared storage (s3://bucket/prefix) "
-                               "or a filesystem mounted at the same path on every node")
+        self._check_shared(settings)
         self.device = pick_device(settings.num_gpus)
         self.dtype = weight_dtype(settings.precision, self.device)
         self.tokenizer = load_tokenizer(settings.tokenizer, trust_remote_code=settings.trust_remote_code)
@@ -186,6 +184,17 @@ class ShardWorker:
     def ready(self) -> bool:
         """Answers once the actor is up (the pool waits on it after a crash)."""
         return True
+
+    @staticmethod
+    def _check_shared(settings: WorkerSettings) -> None:
+        """Raise ``StorageError`` unless this node sees the driver's ``settings.probe`` in the run
+        directory and the index store: else it has a local path of its own (an autoscaler's node)."""
+        stores = [("run_dir", settings.run_dir)] + ([("index.path", settings.index_path)] if settings.index_path else [])
+        for key, url in stores:
+            if settings.probe and not RunDir(url).exists(settings.probe):
+                raise StorageError(f"{key}: {url} on this worker's node ({socket.gethostname()}) is not the driver's: a "
+                                   "local path on a multi-node cluster. Use shared storage (s3://bucket/prefix) or a "
+                                   "filesystem mounted at the same path on every node")
 
     def reduce(self, job) -> dict:
         """A reduce job between passes (``reduce.py``, ``merge.py``): ``job.run`` on the run directory."""

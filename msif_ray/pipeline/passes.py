@@ -34,18 +34,23 @@ MAX_ROUNDS = 5  # rounds of an accumulating pass (a round re-runs shards lost wi
 class Passes:
     """The run's worker pool (started on first use, one for every stage) and the passes run on it."""
 
-    def __init__(self, config: Config, store: RunDir, plan: ResourcePlan, log: Callable[[str], None]):
-        self.config, self.store, self.plan, self.log = config, store, plan, log
+    def __init__(self, config: Config, store: RunDir, plan: ResourcePlan, log: Callable[[str], None],
+                 index: RunDir | None = None):
+        """``index``: the index store, in index mode (workers write there too)."""
+        self.config, self.store, self.plan, self.log, self.index = config, store, plan, log, index
+        self.shared_stores = [store] + ([index] if index is not None else [])  # every worker writes to each
         self.pool: WorkerPool | None = None
         self.probe = ""
 
     def workers(self) -> WorkerPool:
         """The pool, started on first use; each worker checks on start that it sees ``self.probe``, a file
-        written here, so that a worker on a node with a run directory of its own stops the run."""
+        written here into the run directory and (index mode) the index store, so that a worker on a node
+        with a run directory or index of its own stops the run."""
         if self.pool is None:
             cfg = self.config
             self.probe = worker_probe(uuid.uuid4().hex[:12])
-            self.store.write_json(self.probe, {"host": socket.gethostname(), "pid": os.getpid()})
+            for store in self.shared_stores:
+                store.write_json(self.probe, {"host": socket.gethostname(), "pid": os.getpid()})
             settings = WorkerSettings(
                 run_dir=self.store.url(), tokenizer=cfg.tokenizer,
                 include=cfg.modules.include, exclude=cfg.modules.exclude, max_length=cfg.data.max_length,
@@ -53,6 +58,7 @@ class Passes:
                 precision=cfg.ray.precision, checkpoint_seconds=cfg.ray.checkpoint_seconds,
                 factor_cache_bytes=self.plan.factor_cache_bytes,
                 trust_remote_code=cfg.models.trust_remote_code, fault=os.environ.get(FAULT_ENV), probe=self.probe,
+                index_path=self.index.url() if self.index is not None else "",
                 on_bad_document=cfg.data.on_bad_document,
             )
             self.pool = WorkerPool(ShardWorker, cfg.ray.num_workers, cfg.ray.num_cpus_per_worker,
@@ -63,7 +69,8 @@ class Passes:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None  # its actors are gone: a next run starts a new pool
-            self.store.remove(self.probe)
+            for store in self.shared_stores:
+                store.remove(self.probe)
 
     def map(self, name: str, method: str, jobs: list, *args, store: RunDir | None = None) -> dict:
         """Run ``method`` on every job not done yet (in ``store``, by default the run directory);

@@ -113,7 +113,8 @@ class Pipeline:
                           shards={"corpus": [s.shard_id for s in inputs.corpus_shards]}, plan=self.plan.to_dict())
         quarantine_rows(self.store, inputs.corpus_shards, inputs.bad_documents)
         named = stage_inputs(cfg, inputs, self.plan, self.store, self.log)
-        passes = Passes(cfg, self.store, self.plan, self.log)
+        passes = Passes(cfg, self.store, self.plan, self.log,
+                        index_store(cfg, self.store) if cfg.scoring.mode == "index" else None)
         run = RunContext(cfg, self.store, self.plan, self.records, passes, self.log)
         try:
             self._repaired_stages(run, inputs, named)

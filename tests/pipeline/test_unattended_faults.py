@@ -184,18 +184,23 @@ def test_a_worker_out_of_gpu_memory_stops_the_run_with_the_plans_advice(world, r
 
 
 @pytest.mark.slow
-def test_a_worker_that_cannot_see_the_run_directory_stops_the_run_at_once(world, ray_session, tmp_path, monkeypatch):
-    """A worker restarted on a node with a run directory of its own (here: the driver's probe file is
-    gone when the worker restarts, as it would be on another node's disk) fails its start; the run
-    stops at once with one error naming run_dir and the fix, instead of waiting for the worker."""
+@pytest.mark.parametrize("key", ["run_dir", "index.path"])
+def test_a_worker_that_cannot_see_the_run_directory_stops_the_run_at_once(world, ray_session, tmp_path, monkeypatch,
+                                                                          key):
+    """A worker restarted on a node with a run directory (or index store) of its own (here: the
+    driver's probe file is gone from it when the worker restarts, as it would be on another node's
+    disk) fails its start; the run stops at once with one error naming the setting and the fix,
+    instead of waiting for the worker."""
     import time
 
     from msif_ray.distributed.pool import WorkerStartError
     from msif_ray.pipeline.run import FAULT_ENV
 
     monkeypatch.setenv(FAULT_ENV, "factors/finetune/covariance:hang")
-    config = config_from_dict(world.config(tmp_path / "run", **{"ray.num_workers": 2, "ray.task_timeout_s": 10}),
-                              world.root)
+    store = {"run_dir": tmp_path / "run", "index.path": tmp_path / "index"}[key]
+    index = {"scoring.mode": "index", "index.path": str(tmp_path / "index")} if key == "index.path" else {}
+    config = config_from_dict(world.config(tmp_path / "run", **{"ray.num_workers": 2, "ray.task_timeout_s": 10},
+                                           **index), world.root)
     outcome: list[BaseException] = []
 
     def run() -> None:
@@ -209,11 +214,11 @@ def test_a_worker_that_cannot_see_the_run_directory_stops_the_run_at_once(world,
     marker = tmp_path / "run" / "_faults" / "factors_finetune_covariance"
     while not marker.exists() and thread.is_alive():
         time.sleep(0.2)
-    shutil.rmtree(tmp_path / "run" / "_workers")  # the hung worker restarts (its deadline) where the probe is not
+    shutil.rmtree(store / "_workers")  # the hung worker restarts (its deadline) where the probe is not
     started = time.monotonic()
     thread.join(timeout=300)
     assert not thread.is_alive() and outcome, "the run did not stop"
     assert time.monotonic() - started < 120
     assert isinstance(outcome[0], WorkerStartError), repr(outcome[0])
     assert str(outcome[0]).startswith("a worker could not start: ")
-    assert f"run_dir: {tmp_path / 'run'} on this worker's node" in str(outcome[0]) and "s3://" in str(outcome[0])
+    assert f"{key}: {store} on this worker's node" in str(outcome[0]) and "s3://" in str(outcome[0])
