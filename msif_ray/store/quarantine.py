@@ -65,15 +65,16 @@ def read_quarantine(store: RunDir, shard_id: str) -> list[BadDocument]:
 def add_to_quarantine(store: RunDir, shard_id: str, bad: Iterable[BadDocument]) -> list[BadDocument]:
     """Add ``bad`` to the shard's record (one entry per row; the first reason found stays); returns the record.
 
-    One pass works on a shard at a time, so the read-modify-write has no concurrent writer.
+    Rows are the key: a shard is rows of one file, whose path may differ between machines. One pass
+    works on a shard at a time, so the read-modify-write has no concurrent writer.
     """
-    known = read_quarantine(store, shard_id)
-    rows = {(b.path, b.row) for b in known}
-    new = [b for b in bad if (b.path, b.row) not in rows and not rows.add((b.path, b.row))]
-    if new:
-        known = sorted(known + new, key=lambda b: (b.path, b.row))
-        store.write_json(quarantine_record(shard_id), [asdict(b) for b in known])
-    return known
+    record = {b.row: b for b in read_quarantine(store, shard_id)}
+    before = len(record)
+    for b in bad:
+        record.setdefault(b.row, b)
+    if len(record) > before:
+        store.write_json(quarantine_record(shard_id), [asdict(record[row]) for row in sorted(record)])
+    return [record[row] for row in sorted(record)]
 
 
 def quarantined(store: RunDir, shard_ids: Iterable[str] | None = None) -> list[BadDocument]:
