@@ -271,10 +271,8 @@ class ShardWorker:
         ``data.on_bad_document: fail``."""
         if self.settings.on_bad_document == "fail":
             raise BadDocumentsError(bad, f"{job.pass_name} of shard {job.shard.shard_id}: ")
-        known = {b.row for b in read_quarantine(self.run_dir, job.shard.shard_id)}
-        new = [b for b in bad if b.row not in known]
+        new = add_to_quarantine(self.run_dir, job.shard.shard_id, bad)
         if new:
-            add_to_quarantine(self.run_dir, job.shard.shard_id, new)
             print(f"warning: [{job.pass_name}] left out {len(new)} document(s) of {job.shard.path} "
                   "(data.on_bad_document: skip): " + "; ".join(b.describe() for b in new[:5]))
 

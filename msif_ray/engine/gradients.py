@@ -213,8 +213,7 @@ def backward_through_layers(
     device = model_device(model)
     batch = batch.to(device)
     with activation_gradients_only(model), taps.tapping(batch.attention_mask, callback, layers):
-        with autocast_for(device):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logits = forward_logits(model, batch)
         check_finite_logits(model, logits, batch)
         objective = log_prob_objective(logits, batch, fisher, generator)
         objective.sum().backward()
@@ -243,11 +242,15 @@ def poisoned_examples(model: nn.Module, batches: Iterable[Batch]) -> list[int]:
     found: set[int] = set()
     with torch.no_grad():
         for batch in batches:
-            on_device = batch.to(device)
-            with autocast_for(device):
-                logits = model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask).logits
+            logits = forward_logits(model, batch.to(device))
             found.update(batch.examples[non_finite_rows(logits).cpu()].tolist())
     return sorted(found)
+
+
+def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """The model's logits [B, T, V] on ``batch`` (on the model's device), under the device's autocast."""
+    with autocast_for(batch.input_ids.device):
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
 
 
 def per_example_gradient(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -38,9 +38,13 @@ class Passes:
                  index: RunDir | None = None):
         """``index``: the index store, in index mode (workers write there too)."""
         self.config, self.store, self.plan, self.log, self.index = config, store, plan, log, index
-        self.shared_stores = [store] + ([index] if index is not None else [])  # every worker writes to each
         self.pool: WorkerPool | None = None
         self.probe = ""
+
+    @property
+    def shared_stores(self) -> list[RunDir]:
+        """The stores every worker writes to: the run directory, and the index store in index mode."""
+        return [self.store] + ([self.index] if self.index is not None else [])
 
     def workers(self) -> WorkerPool:
         """The pool, started on first use; each worker checks on start that it sees ``self.probe``, a file

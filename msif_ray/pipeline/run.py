@@ -99,7 +99,7 @@ class Pipeline:
         it only counts on it.
         """
         if not held_by_this_thread(self.store):
-            return guarded(self.config, API, lambda: (self, self.checked(inputs)), lambda p, i: p.run(i), self.log)
+            return guarded(self.config, API, lambda: (self, self.checked(inputs)), lambda p, i: p._run(i), self.log)
         with RunDirLock(self.store, API, log=self.log):  # held by this thread: it only counts
             return self._run(inputs)
 

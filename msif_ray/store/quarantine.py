@@ -63,18 +63,20 @@ def read_quarantine(store: RunDir, shard_id: str) -> list[BadDocument]:
 
 
 def add_to_quarantine(store: RunDir, shard_id: str, bad: Iterable[BadDocument]) -> list[BadDocument]:
-    """Add ``bad`` to the shard's record (one entry per row; the first reason found stays); returns the record.
+    """Add ``bad`` to the shard's record (one entry per row; the first reason found stays); returns
+    those of ``bad`` whose rows were not in it yet.
 
     Rows are the key: a shard is rows of one file, whose path may differ between machines. One pass
     works on a shard at a time, so the read-modify-write has no concurrent writer.
     """
     record = {b.row: b for b in read_quarantine(store, shard_id)}
-    before = len(record)
+    new = {}
     for b in bad:
-        record.setdefault(b.row, b)
-    if len(record) > before:
+        if b.row not in record:
+            record[b.row] = new[b.row] = b
+    if new:
         store.write_json(quarantine_record(shard_id), [asdict(record[row]) for row in sorted(record)])
-    return [record[row] for row in sorted(record)]
+    return list(new.values())
 
 
 def quarantined(store: RunDir, shard_ids: Iterable[str] | None = None) -> list[BadDocument]:
