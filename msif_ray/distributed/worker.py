@@ -89,12 +89,32 @@ class ShardJob:
 
 
 @dataclass(frozen=True)
+class RotateJob:
+    """Rotate query batches into the index's basis for one layer group: each layer's basis is read
+    once for all of the job's batches, and each batch's rotated vectors go to its own output."""
+
+    layers: tuple[str, ...]
+    batches: tuple[str, ...]  # query batch files
+    outputs: tuple[str, ...]  # one rotated file per batch (``layout.rotated_batch``)
+    pass_name: str = "rotate"
+
+    @property
+    def output(self) -> str:
+        return self.outputs[-1]  # written last: its marker means the job is done
+
+    @property
+    def job_id(self) -> str:
+        return self.outputs[0]
+
+
+@dataclass(frozen=True)
 class ScanJob:
     """Scan one index shard against query batches: each batch's best candidates go to its own output."""
 
     shard_id: str
     rows: str  # the index shard (in the index store)
     batches: tuple[str, ...]  # query batch files
+    rotated: tuple[tuple[str, ...], ...]  # per batch, its rotated files (one per layer group, ``RotateJob``)
     outputs: tuple[str, ...]  # one candidates file per batch (in the run directory)
     pass_name: str = "scan"
 
@@ -178,7 +198,7 @@ class ShardWorker:
         self._lm: TrackedLM | None = None
         self._accumulation: Accumulation | None = None
         self._cached: dict[object, object] = {}
-        self._rotated: OrderedDict[tuple, tuple[list[str], dict[str, LayerVectors], torch.Tensor | None]] = OrderedDict()
+        self._rotated: OrderedDict[tuple[str, ...], QueryVectors] = OrderedDict()
         self._factors = StoredFactors(self.run_dir, settings.factor_cache_bytes)
 
     def ready(self) -> bool:
@@ -432,7 +452,25 @@ class ShardWorker:
         size = store.save_tensors(job.output, rows.tensors(), {"doc_ids": json.dumps(doc_ids)})
         return self._finish(job, job.output, size, start, doc_ids, skipped, tokens, store)
 
-    def scan(self, job: ScanJob, index_url: str, folder: str, candidates: int, layers: tuple[str, ...],
+    def rotate(self, job: RotateJob, index_url: str, folder: str) -> dict:
+        """Each of the job's query batches rotated into the basis of the index (under ``folder``),
+        U_q = Q_Sᵀ Ṽ_q Q_A for each layer of the job's group, reading one layer's basis at a time."""
+        start = _start()
+        self._maybe_crash(job.pass_name)
+        store = RunDir(index_url)
+        batches = [load_query_vectors(self.run_dir, [batch]) for batch in job.batches]  # a query group: the plan's fit
+        rotated: list[dict[str, LayerVectors]] = [{} for _ in batches]
+        for layer in job.layers:
+            basis = read_index_basis(store, folder, [layer], self.device)[layer]
+            for vectors, out in zip(batches, rotated):
+                out[layer] = basis.rotate_query(vectors.layers[layer].map(lambda t: t.to(self.device))).map(torch.Tensor.cpu)
+        for vectors, layers, output in zip(batches, rotated, job.outputs):
+            size = self.run_dir.save_tensors(output, QueryVectors(vectors.ids, layers).to_tensors(),
+                                             {"query_ids": json.dumps(vectors.ids)})
+            stats = self._finish(job, output, size, start, vectors.ids, 0, 0)
+        return stats
+
+    def scan(self, job: ScanJob, index_url: str, candidates: int, layers: tuple[str, ...],
              norm: Normalization | None) -> dict:
         """Estimated scores of one index shard against each query batch (normalised under ``norm``);
         the best ``candidates`` per query and side, with the shard id (for the exact re-scoring)."""
@@ -442,12 +480,12 @@ class ShardWorker:
         doc_ids = json.loads(metadata["doc_ids"])
         rows = IndexRows.from_tensors(tensors).to(self.device)
         self_influence = None if norm is None else read_self_influence(self.run_dir, norm.key, job.shard_id, doc_ids)
-        for batch, output in zip(job.batches, job.outputs):
-            ids, rotated, norms = self._rotated_queries(batch, index_url, folder, layers)
-            estimates = scan(rows, rotated, list(layers))
+        for rotated_files, output in zip(job.rotated, job.outputs):
+            rotated = self._rotated_queries(rotated_files)
+            estimates = scan(rows, rotated.layers, list(layers))
             if norm is not None:  # the shard's self-influence is read once for all its batches
-                estimates = normalize_scores(estimates, norm.how, self_influence, norms)
-            table = extremes_table(ids, doc_ids, estimates, candidates)
+                estimates = normalize_scores(estimates, norm.how, self_influence, rotated.whitened_norms())
+            table = extremes_table(rotated.ids, doc_ids, estimates, candidates)
             shards = pa.array([job.shard_id] * table.num_rows, pa.string())
             size = self.run_dir.write_parquet(output, table.append_column("shard", shards))
             stats = self._finish(job, output, size, start, doc_ids, 0, 0)
@@ -465,21 +503,16 @@ class ShardWorker:
             tokens += batch.num_tokens
         return doc_ids, totals, skipped, tokens
 
-    def _rotated_queries(self, batch: str, index_url: str, folder: str, layers: tuple[str, ...]
-                         ) -> tuple[list[str], dict[str, LayerVectors], torch.Tensor | None]:
-        """A query batch's ids, its vectors rotated into the index's basis (reading one layer's basis
-        at a time) and their whitened norms. The most recent batches are kept: a worker scans shard
-        after shard against the same batches."""
-        key = (batch, index_url, folder, layers)
-        if key not in self._rotated:
-            vectors = load_query_vectors(self.run_dir, [batch]).to(self.device)
-            store = RunDir(index_url)
-            rotated = {layer: read_index_basis(store, folder, [layer], self.device)[layer].rotate_query(vectors.layers[layer])
-                       for layer in layers}
-            self._rotated[key] = (vectors.ids, rotated, vectors.whitened_norms())
+    def _rotated_queries(self, files: tuple[str, ...]) -> QueryVectors:
+        """A query batch rotated into the index's basis, from its files (one per layer group), on the
+        device. The most recent batches are kept: a worker scans shard after shard against them."""
+        if files not in self._rotated:
+            parts = [load_query_vectors(self.run_dir, [name]) for name in files]
+            self._rotated[files] = QueryVectors(parts[0].ids, {n: v for p in parts for n, v in p.layers.items()}
+                                                ).to(self.device)
             while len(self._rotated) > ROTATED_BATCHES_KEPT:
                 self._rotated.popitem(last=False)
-        return self._rotated[key]
+        return self._rotated[files]
 
     def _bases(self, factors: str, layers: tuple[str, ...]) -> dict[str, Eigenbasis]:
         key = ("bases", factors, layers)

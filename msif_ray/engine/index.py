@@ -80,14 +80,14 @@ class TermBasis:
         return s.float() @ self.s_vectors, a.float() @ self.a_vectors
 
     def rotate_query(self, v: LayerVectors) -> LayerVectors:
-        """U_q = Q_Sᵀ Ṽ_q Q_A, kept low-rank when Ṽ_q is."""
+        """U_q = Q_Sᵀ Ṽ_q Q_A, kept low-rank when Ṽ_q is (``norm2``, a rotation's invariant, kept too)."""
         if self.s_vectors is None:
             return v.map(lambda t: t.float())
         device = (v.left if v.is_low_rank else v.dense).device
         q_s, q_a = self.s_vectors.to(device), self.a_vectors.to(device)
         if v.is_low_rank:
-            return LayerVectors(left=q_s.t() @ v.left.float(), right=q_a.t() @ v.right.float())
-        return LayerVectors(dense=q_s.t() @ v.dense.float() @ q_a)
+            return LayerVectors(left=q_s.t() @ v.left.float(), right=q_a.t() @ v.right.float(), norm2=v.norm2)
+        return LayerVectors(dense=q_s.t() @ v.dense.float() @ q_a, norm2=v.norm2)
 
 
 def term_bases(layers: list[LayerSpec], factors: Callable[[str], LayerFactors] | None,

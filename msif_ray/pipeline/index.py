@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 
 from msif_ray.distributed.merge import tree_merge
-from msif_ray.distributed.worker import Normalization, RerankJob, ScanJob, ShardJob, StoredFactors
+from msif_ray.distributed.worker import Normalization, RerankJob, RotateJob, ScanJob, ShardJob, StoredFactors
 from msif_ray.engine.index import TermBasis
 from msif_ray.engine.topk import best_of, rank_within_groups, rerank_windows, top_changed
 from msif_ray.pipeline.context import RunContext
 from msif_ray.pipeline.inputs import Inputs
 from msif_ray.pipeline.keys import check_identity, index_store
+from msif_ray.pipeline.passes import pending_chunks
 from msif_ray.pipeline.scores import check_documents, merge_result, publish, scores_done
 from msif_ray.store import layout
 from msif_ray.store.digests import digest
@@ -72,14 +73,18 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
     if scores_done(run, key, named):
         return
     started = time.monotonic()
+    rotated, stats = rotate_batches(run, scan_key, query_files, index, identity)
+    outputs = {(shard.shard_id, f): layout.scan_partial(scan_key, f, shard.shard_id)
+               for shard in inputs.corpus_shards for f in query_files}
+    finished = run.passes.finished(list(outputs.values()))
     jobs = []
     for shard in inputs.corpus_shards:
-        outputs = {f: layout.scan_partial(scan_key, f, shard.shard_id) for f in query_files}
-        for files in run.passes.pending_chunks(query_files, outputs, run.plan.query_group_batches):
+        here = {f: outputs[(shard.shard_id, f)] for f in query_files}
+        for files in pending_chunks(query_files, here, run.plan.query_group_batches, finished):
             jobs.append(ScanJob(shard.shard_id, layout.index_shard(shard.shard_id), files,
-                                tuple(outputs[f] for f in files)))
-    stats = {"scan": run.passes.map("scan", "scan", jobs, index.url(), identity["basis"], num_candidates,
-                                    tuple(s.name for s in inputs.layers), norm)}
+                                tuple(rotated[f] for f in files), tuple(here[f] for f in files)))
+    stats["scan"] = run.passes.map("scan", "scan", jobs, index.url(), num_candidates,
+                                   tuple(s.name for s in inputs.layers), norm)
     candidates = {}
     for f in query_files:
         candidates[f] = layout.batch_candidates(scan_key, f, inputs.digests["data.corpus"])
@@ -96,6 +101,23 @@ def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list
     if cfg.scoring.rerank:
         stats["candidates"] = candidate_summary(run, key, accounts)
     run.records.finish("scores", key, started, stats, publish=lambda: publish(run, key))
+
+
+def rotate_batches(run: RunContext, scan_key: str, query_files: list[str], index: RunDir, identity: dict
+                   ) -> tuple[dict[str, tuple[str, ...]], dict]:
+    """Every query batch rotated into the index's basis once for the scan (``RotateJob``), one job
+    per (query group, layer group): each layer's basis is read once per query group, where each
+    scan worker would read it once per batch (~90 GiB for a 7B model). Returns each batch's rotated
+    files (one per layer group) and the pass's stats."""
+    groups = [tuple(g) for g in run.plan.layer_groups]
+    rotated = {f: tuple(layout.rotated_batch(scan_key, f, digest(g)) for g in groups) for f in query_files}
+    finished = run.passes.finished([name for files in rotated.values() for name in files])
+    jobs = []
+    for g, layers in enumerate(groups):
+        outputs = {f: rotated[f][g] for f in query_files}
+        for files in pending_chunks(query_files, outputs, run.plan.query_group_batches, finished):
+            jobs.append(RotateJob(layers, files, tuple(outputs[f] for f in files)))
+    return rotated, {"rotate": run.passes.map("rotate", "rotate", jobs, index.url(), identity["basis"])}
 
 
 @dataclass
@@ -160,18 +182,22 @@ def _rescore_pairs(run: RunContext, inputs: Inputs, scan_key: str, query_files: 
     Returns (batch file, score file) of each output, and the pass's stats."""
     cfg = run.config
     corpus = cfg.data.corpus
+    here = {shard: {f: tuple(sorted(p)) for f, p in batches.items()} for shard, batches in pairs.items()}
+    outputs = {shard: {f: layout.rerank_partial(scan_key, f, shard, digest(p)) for f, p in batches.items()}
+               for shard, batches in here.items()}
+    finished = run.passes.finished([name for batches in outputs.values() for name in batches.values()])
     jobs, files = [], []
-    for shard in inputs.corpus_shards:
-        here = {f: tuple(sorted(p)) for f, p in pairs.get(shard.shard_id, {}).items()}
-        outputs = {f: layout.rerank_partial(scan_key, f, shard.shard_id, digest(p)) for f, p in here.items()}
-        batches = [f for f in query_files if f in here]
-        files += [(f, outputs[f]) for f in batches]
+    for shard in (s for s in inputs.corpus_shards if s.shard_id in here):
+        shard_pairs, shard_outputs = here[shard.shard_id], outputs[shard.shard_id]
+        batches = [f for f in query_files if f in shard_pairs]
+        files += [(f, shard_outputs[f]) for f in batches]
         # one job per batch: the documents scored together (their padding, their float sums) depend on that
         # batch's own candidates only, so a grown queries file re-scores its new batch as a fresh run does
-        for chunk in run.passes.pending_chunks(batches, outputs, 1):
-            documents = frozenset(d for f in chunk for _, d, _ in here[f])
+        for chunk in pending_chunks(batches, shard_outputs, 1, finished):
+            documents = frozenset(d for f in chunk for _, d, _ in shard_pairs[f])
             read = ShardJob("rerank", shard, "", cfg.corpus_model, "documents", corpus.columns, doc_ids=documents)
-            jobs.append(RerankJob(read, chunk, tuple(here[f] for f in chunk), tuple(outputs[f] for f in chunk)))
+            jobs.append(RerankJob(read, chunk, tuple(shard_pairs[f] for f in chunk),
+                                  tuple(shard_outputs[f] for f in chunk)))
     return files, run.passes.map("rerank", "rescore", jobs, norm)
 
 

@@ -132,14 +132,10 @@ class Passes:
         the plan's estimate and the pass's finished jobs (``pool.Deadline``)."""
         return Deadline(self.config.ray.task_timeout_s, self.plan.job_seconds(name, jobs))
 
-    def pending_chunks(self, files: list[str], outputs: dict[str, str], size: int) -> list[tuple[str, ...]]:
-        """The query batches whose output is not done yet, in chunks of ``size`` (one job each); when
-        none is pending, all of them as one chunk, so that the pass counts the shard as reused."""
-        finished = done_outputs(self.store, outputs.values(), self.log)
-        pending = [f for f in files if outputs[f] not in finished]
-        if not pending:
-            return [tuple(files)] if files else []
-        return [tuple(pending[i : i + size]) for i in range(0, len(pending), size)]
+    def finished(self, outputs: list[str]) -> set[str]:
+        """Those of ``outputs`` (in the run directory) that are done: one listing per folder, so a pass
+        asks once for all of its jobs, not once per shard."""
+        return set(done_outputs(self.store, outputs, self.log))
 
     def _run_jobs(self, name: str, method: str, jobs: list, progress: Progress, *args) -> tuple[dict, list[str]]:
         """Hand ``jobs`` to the pool; returns their stats by job id and the ids whose worker crashed."""
@@ -160,6 +156,15 @@ class Passes:
             detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise WorkerMemoryError(self.plan.out_of_memory_message(name, f"a worker ran out of memory ({detail})")) from err
         return done, retries
+
+
+def pending_chunks(files: list[str], outputs: dict[str, str], size: int, finished: set[str]) -> list[tuple[str, ...]]:
+    """The query batches whose output is not in ``finished``, in chunks of ``size`` (one job each);
+    when none is pending, all of them as one chunk, so that the pass counts the job as reused."""
+    pending = [f for f in files if outputs[f] not in finished]
+    if not pending:
+        return [tuple(files)] if files else []
+    return [tuple(pending[i : i + size]) for i in range(0, len(pending), size)]
 
 
 def pass_stats(per_job: list[dict], computed: int, retries: list[str], seconds: float) -> dict:

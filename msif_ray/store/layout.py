@@ -192,6 +192,7 @@ COVERING: list[tuple[str, Callable[[re.Match], list[str]]]] = [
     (r"scores/([^/]+)/g\d+/[^/]+\.parquet", lambda m: [done_marker(m[0]), stage_record("scores", m[1])]),
     (r"scores/([^/]+)/(?:topk|bottomk|candidates)\.parquet", lambda m: [stage_record("scores", m[1])]),
     (r"(?:queries|self_influence)/[^/]+/[^/]+\.safetensors|scores/(?:scan|rerank)/[^/]+/[^/]+/[^/]+\.parquet"
+     r"|scores/scan/[^/]+/[^/]+/rotated-[^/]+\.safetensors"
      r"|shards/[^/]+\.safetensors", lambda m: [done_marker(m[0])]),
     (r"basis/[^/]+/[^/]+\.safetensors", lambda m: [INDEX_IDENTITY]),
 ]
@@ -226,6 +227,11 @@ def batch_id(batch_file: str) -> str:
 
 def scan_partial(scan_key: str, batch_file: str, shard_id: str) -> str:
     return f"scores/scan/{scan_key}/{batch_id(batch_file)}/{shard_id}.parquet"
+
+
+def rotated_batch(scan_key: str, batch_file: str, layers_key: str) -> str:
+    """A query batch rotated into the index's basis, for the layers ``layers_key`` names (a layer group)."""
+    return f"scores/scan/{scan_key}/{batch_id(batch_file)}/rotated-{layers_key}.safetensors"
 
 
 def batch_candidates(scan_key: str, batch_file: str, corpus_key: str) -> str:

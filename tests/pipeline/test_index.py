@@ -327,7 +327,8 @@ def test_pretraining_factors_are_kept_when_shards_are_appended(world, ray_sessio
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pass_name, stage", [("index", "index"), ("scan", "scores"), ("rerank", "scores")])
+@pytest.mark.parametrize("pass_name, stage", [("index", "index"), ("rotate", "scores"), ("scan", "scores"),
+                                             ("rerank", "scores")])
 def test_worker_killed_in_an_index_pass(pass_name, stage, world, ray_session, tmp_path, monkeypatch):
     """A worker dies (os._exit) in a pass of index mode: the run completes, equal to an uninterrupted one."""
     from msif_ray.pipeline.run import FAULT_ENV

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from msif_ray.config import config_from_dict
