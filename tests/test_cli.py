@@ -167,6 +167,11 @@ def test_budget_too_small_fails_in_plan_and_run(tmp_path, world, capsys):
     assert main(["plan", str(normalized)]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if "self_influence" in x)
     assert "2 layer groups: 2 passes over each shard" in line
+    indexed = write_config(tmp_path, world, **{"budget.worker_memory_gb": 4, "scoring.normalize": "self",
+                                               "scoring.mode": "index"})
+    assert main(["plan", str(indexed)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "self_influence" in x)
+    assert "computed by the index pass" in line
     assert main(["plan", "--device", "h200", str(ok)]) == 0
     assert "NVIDIA H200" in capsys.readouterr().out
 

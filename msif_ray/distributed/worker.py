@@ -430,25 +430,33 @@ class ShardWorker:
             stats = self._finish(job, output, size, start, doc_ids, skipped, tokens)
         return stats
 
-    def index(self, job: ShardJob, index_url: str, folder: str, terms: int, groups: tuple[tuple[str, ...], ...]
-              ) -> dict:
+    def index(self, job: ShardJob, index_url: str, folder: str, terms: int, groups: tuple[tuple[str, ...], ...],
+              self_influence_key: str | None = None) -> dict:
         """The index pass: every document's largest ``terms`` gradient terms per layer in the index's
         basis (under ``folder``), into the index store; one forward and backward per layer group,
-        whose bases are in memory together (the plan's groups, as for the Λ pass)."""
+        whose bases are in memory together (the plan's groups, as for the Λ pass). With
+        ``self_influence_key``, the documents' self-influence too, from the same pass, into the run
+        directory as the ``self_influence`` pass would write it (the driver asks only when the
+        index's weights are the self-influence's: ``index.fused_self_influence``)."""
         start = _start()
         lm = self._load(job.model)
         self._maybe_crash(job.pass_name)
         store = RunDir(index_url)
         self._cached.clear()
 
-        def compute() -> tuple[list[str], IndexRows, int, int]:
+        def compute() -> tuple[list[str], IndexRows, torch.Tensor | None, int, int]:
             doc_ids, examples, skipped = self._examples(job)
             batches = lm.batches(examples, by_document=True)
-            parts = [document_terms(lm.model, lm.taps, batches, len(doc_ids),
-                                    read_index_basis(store, folder, group, self.device), terms, group) for group in groups]
-            return doc_ids, IndexRows.concat(parts), skipped, sum(b.num_tokens for b in batches)
+            total = torch.zeros(len(doc_ids), dtype=torch.float64) if self_influence_key else None
+            parts = [document_terms(lm.model, lm.taps, batches, len(doc_ids), read_index_basis(store, folder, group, self.device),
+                                    terms, group, total) for group in groups]
+            return doc_ids, IndexRows.concat(parts), total, skipped, sum(b.num_tokens for b in batches)
 
-        doc_ids, rows, skipped, tokens = self._leaving_out_poisoned(job, compute)
+        doc_ids, rows, total, skipped, tokens = self._leaving_out_poisoned(job, compute)
+        if total is not None:  # before the index shard, whose marker says the job is done
+            output = self_influence_shard(self_influence_key, job.shard.shard_id)
+            size = self.run_dir.save_tensors(output, {"self_influence": total}, {"doc_ids": json.dumps(doc_ids)})
+            self._finish(job, output, size, start, doc_ids, skipped, tokens)
         size = store.save_tensors(job.output, rows.tensors(), {"doc_ids": json.dumps(doc_ids)})
         return self._finish(job, job.output, size, start, doc_ids, skipped, tokens, store)
 

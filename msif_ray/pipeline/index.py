@@ -10,6 +10,7 @@ exact scores. Every output is per (query batch, shard), so new queries pay only 
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -29,35 +30,50 @@ from msif_ray.store.digests import digest
 from msif_ray.store.storage import RunDir
 
 
-def build_index(run: RunContext, inputs: Inputs, pretrain: str | None, identity: dict) -> RunDir:
+def build_index(run: RunContext, inputs: Inputs, pretrain: str | None, identity: dict,
+                self_influence_key: str | None = None) -> RunDir:
     """Index every corpus shard not in the index yet (a shard is named by its content). A new index
     first stores its basis, the eigenbasis of the pre-training factors under ``pretrain`` (None: the
-    identity), then its identity."""
+    identity), then its identity. With ``self_influence_key`` (``scoring.normalize``), the pass
+    also writes the self-influence of the shards it indexes, when its weights are the
+    self-influence's (``fused_self_influence``): the ``self_influence`` stage then reuses them."""
     cfg = run.config
     store = index_store(cfg, run.store)
     check_identity(store, identity, "index.path")
+    made_from = {"factors": pretrain or "", "damping": json.dumps(cfg.factors.damping_pretrain)}
     if not store.exists(layout.INDEX_IDENTITY):
         factors = StoredFactors(run.store, 0)  # keeps one layer's factors at a time
         for spec in inputs.layers:
             basis = TermBasis.of(None if pretrain is None else factors.layer(pretrain, spec.name),
                                  cfg.factors.damping_pretrain)
-            store.save_tensors(layout.index_basis_layer(identity["basis"], spec.name), basis.tensors())
+            store.save_tensors(layout.index_basis_layer(identity["basis"], spec.name), basis.tensors(), made_from)
         store.write_json(layout.INDEX_IDENTITY, identity)
     started = time.monotonic()
     corpus = cfg.data.corpus
     jobs = [ShardJob("index", s, layout.index_shard(s.shard_id), cfg.corpus_model, "documents",
                      corpus.columns) for s in inputs.corpus_shards]
     groups = tuple(tuple(g) for g in run.plan.layer_groups)
-    stats = run.passes.map("index", "index", jobs, store.url(), identity["basis"], cfg.index.terms, groups, store=store)
+    fused = self_influence_key if self_influence_key and fused_self_influence(store, identity["basis"], inputs, made_from) else None
+    stats = run.passes.map("index", "index", jobs, store.url(), identity["basis"], cfg.index.terms, groups, fused,
+                           store=store)
     check_documents(stats)
     run.log(f"[index] {store.url()}: {stats['reused']} shards reused, {stats['computed']} indexed "
-            f"({cfg.index.terms} terms per layer, {stats['seconds']:.1f}s)")
+            f"({cfg.index.terms} terms per layer{', and their self-influence' if fused else ''}, {stats['seconds']:.1f}s)")
     outcome = "reused" if stats["computed"] == 0 else "computed"
     run.records.manifest["stages"]["index"] = {
         "inputs": identity, "outcome": outcome, "reason": f"{stats['computed']} of {stats['shards_total']} shards indexed"}
     run.records.finish("index", digest(identity, [j.job_id for j in jobs]), started, {"index": stats},
                        done_record=False)
     return store
+
+
+def fused_self_influence(store: RunDir, folder: str, inputs: Inputs, made_from: dict[str, str]) -> bool:
+    """Whether the index's term weights w = (Λ + λ)^(-1/2) are those of this run's self-influence: its
+    basis (under ``folder``) was made from the same pre-training factors with the same λ (an index
+    from before this was recorded: no)."""
+    header = store.tensor_header(layout.index_basis_layer(folder, inputs.layers[0].name))
+    return header.get("__metadata__", {}).get("factors") == made_from["factors"] and \
+        header["__metadata__"].get("damping") == made_from["damping"]
 
 
 def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list[str], index: RunDir,

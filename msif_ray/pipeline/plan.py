@@ -368,7 +368,10 @@ def _scoring_stages(plan: ResourcePlan, z: _Sizes, num_queries: int, corpus_rows
                                                                 + 2 * s.out_features * s.in_dim for s in layers))
     per_batch_v = config.ray.batch_size * max(s.out_features * s.in_dim for s in layers) * F32 * 3  # one layer's V
     group_note = f"; {len(groups)} layer groups: {len(groups)} passes over each shard" if len(groups) > 1 else ""
-    if config.scoring.normalize != "none":
+    if config.scoring.normalize != "none" and config.scoring.mode == "index":  # in the index pass (pipeline/index.py)
+        _stage(plan, z, "self_influence", 0, corpus_rows * 8, 0,
+               note="computed by the index pass, beside the terms of the shards it indexes")
+    elif config.scoring.normalize != "none":
         _stage(plan, z, "self_influence", z.base + per_batch_v + bases, corpus_rows * 8, v_flops,
                note="once per corpus, base model and factors" + group_note)
     if config.scoring.mode == "exact":

@@ -7,10 +7,12 @@
     factors/finetune  EK-FAC of θ_ft on the fine-tuning data            (multi_stage; ``factors.py``)
     factors/pretrain  EK-FAC of θ_pt on the corpus (or a sample of it)  (multi_stage, single_stage)
     queries           G_q, preconditioned by the method's chain, rank-r, in batches (``queries.py``)
+    index             index mode: the corpus gradient index (``index.py``); its pass also gives the
+                      self-influence of the shards it indexes, when scoring.normalize asks for it
     self_influence    with scoring.normalize: each document's G_mᵀ(H_pt + λI)⁻¹G_m (``self_influence.py``)
     scores            exact: every corpus document against each query group, top/bottom k per shard,
-                      a tree of bounded merges (``scores.py``); index: the corpus gradient index, a
-                      scan, exact re-scoring of the candidates (``index.py``)
+                      a tree of bounded merges (``scores.py``); index: a scan of the index, exact
+                      re-scoring of the candidates (``index.py``)
 
 ``run()`` is the same run as ``msif run``'s: it takes the run directory's lock and makes the same
 early checks first (``guard.guarded``: storage, lock, Ray started or ``ray.address`` joined beside
@@ -169,9 +171,10 @@ class Pipeline:
                                            inputs.corpus_shards, "documents", corpus.columns,
                                            cfg.factors.max_examples)
         query_files = queries.precondition_queries(run, inputs, named["queries"], pretrain, finetune)
-        norm = self_influence.self_influence(run, inputs, named, pretrain)
-        if cfg.scoring.mode == "index":
-            built = index.build_index(run, inputs, pretrain, named["index"])
+        if cfg.scoring.mode == "index":  # the index pass computes the self-influence of the shards it indexes
+            built = index.build_index(run, inputs, pretrain, named["index"], named.get("self_influence", {}).get("key"))
+            norm = self_influence.self_influence(run, inputs, named, pretrain)
             index.index_scores(run, inputs, named["scores"], query_files, built, named["index"], norm)
         else:
+            norm = self_influence.self_influence(run, inputs, named, pretrain)
             scores.exact_scores(run, inputs, named["scores"], query_files, norm)

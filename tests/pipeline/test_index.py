@@ -172,6 +172,48 @@ def test_normalized_index_mode_equals_exact_mode(world, ray_session, tmp_path):
     assert manifest(tmp_path)["stages"]["self_influence"]["outcome"] == "reused"
 
 
+def test_the_index_pass_gives_the_self_influence(world, ray_session, tmp_path):
+    """In index mode with ``scoring.normalize``, the index pass computes each shard's self-influence
+    beside its terms (one forward and backward instead of two): the self_influence stage then
+    computes no shard, and the values equal the stage's own pass (an exact-mode run) to 1e-12
+    relative (float64 sums of the same float32 layer sums, in another order across layer groups).
+    An index whose weights come from another λ is not fused: the stage computes every shard."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from msif_ray.distributed.worker import read_self_influence
+    from msif_ray.store.layout import self_influence_shard
+    from msif_ray.store.storage import RunDir
+
+    settings = {**ALL, "method": "multi_stage", "scoring.normalize": "self", "budget.layer_groups": 2}
+    indexed = {"scoring.mode": "index", "scoring.rerank": 4, "index.terms": 16}
+    run(world, tmp_path / "exact", **settings)
+    run(world, tmp_path / "fused", **settings, **indexed)
+    stages = manifest(tmp_path / "fused")["stages"]
+    assert stages["self_influence"]["passes"]["self_influence"]["computed"] == 0
+    key = stages["self_influence"]["fingerprint"]
+    assert key == manifest(tmp_path / "exact")["stages"]["self_influence"]["fingerprint"]
+    exact_store, fused_store = RunDir(str(tmp_path / "exact")), RunDir(str(tmp_path / "fused"))
+    for shard in manifest(tmp_path / "fused")["shards"]["corpus"]:
+        doc_ids = json.loads(exact_store.tensor_header(self_influence_shard(key, shard))["__metadata__"]["doc_ids"])
+        expected = read_self_influence(exact_store, key, shard, doc_ids)
+        assert read_self_influence(fused_store, key, shard, doc_ids) == pytest.approx(expected, rel=1e-12)
+
+    # a grown corpus under another λ: the index keeps its basis and weights, and indexes the new shard with them,
+    # so that shard's self-influence under this λ must come from the stage's own pass, as every other shard's
+    extra = tmp_path / "extra.parquet"
+    pq.write_table(pa.table({"id": ["new-0", "new-1"], "text": ["Mira Tolsen walked to Elsk.", "Otto Fenn sold bread."]}), extra)
+    other = {"factors.damping_pretrain": "auto:0.1", "index.path": str(tmp_path / "fused" / "index"),
+             "data.corpus.paths": [str(world.corpus), str(extra)]}
+    run(world, tmp_path / "other", **settings, **indexed, **other)
+    stages = manifest(tmp_path / "other")["stages"]
+    assert stages["index"]["passes"]["index"]["computed"] == 1
+    stage = stages["self_influence"]["passes"]["self_influence"]
+    assert stage["computed"] == stage["shards_total"] > 1
+
+
 def test_reranked_scores_are_exact(world, ray_session, exact_all, tmp_path):
     exact = pairs(exact_all)
     table = run(world, tmp_path / "index", **{**ALL, "scoring.top_k": 2, "scoring.mode": "index", "scoring.rerank": 4,
