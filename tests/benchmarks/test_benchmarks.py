@@ -231,6 +231,10 @@ def test_index_smoke(tmp_path, ray_session):
         assert entry["rerank 100"] == pytest.approx(1.0)
         assert entry["gold MRR, index + rerank 100"] == pytest.approx(designs["exact_gold"]["mrr"])
         assert -1 <= entry["pearson"] <= 1 and entry["x_bare"] > 0
+    rounds = next(e["rounds"] for e in designs["designs"].values() if "rounds" in e)
+    assert 0 <= rounds["missing and flagged"] <= min(rounds["queries missing a document"], rounds["queries flagged still changing"])
+    assert rounds["queries missing a document"] == 0 or rounds["top-10 overlap"] < 1
+    assert 5 <= rounds["rescored per query"] <= 20
     scale = saved["sections"]["scale"]
     assert scale["facts"]["index shards computed in (2) (must be 0)"] == 0
     assert scale["facts"]["duplicate texts dropped"] >= 0 and scale["facts"]["documents"] > 300
