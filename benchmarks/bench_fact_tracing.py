@@ -1,7 +1,7 @@
 """Fact tracing on a generated world with known sources: MRR, Recall@1, Recall@10 per method, over seeds.
 
     python benchmarks/bench_fact_tracing.py [--seeds 0 1 2] [--entities 80] [--query-entities 30] [--smoke]
-    python benchmarks/bench_fact_tracing.py --alias-links 3 --name fact_tracing_aliases
+    python benchmarks/bench_fact_tracing.py --alias-links 6 --pretrain-steps 1500 --name fact_tracing_aliases
 
 World (``msif_ray.demo.toy`` with distractors): made-up people with a birthplace and an occupation;
 each fact stated by ``paraphrases`` documents among filler, entity distractors (name the person,
@@ -18,7 +18,9 @@ say that alias and name are the same person, and the questions (fine-tuning pair
 name the person by name. A gold document then shares only the answer word with its query, and
 that word with the same fact of every other person with that value (80 people, 12 values each
 relation) and with the value distractors; answering needs two hops (name -> alias -> value), and
-the top-10 analysis counts the person's own links as a kind of their own ("alias link").
+the top-10 analysis counts the person's own links as a kind of their own ("alias link"). At
+the sizes measured the tiny model learns each hop but not the two together: it answers the
+held-out queries at chance, so no method finds their sources there (benchmarks/README.md).
 
 Methods (all in-process through the Python API, ``TrackedLM``; one torch thread):
 
