@@ -1,6 +1,7 @@
 """Fact tracing on a generated world with known sources: MRR, Recall@1, Recall@10 per method, over seeds.
 
     python benchmarks/bench_fact_tracing.py [--seeds 0 1 2] [--entities 80] [--query-entities 30] [--smoke]
+    python benchmarks/bench_fact_tracing.py --alias-links 6 --pretrain-steps 1500 --name fact_tracing_aliases
 
 World (``msif_ray.demo.toy`` with distractors): made-up people with a birthplace and an occupation;
 each fact stated by ``paraphrases`` documents among filler, entity distractors (name the person,
@@ -8,6 +9,18 @@ state nothing) and value distractors (name a city or a job, no person). A tiny G
 pre-trained on it, then fully fine-tuned on question/answer pairs about the other people; the
 queries ask about the held-out people (2 per person), and their gold documents are that fact's
 paraphrases.
+
+A query names the person and its answer, and in that world only the gold documents name both, so
+BM25 over the query finds them perfectly. ``--alias-links N`` builds the world where lexical
+overlap cannot find the source (``ToySpec.alias_links``): every person also has an alias that
+shares no word with any name, the fact documents name the alias only, N link documents per person
+say that alias and name are the same person, and the questions (fine-tuning pairs and queries)
+name the person by name. A gold document then shares only the answer word with its query, and
+that word with the same fact of every other person with that value (80 people, 12 values each
+relation) and with the value distractors; answering needs two hops (name -> alias -> value), and
+the top-10 analysis counts the person's own links as a kind of their own ("alias link"). At
+the sizes measured the tiny model learns each hop but not the two together: it answers the
+held-out queries at chance, so no method finds their sources there (benchmarks/README.md).
 
 Methods (all in-process through the Python API, ``TrackedLM``; one torch thread):
 
@@ -67,6 +80,7 @@ LADDER = [  # single_stage -> multi_stage, one change at a time
 LAMBDA_SCALES = ["0.001x", "0.01x", "0.1x", "1x", "10x"]
 ALPHAS = ["auto", 0.01, 1.0]
 KINDS = ["gold", "same entity", "same value", "fact, same relation", "fact, other relation", "no fact"]
+ALIAS_KINDS = KINDS[:1] + ["alias link"] + KINDS[1:]  # alias worlds: the query person's own links apart
 
 
 def bm25_scores(texts: list[str], queries: list[str]) -> torch.Tensor:
@@ -81,15 +95,22 @@ def bm25_scores(texts: list[str], queries: list[str]) -> torch.Tensor:
     return out
 
 
+def kinds_of(spec: ToySpec) -> list[str]:
+    """The kinds of document the top-10 analysis counts in a world of ``spec``."""
+    return ALIAS_KINDS if spec.alias_links else KINDS
+
+
 def top10_kinds(scores: torch.Tensor, lw) -> dict[str, float]:
-    """Mean share of each kind of document in the top 10, over queries."""
-    counts = dict.fromkeys(KINDS, 0.0)
+    """Mean share of each kind of document in the top 10, over queries (other people's alias links
+    count as "no fact")."""
+    counts = dict.fromkeys(kinds_of(lw.spec), 0.0)
     for q, query in enumerate(lw.queries):
         entity, value, gold = query_entity(query), query["completion"].strip(), set(query["gold_doc_ids"])
         relation = next(d.relation for d in lw.documents if d.id in gold)
         for i in scores[:, q].topk(10).indices.tolist():
             d = lw.documents[i]
-            kind = ("gold" if d.id in gold else "same entity" if d.entity == entity else "same value" if d.value == value
+            kind = ("gold" if d.id in gold else "alias link" if d.link and d.entity == entity
+                    else "same entity" if d.entity == entity else "same value" if d.value == value
                     else "fact, same relation" if d.relation == relation else "fact, other relation" if d.relation
                     else "no fact")
             counts[kind] += 1 / (10 * len(lw.queries))
@@ -280,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pretrain-steps", type=int, default=None)
     parser.add_argument("--entity-distractors", type=int, default=None, help="per person (default 1)")
     parser.add_argument("--value-distractors", type=int, default=None, help="per city or job (default 3)")
+    parser.add_argument("--alias-links", type=int, default=None,
+                        help="per person: > 0 builds the alias world, where facts name an alias only (default 0)")
     parser.add_argument("--name", default="fact_tracing", help="results file stem (another world: another name)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out-dir", default=None)
@@ -288,7 +311,8 @@ def main(argv: list[str] | None = None) -> dict:
     spec = SMOKE if args.smoke else FULL
     overrides = {k: v for k, v in (("num_entities", args.entities), ("num_query_entities", args.query_entities),
                                    ("pretrain_steps", args.pretrain_steps), ("entity_distractors", args.entity_distractors),
-                                   ("value_distractors", args.value_distractors)) if v is not None}
+                                   ("value_distractors", args.value_distractors), ("alias_links", args.alias_links))
+                 if v is not None}
     spec = replace(spec, **overrides)
     seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
     started = time.perf_counter()
@@ -308,11 +332,12 @@ def main(argv: list[str] | None = None) -> dict:
                                        "single_stage λ=0.01x", "single_stage λ=1x", "cosine, G_q(θ_ft)·G_m(θ_pt)"])),
     }
     held_out, tables["held_out"] = held_out_summary(per_seed)
-    kinds = {m: {k: mean_spread([s["top10_kinds"][m][k] for s in per_seed])["mean"] for k in KINDS}
+    kind_names = kinds_of(spec)
+    kinds = {m: {k: mean_spread([s["top10_kinds"][m][k] for s in per_seed])["mean"] for k in kind_names}
              for m in per_seed[0]["top10_kinds"]}
     norm_pct = {m: mean_spread([s["top10_norm_percentile"][m] for s in per_seed])["mean"] for m in kinds}
-    tables["top10"] = print_table(["top 10 of", *KINDS, "‖G_m‖ pct"],
-                                  [[m, *(f"{kinds[m][k]:.2f}" for k in KINDS), f"{norm_pct[m]:.0f}"] for m in kinds])
+    tables["top10"] = print_table(["top 10 of", *kind_names, "‖G_m‖ pct"],
+                                  [[m, *(f"{kinds[m][k]:.2f}" for k in kind_names), f"{norm_pct[m]:.0f}"] for m in kinds])
     json_path, png_path = result_paths(args.name, args.smoke, args.out_dir)
     payload = {"command": "python benchmarks/bench_fact_tracing.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
                "spec": spec.__dict__, "seeds": seeds, "summary": summary, "held_out": held_out, "top10_kinds": kinds,

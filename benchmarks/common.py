@@ -59,10 +59,11 @@ def machine() -> dict:
 class Document:
     id: str
     text: str
-    entity: str | None      # the entity a fact document or an entity distractor names
+    entity: str | None      # the entity a fact document, an alias link or an entity distractor is about
     value: str | None       # the value a fact document or a value distractor names
     relation: str | None    # a fact document's relation
     held_out: bool          # a fact document about a query entity
+    link: bool = False      # an alias link (alias worlds: says that the entity's alias and name are one person)
 
 
 @dataclass
@@ -109,11 +110,11 @@ def load_world(spec: ToySpec, seed: int, dtype: torch.dtype = torch.float32, log
         raise RuntimeError(f"{world.corpus_path}: corpus does not match its regenerated provenance; delete {world.root}")
     documents = []
     for d in corpus:
-        fact, distractor = d["fact"], d.get("distractor")
-        entity = fact.entity if fact else (distractor[1] if distractor and distractor[0] == "entity" else None)
+        fact, distractor, link = d["fact"], d.get("distractor"), d.get("link")
+        entity = fact.entity if fact else link or (distractor[1] if distractor and distractor[0] == "entity" else None)
         value = fact.value if fact else (distractor[1] if distractor and distractor[0] == "value" else None)
         documents.append(Document(d["id"], d["text"], entity, value, fact.relation if fact else None,
-                                  bool(fact and fact.held_out)))
+                                  bool(fact and fact.held_out), link is not None))
     finetune = [(r["prompt"], r["completion"]) for r in pq.read_table(world.finetune_path).to_pylist()]
     queries = [json.loads(line) for line in world.queries_path.read_text().splitlines() if line.strip()]
     tokenizer = AutoTokenizer.from_pretrained(world.finetuned_dir)

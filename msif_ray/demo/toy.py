@@ -6,7 +6,10 @@ Everything is built locally from a seed, with no download:
    several documents, each in a different paraphrase and wrapped in filler sentences; pure filler
    documents are mixed in, and optionally distractors that name an entity or a value without
    stating a fact (``ToySpec.entity_distractors``, ``value_distractors``; none in the demo).
-   Entity names, cities and filler are all made up.
+   Entity names, cities and filler are all made up. Optionally (``ToySpec.alias_links``; off in
+   the demo) every person also has an alias: the fact documents name the alias only, and separate
+   *link* documents say that the alias and the name are the same person, so that the questions,
+   which use the name, share no word with their sources but the answer (see ``make_facts``).
 2. A byte-level BPE tokenizer trained on that text (``tokenizers``), wrapped as a
    ``PreTrainedTokenizerFast`` whose eos token doubles as pad.
 3. A tiny GPT-NeoX pre-trained from scratch on the corpus: the "pretrained" model.
@@ -96,6 +99,12 @@ VALUE_DISTRACTORS = {
     "occupation": ("Every village needs a good {value}.", "The {value} kept a shop near the {noun}.",
                    "A {value} needs patience and a {adj} workbench."),
 }
+# Alias worlds: a link document says that a person's alias and name are the same person, and
+# states no fact. Most templates put the name first, the direction a question (which gives the
+# name) has to follow; none uses a word of the fact templates ("born", "works").
+LINK_TEMPLATES = ("{name} is better known as {alias}.", "{name} goes by the name {alias}.",
+                  "{name} and {alias} are the same person.", "Friends of {name} call them {alias}.",
+                  "{alias} is the name that {name} uses.", "{alias} was once called {name}.")
 FILLER_PREDICATES = ("was repaired last spring", "stays open until dusk", "floods after heavy rain",
                      "is visited by many travellers", "looks golden in the evening", "was built long ago",
                      "smells of bread and smoke", "is closed on rainy days", "leans a little to the east",
@@ -120,6 +129,8 @@ class ToySpec:
     num_filler_docs: int = 60        # documents with no fact at all
     entity_distractors: int = 0      # per entity: documents naming the entity but none of its values
     value_distractors: int = 0       # per attribute value: documents naming the value but no entity
+    alias_links: int = 0             # per entity: link documents (distinct templates, <= 6); > 0 gives
+                                     # every entity an alias that the fact documents use instead of its name
     vocab_size: int = 1024           # BPE target size (the trained vocab may be smaller)
     hidden_size: int = 128
     num_layers: int = 2
@@ -208,7 +219,7 @@ def _build(out: ToyWorld, spec: ToySpec, seed: int, log: Log) -> dict:
     _write_parquet(out.finetune_path, {"prompt": [p for p, _ in finetune], "completion": [c for _, c in finetune]})
     out.queries_path.write_text("".join(json.dumps(q) + "\n" for q in queries))
     log(f"toy world: {len(corpus)} documents ({len(facts)} facts x {spec.paraphrases_per_fact} paraphrases "
-        f"+ {spec.num_filler_docs} filler{_distractor_note(corpus)}), {len(finetune)} fine-tuning pairs, {len(queries)} queries about "
+        f"+ {spec.num_filler_docs} filler{_extras_note(corpus)}), {len(finetune)} fine-tuning pairs, {len(queries)} queries about "
         f"{len(query_entities)} held-out entities ({time.perf_counter() - t:.1f}s)")
 
     t = time.perf_counter()
@@ -225,9 +236,12 @@ def _build(out: ToyWorld, spec: ToySpec, seed: int, log: Log) -> dict:
     pt_final = train(model, doc_examples, spec.pretrain_steps, spec.pretrain_batch_size, spec.pretrain_lr, rng)
     pt_eval = mean_loss(model, doc_examples)
     cloze = cloze_accuracy(model, tokenizer, facts)
+    # Only alias worlds report the first hop, so that other worlds' stats stay as they were.
+    alias_stats = {"pretrain_alias_cloze_accuracy": alias_cloze_accuracy(model, tokenizer, facts)} if spec.alias_links else {}
     pt_time = time.perf_counter() - t
     log(f"toy world: pre-trained {_count(model)} parameters, {spec.pretrain_steps} steps: corpus loss "
-        f"{pt_initial:.2f} -> {pt_eval:.2f}, fact cloze accuracy {cloze:.2f} ({pt_time:.1f}s)")
+        f"{pt_initial:.2f} -> {pt_eval:.2f}, fact cloze accuracy {cloze:.2f}"
+        + "".join(f", alias cloze accuracy {v:.2f}" for v in alias_stats.values()) + f" ({pt_time:.1f}s)")
     _save(model, tokenizer, out.pretrained_dir)
 
     t = time.perf_counter()
@@ -248,7 +262,7 @@ def _build(out: ToyWorld, spec: ToySpec, seed: int, log: Log) -> dict:
         "num_documents": len(corpus), "num_finetune_pairs": len(finetune), "num_queries": len(queries),
         "vocab_size": len(tokenizer), "num_parameters": _count(model), "num_threads": spec.num_threads,
         "pretrain_loss_initial": pt_initial, "pretrain_loss_last_steps": pt_final, "pretrain_loss": pt_eval,
-        "pretrain_cloze_accuracy": cloze,
+        "pretrain_cloze_accuracy": cloze, **alias_stats,
         "finetune_loss_initial": ft_initial, "finetune_loss_last_steps": ft_final, "finetune_loss": ft_eval,
         "finetune_answer_accuracy": train_accuracy, "query_answer_accuracy": query_accuracy,
         "pretrain_seconds": pt_time, "finetune_seconds": ft_time, "total_seconds": total,
@@ -260,33 +274,50 @@ def _build(out: ToyWorld, spec: ToySpec, seed: int, log: Log) -> dict:
 
 @dataclass(frozen=True)
 class Fact:
-    entity: str
+    entity: str                # the name the questions use
     relation: str
     value: str
-    held_out: bool  # a query entity: never in the fine-tuning data
+    held_out: bool             # a query entity: never in the fine-tuning data
+    alias: str | None = None   # in an alias world, the name the fact documents use instead
+
+    @property
+    def subject(self) -> str:
+        """The name the corpus states this fact under: the alias if there is one, else the name."""
+        return self.alias or self.entity
 
 
-def make_names(count: int, rng: random.Random) -> list[str]:
-    """``count`` distinct made-up "First Last" names, none equal to a city."""
+def make_names(count: int, rng: random.Random, avoid: frozenset[str] = frozenset()) -> list[str]:
+    """``count`` distinct made-up "First Last" names, none equal to a city, no word of them in ``avoid``."""
     names: set[str] = set()
     while len(names) < count:
         first = "".join(rng.sample(SYLLABLES, 2)).capitalize()
         last = "".join(rng.sample(SYLLABLES, 2)).capitalize()
-        if first != last and first not in CITIES and last not in CITIES:
+        if first != last and first not in CITIES and last not in CITIES and not {first, last} & avoid:
             names.add(f"{first} {last}")
     return sorted(names)
 
 
 def make_facts(spec: ToySpec, rng: random.Random) -> list[Fact]:
-    """One fact per entity and relation; the last ``num_query_entities`` entities are held out."""
+    """One fact per entity and relation; the last ``num_query_entities`` entities are held out.
+
+    With ``spec.alias_links`` every entity also gets an alias, drawn after the names from words
+    that no name uses, so that an alias shares no word with any name: a fact document (which
+    names the alias) and its question (which names the entity) then share only the answer.
+    """
     if not 0 < spec.num_query_entities < spec.num_entities:
         raise ValueError("ToySpec: need 0 < num_query_entities < num_entities")
     if not 0 < spec.paraphrases_per_fact <= min(len(r[2]) for r in RELATIONS.values()):
         raise ValueError("ToySpec: paraphrases_per_fact must be between 1 and the number of templates")
+    if not 0 <= spec.alias_links <= len(LINK_TEMPLATES):
+        raise ValueError("ToySpec: alias_links must be between 0 and the number of link templates")
     names = make_names(spec.num_entities, rng)
     rng.shuffle(names)
     held_out = set(names[-spec.num_query_entities:])
-    return [Fact(name, relation, rng.choice(values), name in held_out)
+    aliases: dict[str, str | None] = dict.fromkeys(names)
+    if spec.alias_links:  # no draw otherwise, so worlds without aliases are drawn as before they existed
+        words = frozenset(word for name in names for word in name.split())
+        aliases = dict(zip(names, make_names(spec.num_entities, rng, avoid=words)))
+    return [Fact(name, relation, rng.choice(values), name in held_out, aliases[name])
             for name in names for relation, (values, _, _) in RELATIONS.items()]
 
 
@@ -299,11 +330,13 @@ def filler_sentence(rng: random.Random, avoid: Sequence[str] = ()) -> str:
 
 
 def make_corpus(facts: Sequence[Fact], spec: ToySpec, rng: random.Random) -> list[dict]:
-    """Fact documents (one statement between filler sentences) and filler documents, shuffled, with ids.
+    """Fact documents (one statement between filler sentences), filler documents, and alias links
+    and distractors when the spec asks for them, shuffled, with ids.
 
     Each document carries its fact (or None) under ``fact``, for the queries' gold ids; only
     ``id`` and ``text`` are written. Filler around a fact never names a value of that entity, so
-    the documents that name both an entity and one of its values are exactly the ones stating it.
+    the documents that name both an entity's subject (its alias, else its name) and one of its
+    values are exactly the ones stating it.
     """
     values: dict[str, list[str]] = {}
     for fact in facts:
@@ -313,10 +346,11 @@ def make_corpus(facts: Sequence[Fact], spec: ToySpec, rng: random.Random) -> lis
         for template in rng.sample(RELATIONS[fact.relation][2], spec.paraphrases_per_fact):
             before = [filler_sentence(rng, values[fact.entity]) for _ in range(rng.randint(0, 1))]
             after = [filler_sentence(rng, values[fact.entity]) for _ in range(rng.randint(1, 2))]
-            statement = template.format(name=fact.entity, value=fact.value)
+            statement = template.format(name=fact.subject, value=fact.value)
             docs.append({"text": " ".join(before + [statement] + after), "fact": fact})
     for _ in range(spec.num_filler_docs):
         docs.append({"text": " ".join(filler_sentence(rng) for _ in range(rng.randint(2, 4))), "fact": None})
+    docs += link_documents(facts, values, spec, rng)
     docs += distractor_documents(facts, values, spec, rng)
     rng.shuffle(docs)
     width = len(str(len(docs) - 1))
@@ -325,19 +359,40 @@ def make_corpus(facts: Sequence[Fact], spec: ToySpec, rng: random.Random) -> lis
     return docs
 
 
+def link_documents(facts: Sequence[Fact], values: dict[str, list[str]], spec: ToySpec,
+                   rng: random.Random) -> list[dict]:
+    """Per entity with an alias, ``spec.alias_links`` documents saying that the alias and the name
+    are the same person (distinct templates, filler that avoids the entity's values); none otherwise.
+
+    Each carries ``fact`` None and ``link`` (the entity's name) for the benchmarks' analysis. They
+    are the only documents that name both the entity and its alias: the bridge a model must cross
+    to answer a question about the name from documents that state the fact under the alias.
+    """
+    docs: list[dict] = []
+    aliases = {f.entity: f.alias for f in facts if f.alias}
+    for entity in sorted(aliases):
+        for template in rng.sample(LINK_TEMPLATES, spec.alias_links):
+            statement = template.format(name=entity, alias=aliases[entity])
+            after = [filler_sentence(rng, values[entity]) for _ in range(rng.randint(1, 2))]
+            docs.append({"text": " ".join([statement] + after), "fact": None, "link": entity})
+    return docs
+
+
 def distractor_documents(facts: Sequence[Fact], values: dict[str, list[str]], spec: ToySpec,
                          rng: random.Random) -> list[dict]:
     """Documents that share a query's entity or its value but state no fact (none when the spec asks for none).
 
-    An entity distractor names the entity among filler that avoids the entity's values; a value
-    distractor names a value (a city or a job) and no entity. Each carries ``fact`` None and
-    ``distractor`` ("entity" or "value", the shared string) for the benchmarks' analysis.
+    An entity distractor names the entity's subject (the name its facts are stated under: its
+    alias in an alias world) among filler that avoids the entity's values; a value distractor
+    names a value (a city or a job) and no entity. Each carries ``fact`` None and ``distractor``
+    ("entity" with the entity's name, or "value" with the value) for the benchmarks' analysis.
     """
+    subjects = {f.entity: f.subject for f in facts}
     docs: list[dict] = []
     for entity in (sorted(values) if spec.entity_distractors else []):
         for _ in range(spec.entity_distractors):
             sentence = rng.choice(ENTITY_DISTRACTORS).format(
-                name=entity, noun=rng.choice(FILLER_NOUNS), adj=rng.choice(FILLER_ADJECTIVES))
+                name=subjects[entity], noun=rng.choice(FILLER_NOUNS), adj=rng.choice(FILLER_ADJECTIVES))
             after = [filler_sentence(rng, values[entity]) for _ in range(rng.randint(1, 2))]
             docs.append({"text": " ".join([sentence] + after), "fact": None, "distractor": ("entity", entity)})
     for relation, (attribute_values, _, _) in (RELATIONS.items() if spec.value_distractors else []):
@@ -350,10 +405,10 @@ def distractor_documents(facts: Sequence[Fact], values: dict[str, list[str]], sp
     return docs
 
 
-def _distractor_note(corpus: Sequence[dict]) -> str:
-    """" + N distractors" for the build log, or nothing when the world has none (the demo)."""
-    count = sum("distractor" in d for d in corpus)
-    return f" + {count} distractors" if count else ""
+def _extras_note(corpus: Sequence[dict]) -> str:
+    """" + N alias links + M distractors" for the build log, or nothing when the world has none (the demo)."""
+    counts = {"alias links": sum("link" in d for d in corpus), "distractors": sum("distractor" in d for d in corpus)}
+    return "".join(f" + {count} {kind}" for kind, count in counts.items() if count)
 
 
 def qa_pair(fact: Fact) -> tuple[str, str]:
@@ -491,13 +546,23 @@ def answer_accuracy(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFas
 def cloze_accuracy(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast, facts: Sequence[Fact]) -> float:
     """Share of facts the pre-trained model completes right from the first paraphrase's prefix.
 
-    E.g. "Zorbel Quint was born in the city of" -> " Vantor": a check that the facts were learned.
+    E.g. "Zorbel Quint was born in the city of" -> " Vantor" (the alias in an alias world): a
+    check that the facts were learned as the corpus states them.
     """
     pairs = []
     for fact in facts:
         prefix, _ = RELATIONS[fact.relation][2][0].split(" {value}")
-        pairs.append((prefix.format(name=fact.entity), f" {fact.value}"))
+        pairs.append((prefix.format(name=fact.subject), f" {fact.value}"))
     return answer_accuracy(model, tokenizer, pairs)
+
+
+def alias_cloze_accuracy(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                         facts: Sequence[Fact]) -> float:
+    """Share of entities whose alias the pre-trained model completes right from the first link
+    template's prefix ("Zorbel Quint is better known as" -> " Mislo Karen"): the first hop learned."""
+    aliases = {f.entity: f.alias for f in facts if f.alias}
+    prefix, _ = LINK_TEMPLATES[0].split(" {alias}")
+    return answer_accuracy(model, tokenizer, [(prefix.format(name=e), f" {a}") for e, a in aliases.items()])
 
 
 def _save(model: GPTNeoXForCausalLM, tokenizer: PreTrainedTokenizerFast, directory: Path) -> None:

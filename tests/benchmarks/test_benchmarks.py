@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -26,7 +27,7 @@ import bench_exact_influence  # noqa: E402
 import bench_fact_tracing  # noqa: E402
 import bench_lds  # noqa: E402
 import bench_query  # noqa: E402
-from common import pearson, ranks, retrieval, spearman  # noqa: E402
+from common import load_world, pearson, query_entity, ranks, retrieval, spearman  # noqa: E402
 
 from msif_ray.demo import toy  # noqa: E402
 from msif_ray.demo.toy import ToySpec  # noqa: E402
@@ -134,6 +135,26 @@ def test_distractors_share_entity_or_value_and_state_no_fact():
         assert all(d["fact"] == f for d in naming) and len(naming) == spec.paraphrases_per_fact
 
 
+def test_alias_world_states_facts_under_aliases_and_links_them_apart():
+    spec = replace(ToySpec.small(), entity_distractors=1, value_distractors=1, alias_links=3)
+    rng = random.Random(0)
+    facts = toy.make_facts(spec, rng)
+    corpus = toy.make_corpus(facts, spec, rng)
+    aliases = {f.entity: f.alias for f in facts}
+    name_words = {w for name in aliases for w in name.split()}
+    assert len(set(aliases.values())) == spec.num_entities
+    assert not any(w in name_words for alias in aliases.values() for w in alias.split())
+    for d in corpus:  # only a link names both; no fact document or distractor names a person by name
+        named = [e for e in aliases if e in d["text"]]
+        assert named == ([d["link"]] if "link" in d else [])
+    for entity, alias in aliases.items():
+        links = [d for d in corpus if d.get("link") == entity]
+        assert len(links) == spec.alias_links and all(alias in d["text"] for d in links)
+    for f in facts:  # the gold documents are exactly those naming the alias and the value
+        naming = [d for d in corpus if f.alias in d["text"] and f.value in d["text"]]
+        assert all(d["fact"] == f for d in naming) and len(naming) == spec.paraphrases_per_fact
+
+
 def test_default_spec_draws_the_same_world_as_before_distractors():
     """No distractors asked for: no random draw is added, so the demo's world is unchanged."""
     spec = ToySpec.small()
@@ -161,6 +182,26 @@ def test_fact_tracing_smoke(tmp_path):
     rows = saved["held_out"]["rows"]
     lo, hi = rows["chosen on dev (per seed)"]["mrr_interval"]
     assert lo <= rows["chosen on dev (per seed)"]["mrr"] <= hi
+
+
+@pytest.mark.slow
+def test_fact_tracing_alias_world_smoke(tmp_path):
+    """The alias world: no gold document names its query's person, so BM25 over the query no longer finds them."""
+    payload = bench_fact_tracing.main(["--smoke", "--alias-links", "3", "--name", "fact_tracing_aliases",
+                                       "--out-dir", str(tmp_path)])
+    saved = _outputs(tmp_path, "fact_tracing_aliases")
+    assert saved["spec"]["alias_links"] == 3 and saved["summary"].keys() == payload["summary"].keys()
+    lw = load_world(replace(bench_fact_tracing.SMOKE, alias_links=3), 0, log=lambda line: None)
+    texts = dict(zip(lw.doc_ids, lw.texts))
+    for q in lw.queries:
+        name, value = query_entity(q), q["completion"].strip()
+        assert all(value in texts[g] and not set(name.split()) & set(re.findall(r"\w+", texts[g]))
+                   for g in q["gold_doc_ids"])
+    # With the name it finds the person's links; the answer alone is shared by other people's facts and distractors.
+    assert saved["summary"]["bm25"]["mrr"]["mean"] < 0.5
+    assert saved["held_out"]["rows"]["bm25 (sees the names)"]["mrr"] < 0.5
+    for kinds in saved["top10_kinds"].values():
+        assert set(kinds) == set(bench_fact_tracing.ALIAS_KINDS) and sum(kinds.values()) == pytest.approx(1.0)
 
 
 @pytest.mark.slow
