@@ -71,9 +71,8 @@ def fused_self_influence(store: RunDir, folder: str, inputs: Inputs, made_from: 
     """Whether the index's term weights w = (Λ + λ)^(-1/2) are those of this run's self-influence: its
     basis (under ``folder``) was made from the same pre-training factors with the same λ (an index
     from before this was recorded: no)."""
-    header = store.tensor_header(layout.index_basis_layer(folder, inputs.layers[0].name))
-    return header.get("__metadata__", {}).get("factors") == made_from["factors"] and \
-        header["__metadata__"].get("damping") == made_from["damping"]
+    made = store.tensor_header(layout.index_basis_layer(folder, inputs.layers[0].name)).get("__metadata__", {})
+    return {name: made.get(name) for name in made_from} == made_from
 
 
 def index_scores(run: RunContext, inputs: Inputs, named: dict, query_files: list[str], index: RunDir,
