@@ -21,13 +21,17 @@ designs      Per world (``--worlds``: the demo's ``ToySpec()``, 444 documents; t
              exactly, the best 10 returned: what the pipeline does) at R = 1%, 2%, 5% of the
              corpus (at least 10) and R = 100 (the default); the gold-source MRR of index +
              rerank 100 beside exact's; bytes per token; CPU time of the index build + scan as a
-             ratio to a bare forward+backward over the same batches.
+             ratio to a bare forward+backward over the same batches. For the default design, the
+             pipeline's adaptive re-scoring rounds replayed (``rounds_account``): the top-10
+             overlap they reach, and how many of the queries missing an exact document the run
+             would flag as still changing.
 throughput   A random Pythia-160m-shaped GPT-NeoX (``bench_scale.neox_config("160m")``), batches
              of 8 x 128 random tokens, float32, CPU: best-of-3 CPU time (``time.process_time``),
              the passes interleaved round by round: a bare forward+backward (``bench_engine.bare_pass``),
              the index pass (``document_terms``) at the default terms and a quarter of them, the
-             self_influence pass of ``scoring.normalize`` (``document_self_influence``), and the
-             exact scoring pass (``scoring.score_windows``) against 100 random rank-32 queries.
+             self_influence pass of ``scoring.normalize`` in exact mode (``document_self_influence``),
+             the index pass with the self-influence beside it (index mode), and the exact scoring
+             pass (``scoring.score_windows``) against 100 random rank-32 queries.
 scale        A toy world of >= 20,000 documents and 200 queries (``ToySpec(num_entities=160,
              num_query_entities=100, num_filler_docs=18800)``; duplicate filler texts dropped),
              queries split into A and B (100 each), four ``Pipeline.run`` in one run directory

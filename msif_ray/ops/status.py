@@ -72,7 +72,7 @@ def _running_passes(store: RunDir, stage: str, key: str) -> list[str]:
 def candidates_line(c: dict) -> str:
     """Index mode's account of its top k (``pipeline.index.candidate_summary``)."""
     warn = (f"; {c['still_changing']} queries' top {c['top_k']} still changed in the last round: the index may have "
-            "missed documents there (raise scoring.rerank_max)" if c["still_changing"] else "")
+            "missed documents there, and may elsewhere too (raise scoring.rerank_max)" if c["still_changing"] else "")
     return (f"    candidates   {c['queries']} queries: {c['rescored_per_query']:.0f} re-scored per query (at most "
             f"{c['rescored_max']}); of the returned top {c['top_k']}, {c['found_by_index_share']:.0%} were in the "
             f"index's own top {c['top_k']}, the deepest at index rank {c['deepest_rank_max']}{warn}")
